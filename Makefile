@@ -1,0 +1,36 @@
+# tfseg: the verbs. `make install` then `make test` on a fresh machine.
+PYTHON ?= python3
+CONFIG ?= params.yaml
+FOLD ?= 0
+SET ?=
+PYTEST_WORKERS ?= 2
+
+.PHONY: install test test-all lint tfrecords verify train predict bench docs
+
+install:  ## install tfseg and its development tools (editable)
+	$(PYTHON) -m pip install --upgrade pip
+	$(PYTHON) -m pip install -e ".[dev]"
+
+test:  ## the fast test suite (what CI runs); slow tests are skipped
+	$(PYTHON) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -q
+
+test-all:  ## every test, slow ones included
+	$(PYTHON) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -q -m "slow or not slow"
+
+lint:
+	$(PYTHON) -m ruff check tfseg tests bench
+
+tfrecords:  ## write the sharded TFRecords of CONFIG
+	$(PYTHON) -m tfseg tfrecords --config $(CONFIG) $(SET)
+
+verify:
+	$(PYTHON) -m tfseg verify $$($(PYTHON) -c "from tfseg.config import load_config; print(load_config('$(CONFIG)').data.tfrecord_dir)")
+
+train:  ## train fold FOLD of CONFIG (FOLD=all for every fold)
+	$(PYTHON) -m tfseg train --config $(CONFIG) --fold $(FOLD) $(SET)
+
+docs:  ## regenerate docs/config.md from tfseg/config.py
+	$(PYTHON) -m tfseg.config > docs/config.md
+
+bench:
+	$(PYTHON) bench/input_pipeline.py

@@ -1,0 +1,33 @@
+"""Shared fixtures: the real data sets in ../shared/data (skipped with a reason when absent)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("TFSEG_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def shared_path(*parts: str) -> Path:
+    """Path inside ../shared/data, or skip the test with the reason when it is missing."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not found at {path} (expected ../shared/data beside the project)")
+    return path
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The ../shared/data folder (ISBI 2012, Kvasir-SEG, Carvana, CamVid, DSB2018)."""
+    return shared_path()
+
+
+@pytest.fixture
+def project_root() -> Path:
+    return ROOT

@@ -1,0 +1,97 @@
+"""Config: params.yaml mirrors the dataclasses; overrides; one-line errors; dump round trip."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tfseg.config import (SECTIONS, Config, config_from_dict, config_reference, dump_config,
+                          load_config)
+from tfseg.errors import ConfigError
+
+
+def test_params_yaml_equals_dataclass_defaults(project_root):
+    assert load_config(project_root / "params.yaml") == load_config(None)
+
+
+def test_params_yaml_has_every_key_of_every_section(project_root):
+    data = yaml.safe_load((project_root / "params.yaml").read_text())
+    assert tuple(data) == SECTIONS
+    defaults = Config()
+    for section in SECTIONS:
+        keys = {f for f in getattr(defaults, section).__dataclass_fields__}
+        assert set(data[section]) == keys, section
+
+
+def test_overrides_are_parsed_as_yaml():
+    cfg = load_config(None, ["train.lr=1e-4", "data.image_size=[256, 192]", "model.encoder_weights=null",
+                             "train.loss={bce: 1.0, dice: 0.5}"])
+    assert cfg.train.lr == pytest.approx(1e-4)
+    assert cfg.data.image_size == (256, 192)
+    assert cfg.model.input_shape == (256, 192, 3)  # derived from data
+    assert cfg.model.encoder_weights is None
+    assert cfg.train.loss == {"bce": 1.0, "dice": 0.5}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=1", "unknown key 'train.lrr' (did you mean 'train.lr'?)"),
+    ("trian.lr=1", "unknown section 'trian' (did you mean 'train'?)"),
+    ("train.epochs=ten", "train.epochs: expected an integer, got 'ten'"),
+    ("data.classes=0", "data.classes: 0 is out of range; expected at least 1"),
+    ("infer.overlap=1.5", "infer.overlap: 1.5 is out of range; expected at most 0.95"),
+    ("train.optimizer=adamm", "train.optimizer: 'adamm' is not allowed (did you mean 'adam'?)"),
+    ("data.image_size=[1,2,3]", "data.image_size: expected a list of 2 values"),
+    ("train.lr", "expected section.key=value"),
+])
+def test_bad_values_give_one_line_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    text = str(err.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_unknown_key_in_file_names_file_and_nearest(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("model:\n  backbnoe: vgg16\n")
+    with pytest.raises(ConfigError, match=r"p.yaml: unknown key 'model.backbnoe' \(did you mean 'model.backbone'\?\)"):
+        load_config(path)
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(bad)
+
+
+def test_model_and_data_classes_must_agree():
+    assert config_from_dict({"data": {"classes": 1}}).model.classes == 1
+    with pytest.raises(ConfigError, match="model.classes: 2 differs from data.classes: 1"):
+        config_from_dict({"data": {"classes": 1}, "model": {"classes": 2}})
+
+
+def test_config_is_frozen():
+    cfg = load_config(None)
+    with pytest.raises(Exception):
+        cfg.train.lr = 3.0  # type: ignore[misc]
+
+
+def test_dump_round_trip(tmp_path):
+    cfg = load_config(None, ["train.name=x", "augment.ops=[{name: rot90, p: 1.0}]"])
+    out = dump_config(cfg, tmp_path / "run" / "config.yaml")
+    assert load_config(out) == cfg
+    assert not [p for p in out.parent.iterdir() if p.name != "config.yaml"]  # no temp file left
+
+
+def test_replace_sections():
+    cfg = load_config(None)
+    new = cfg.replace(train={"epochs": 3})
+    assert new.train.epochs == 3 and cfg.train.epochs == 20
+
+
+def test_docs_config_reference_is_current(project_root):
+    doc = project_root / "docs" / "config.md"
+    assert doc.read_text() == config_reference() + "\n", "docs/config.md is stale: run `make docs`"

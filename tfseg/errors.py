@@ -1,0 +1,29 @@
+"""User-facing errors.
+
+Every error a user can cause (a bad config key, a missing file, a mask value out of range)
+is raised as a subclass of :class:`TfsegError` with a one-line message that names the file,
+key or value and what was expected. The CLI prints that line to stderr and exits 2, with no
+traceback. Programming errors stay ordinary exceptions and keep their traceback.
+"""
+
+from __future__ import annotations
+
+
+class TfsegError(Exception):
+    """Base class of the errors a user can cause and fix."""
+
+
+class ConfigError(TfsegError, ValueError):
+    """A config file or ``--set`` override is wrong (unknown key, wrong type, out of range)."""
+
+
+class DataError(TfsegError, ValueError):
+    """Input data is missing, unreadable or inconsistent (names the file and the problem)."""
+
+
+class ModelError(TfsegError, ValueError):
+    """A model cannot be built as asked (unknown architecture, impossible input size...)."""
+
+
+class RunError(TfsegError, ValueError):
+    """A training or inference run directory is missing something it needs."""

@@ -1,0 +1,76 @@
+"""The model zoo: one file per architecture, each builder registered by name in :data:`ARCHS`.
+
+``build_model(cfg.model)`` is the one way in. A builder takes the :class:`ModelConfig` and returns
+an uncompiled functional ``keras.Model`` whose last layer (named ``output``) is float32.
+
+Models use ``keras.ops``/``keras.layers`` only, so they build and train on the TensorFlow, JAX
+or PyTorch backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import keras
+
+from tfseg.config import ModelConfig
+from tfseg.registry import Registry
+
+ARCHS: Registry = Registry("arch")
+
+# Modules whose import registers architectures. An architecture file registers itself with
+# ``@ARCHS.register("name")``; add its module here.
+_ARCH_MODULES = (
+    "tfseg.models.unet",
+    "tfseg.models.fpn",
+    "tfseg.models.linknet",
+    "tfseg.models.pspnet",
+    "tfseg.models.pix2pix",
+    "tfseg.models.unet_original",
+    "tfseg.models.unet1024",
+    "tfseg.models.unet_small",
+    "tfseg.models.ternaus",
+)
+_loaded = False
+
+
+def _load_archs() -> None:
+    global _loaded
+    if _loaded:
+        return
+    for name in _ARCH_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as err:  # an architecture file not written yet
+            if err.name != name:
+                raise
+    _loaded = True
+
+
+def arch_names() -> list[str]:
+    """Every registered architecture name."""
+    _load_archs()
+    return ARCHS.names()
+
+
+def build_model(cfg: ModelConfig) -> keras.Model:
+    """Build the model that ``cfg`` describes.
+
+    Args:
+        cfg: the ``model`` section; ``cfg.input_shape`` and ``cfg.classes`` must be resolved
+            (``load_config`` fills them from the data section).
+
+    Returns:
+        An uncompiled ``keras.Model`` mapping float32 images [B, H, W, C] with values in 0..255
+        (the model owns its normalization) to float32 [B, H', W', classes] (probabilities, or
+        logits when ``activation`` is ``linear``).
+
+    Raises:
+        ModelError: unknown arch (listing the valid ones), impossible input size, bad weights.
+    """
+    if cfg.arch.startswith("sm."):
+        from tfseg.models.sm_bridge import build_sm_model
+
+        return build_sm_model(cfg)
+    _load_archs()
+    return ARCHS.get(cfg.arch)(cfg)

@@ -1,0 +1,164 @@
+"""Losses: hand-computed cases, a NumPy reference on real Kvasir masks, stability, serialization."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import shared_path
+from tfseg.errors import ConfigError
+from tfseg.losses import LOSSES, SegLoss, build_loss, loss_names
+
+ALL_BINARY = ["bce", "dice", "bce_dice", "jaccard", "bce_log_jaccard", "focal", "tversky", "focal_tversky",
+              "lovasz_hinge"]
+
+
+def _value(spec, y_true, y_pred, **kw):
+    return float(build_loss(spec, **kw)(y_true, y_pred))
+
+
+def _square(p_in=0.8, p_out=0.1):
+    y = np.zeros((1, 4, 4, 1), "float32")
+    y[0, :2, :2] = 1  # 4 foreground pixels of 16
+    p = np.where(y > 0, p_in, p_out).astype("float32")
+    return y, p
+
+
+def test_hand_computed_binary_cases():
+    y, p = _square()
+    bce = -(4 * np.log(0.8) + 12 * np.log(0.9)) / 16
+    assert _value({"bce": 1}, y, p) == pytest.approx(bce, rel=1e-5)
+    inter, psum, tsum = 4 * 0.8, 4 * 0.8 + 12 * 0.1, 4.0
+    dice = 1 - (2 * inter + 1) / (psum + tsum + 1)
+    assert _value({"dice": 1}, y, p) == pytest.approx(dice, rel=1e-5)
+    assert _value({"bce_dice": 1}, y, p) == pytest.approx(bce + dice, rel=1e-5)
+    jac = (inter + 1) / (psum + tsum - inter + 1)
+    assert _value({"jaccard": 1}, y, p) == pytest.approx(1 - jac, rel=1e-5)
+    assert _value({"bce_log_jaccard": 1}, y, p) == pytest.approx(bce - np.log(jac), rel=1e-5)
+    tp, fn, fp = inter, 4 * 0.2, 12 * 0.1
+    ti = (tp + 1) / (tp + 0.7 * fn + 0.3 * fp + 1)
+    assert _value({"tversky": 1}, y, p) == pytest.approx(1 - ti, rel=1e-5)
+    assert _value({"focal_tversky": 1}, y, p) == pytest.approx((1 - ti) ** 0.75, rel=1e-4)
+    focal = -(4 * 0.25 * 0.2 ** 2 * np.log(0.8) + 12 * 0.75 * 0.1 ** 2 * np.log(0.9)) / 16
+    assert _value({"focal": 1}, y, p) == pytest.approx(focal, rel=1e-5)
+    # weights combine linearly
+    assert _value({"bce": 0.5, "dice": 2.0}, y, p) == pytest.approx(0.5 * bce + 2 * dice, rel=1e-5)
+
+
+def test_lovasz_hinge_hand_computed():
+    # one image, pixels with log-odds x and labels t; errors 1 - x * sign.
+    x = np.array([2.0, -0.5, 0.5, -2.0], "float32").reshape(1, 2, 2, 1)
+    t = np.array([1, 1, 0, 0], "float32").reshape(1, 2, 2, 1)
+    # errors [-1, 1.5, 1.5, -1]; sorted decreasing: 1.5 (t=1), 1.5 (t=0), -1 (t=1), -1 (t=0)
+    gt = np.array([1, 0, 1, 0], "float32")
+    inter = 2 - np.cumsum(gt)
+    union = 2 + np.cumsum(1 - gt)
+    jac = 1 - inter / union
+    grad = np.concatenate([jac[:1], np.diff(jac)])
+    expected = float(np.dot(np.maximum([1.5, 1.5, -1, -1], 0), grad))
+    assert _value({"lovasz_hinge": 1}, t, x, from_logits=True) == pytest.approx(expected, rel=1e-5)
+    # a perfect, confident prediction costs nothing
+    assert _value({"lovasz_hinge": 1}, t, (t * 2 - 1) * 5, from_logits=True) == pytest.approx(0.0)
+
+
+def test_per_batch_dice_differs_from_per_image():
+    y = np.zeros((2, 4, 4, 1), "float32")
+    y[0, :2, :2] = 1
+    p = np.full_like(y, 0.3)
+    per_image = _value({"dice": 1}, y, p)
+    per_batch = _value({"dice": {"weight": 1, "per_image": False}}, y, p)
+    s = 1.0
+    d0 = 1 - (2 * 4 * 0.3 + s) / (16 * 0.3 + 4 + s)
+    d1 = 1 - s / (16 * 0.3 + s)
+    assert per_image == pytest.approx((d0 + d1) / 2, rel=1e-5)
+    assert per_batch == pytest.approx(1 - (2 * 4 * 0.3 + s) / (32 * 0.3 + 4 + s), rel=1e-5)
+
+
+def test_sparse_cce_class_weights_match_the_tutorial_sample_weight_recipe():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, (2, 5, 5, 1))
+    logits = rng.normal(size=(2, 5, 5, 3)).astype("float32")
+    weights = [0.5, 2.0, 1.0]
+    ours = _value({"scce": 1}, y, logits, classes=3, from_logits=True, class_weights=weights)
+    sample_weight = np.take(weights, y[..., 0])
+    ref = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, logits, sample_weight=sample_weight)
+    assert ours == pytest.approx(float(ref), rel=1e-5)
+    probs = keras.ops.softmax(logits)
+    assert _value({"scce": 1}, y, probs, classes=3, class_weights=weights) == pytest.approx(ours, rel=1e-4)
+
+
+def _kvasir_pair(name: str, size=(64, 64)):
+    root = shared_path("kvasir_seg")
+    mask = Image.open(root / "masks" / f"{name}.jpg").convert("L").resize(size, Image.NEAREST)
+    return (np.asarray(mask) > 127).astype("float32")
+
+
+def test_binary_losses_match_numpy_reference_on_real_masks():
+    root = shared_path("kvasir_seg")
+    ids = sorted(json.loads((root / "split.json").read_text())["test"])[:3]
+    y = np.stack([_kvasir_pair(i) for i in ids])[..., None]
+    rng = np.random.default_rng(1)
+    shifted = np.roll(y, 5, axis=2)
+    p = np.clip(0.15 + 0.7 * shifted + rng.normal(0, 0.05, y.shape), 0.01, 0.99).astype("float32")
+    ref_bce = np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p)), axis=(1, 2, 3)).mean()
+    inter = (y * p).sum(axis=(1, 2, 3))
+    psum, tsum = p.sum(axis=(1, 2, 3)), y.sum(axis=(1, 2, 3))
+    ref_dice = np.mean(1 - (2 * inter + 1) / (psum + tsum + 1))
+    ref_jac = (inter.sum() + 1) / (psum.sum() + tsum.sum() - inter.sum() + 1)
+    assert _value({"bce": 1}, y, p) == pytest.approx(ref_bce, rel=1e-4)
+    assert _value({"dice": 1}, y, p) == pytest.approx(ref_dice, rel=1e-4)
+    assert _value({"bce_log_jaccard": 1}, y, p) == pytest.approx(ref_bce - np.log(ref_jac), rel=1e-4)
+
+
+def test_multiclass_dice_on_one_hot_is_class_mean():
+    y = np.array([0, 1, 2, 2], "int32").reshape(1, 2, 2, 1)
+    p = np.eye(3, dtype="float32")[[0, 1, 2, 1]].reshape(1, 2, 2, 3)
+    # class dice with smooth 1: c0 (2+1)/(1+1+1)=1, c1 (2+1)/(2+1+1)=.75, c2 (2+1)/(1+2+1)=.75
+    expected = 1 - (1 + .75 + .75) / 3
+    assert _value({"categorical_dice": 1}, y, p, classes=3) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ALL_BINARY)
+def test_float16_logits_are_stable_and_differentiable(name):
+    y, _ = _square()
+    logits = np.array(np.where(y > 0, 30.0, -30.0), dtype="float16")  # saturated sigmoid in float16
+    value = _value({name: 1}, y, logits, from_logits=True)
+    assert np.isfinite(value)
+    x = keras.Variable(np.where(y > 0, 3.0, -3.0).astype("float32"))
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        out = build_loss({name: 1}, from_logits=True)(y, keras.ops.cast(x, "float16"))
+    grad = tape.gradient(out, x.value)
+    assert grad is not None and np.all(np.isfinite(grad.numpy()))
+
+
+def test_serialization_roundtrip_and_model_reload(tmp_path):
+    loss = build_loss({"bce_dice": 1.0, "focal": {"weight": 0.5, "gamma": 1.0}}, classes=1)
+    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
+    assert isinstance(clone, SegLoss) and clone.terms == loss.terms
+    inp = keras.Input((8, 8, 1))
+    model = keras.Model(inp, keras.layers.Conv2D(1, 1, activation="sigmoid")(inp))
+    model.compile("adam", loss=loss)
+    model.save(tmp_path / "m.keras")
+    again = keras.models.load_model(tmp_path / "m.keras")
+    y, p = _square()
+    assert float(again.loss(y, p)) == pytest.approx(float(loss(y, p)), rel=1e-6)
+
+
+def test_errors_are_one_line_and_name_the_problem():
+    with pytest.raises(ConfigError, match="did you mean 'dice'"):
+        build_loss({"dcie": 1})
+    with pytest.raises(ConfigError, match="needs classes > 1"):
+        build_loss({"scce": 1}, classes=1)
+    with pytest.raises(ConfigError, match="unknown parameter 'gama'"):
+        build_loss({"focal": {"gama": 2}})
+    with pytest.raises(ConfigError, match="expected 3 weights"):
+        build_loss({"scce": 1}, classes=3, class_weights=[1, 2])
+    with pytest.raises(ConfigError, match="weight must be a number"):
+        build_loss({"bce": "a lot"})
+    assert set(ALL_BINARY) <= set(loss_names()) and "lovasz_hinge" in LOSSES

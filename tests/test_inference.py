@@ -1,0 +1,191 @@
+"""Sliding-window inference: stitching, blending weights, downscale, skipping, TTA, ensembles,
+the run loader and ``tfseg predict`` end to end on a real ISBI image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import shared_path
+from tfseg import tiling_predict as tp
+from tfseg import tta
+from tfseg.config import InferConfig
+from tfseg.errors import ConfigError, DataError, RunError
+from tfseg.inference import Predictor
+
+
+def isbi(crop=None) -> np.ndarray:
+    img = np.asarray(Image.open(shared_path("isbi2012_em_membrane", "images", "0.png")))[..., None]
+    return img if crop is None else img[:crop[0], :crop[1]]
+
+
+def pointwise(x: np.ndarray) -> np.ndarray:
+    """A model with a 1-pixel receptive field: any stitching error changes its output."""
+    return 1.0 / (1.0 + np.exp(-(x[..., :1] - 128.0) / 20.0))
+
+
+def box3(x: np.ndarray) -> np.ndarray:
+    """3x3 mean with zero padding ("same" convolution): receptive field radius 1."""
+    p = np.pad(x[..., :1], ((0, 0), (1, 1), (1, 1), (0, 0)))
+    h, w = x.shape[1:3]
+    return sum(p[:, i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9.0 / 255.0
+
+
+SPEC1 = tp.TileSpec(in_size=64, out_size=64, classes=1, channels=1)
+
+
+def test_positions_cover_and_end_on_border():
+    for length in (1, 63, 64, 65, 200, 513):
+        for overlap in (0.0, 0.25, 0.5):
+            ys = tp.positions(length, 64, overlap)
+            assert ys[0] == 0 and (ys[-1] == length - 64 or length <= 64)
+            assert all(b - a <= round(64 * (1 - overlap)) and b > a for a, b in zip(ys, ys[1:]))
+    assert tp.positions(128, 64, 0.0) == [0, 64]
+    with pytest.raises(ConfigError, match="overlap"):
+        tp.positions(100, 64, 1.0)
+
+
+def test_blending_weights():
+    g = tp.weight_profile(64, "gaussian", 0.125)
+    assert g.max() == pytest.approx(1.0) and g.min() >= tp.MIN_WEIGHT
+    np.testing.assert_allclose(g, g[::-1])
+    sigma = 64 * 0.125
+    def gauss(d):
+        return np.exp(-(d ** 2) / (2 * sigma ** 2))
+    # pixel 40 is 8.5 = sigma + 0.5 from the centre 31.5; the peak pixels are 0.5 from it
+    assert g[40] == pytest.approx(gauss(8.5) / gauss(0.5), rel=1e-5)
+    lin = tp.weight_profile(64, "linear")
+    assert lin[31] == lin[32] and lin[0] < lin[16] < lin[31]
+    assert (tp.weight_profile(64, "constant") == 1).all()
+    w2 = tp.weight_map(64, "gaussian")
+    assert w2.shape == (64, 64) and w2[31, 31] == w2.max()
+    with pytest.raises(ConfigError, match="Expected one of"):
+        tp.weight_profile(64, "cosine")
+
+
+@pytest.mark.parametrize("blend", tp.BLENDS)
+@pytest.mark.parametrize("shape", [(512, 512), (300, 417), (40, 50)])
+def test_tiled_equals_full_for_pointwise_model(blend, shape):
+    img = isbi(shape)
+    probs = tp.predict_tiled(pointwise, img, SPEC1, overlap=0.5, blend=blend, batch_size=3)
+    np.testing.assert_allclose(probs, pointwise(img[None].astype(np.float32))[0], atol=1e-5)
+
+
+def test_tiled_equals_full_inside_tiles_for_local_model():
+    img = isbi((256, 256))
+    full = box3(img[None].astype(np.float32))[0]
+    tiled = tp.predict_tiled(box3, img, SPEC1, overlap=0.0, blend="gaussian", batch_size=4)
+    inner = np.ones((256, 256), bool)
+    for b in range(0, 257, 64):  # one pixel each side of every tile border sees the padding
+        inner[max(b - 1, 0):b + 1] = False
+        inner[:, max(b - 1, 0):b + 1] = False
+    np.testing.assert_allclose(tiled[inner], full[inner], atol=1e-6)
+    assert np.abs(tiled[~inner] - full[~inner]).max() > 1e-3  # the test sees seams where they are
+
+
+def test_position_dependent_model_breaks_stitching():
+    def row_index(x):
+        return np.broadcast_to(np.arange(x.shape[1], dtype=np.float32)[None, :, None, None] / 64,
+                               (*x.shape[:3], 1))
+    tiled = tp.predict_tiled(row_index, isbi((128, 128)), SPEC1, overlap=0.0)
+    assert not np.allclose(tiled[64:], np.arange(64, 128)[:, None, None] / 64)
+
+
+def test_margin_model_valid_region():
+    spec = tp.TileSpec(in_size=64, out_size=48, classes=1, channels=1)
+
+    def valid(x):  # predicts only the centre 48x48 of its input, like the original U-Net
+        return pointwise(x)[:, 8:56, 8:56]
+
+    img = isbi((150, 130))
+    probs = tp.predict_tiled(valid, img, spec, overlap=0.25, blend="linear")
+    np.testing.assert_allclose(probs, pointwise(img[None].astype(np.float32))[0], atol=1e-5)
+
+
+def test_downscale_predicts_on_reduced_image():
+    small = isbi((60, 70))
+    big = np.repeat(np.repeat(small, 2, axis=0), 2, axis=1)[:119, :139]  # odd sizes: last block partial
+    probs = tp.predict_tiled(pointwise, big, SPEC1, overlap=0.5, downscale=2)
+    assert probs.shape == (119, 139, 1)
+    expect = np.repeat(np.repeat(pointwise(small[None].astype(np.float32))[0], 2, 0), 2, 1)[:119, :139]
+    np.testing.assert_allclose(probs[:118, :138], expect[:118, :138], atol=1e-5)
+
+
+def test_skip_background_tiles_are_not_predicted():
+    img = np.zeros((128, 192, 3), np.uint8)
+    img[:64, :64] = (200, 40, 90)  # saturated tissue in the top-left tile only
+    calls = []
+
+    def ones(x):
+        calls.append(int((np.ptp(x, axis=(1, 2, 3)) > 0).sum()))
+        return np.ones((*x.shape[:3], 1), np.float32)
+
+    spec = tp.TileSpec(64, 64, 1, 3)
+    probs = tp.predict_tiled(ones, img, spec, overlap=0.0, batch_size=2, skip_background=True)
+    assert sum(calls) == 1 and len(calls) == 1  # one real tile, padded to a batch of 2
+    assert probs[:64, :64].min() == 1.0 and probs[64:].max() == 0.0 and probs[:, 64:].max() == 0.0
+    assert tp.is_background(np.full((8, 8, 3), 250.0)) and not tp.is_background(img[:8, :8].astype(float))
+
+
+def test_float16_and_memmap_outputs(tmp_path):
+    img = isbi((100, 90))
+    half = tp.predict_tiled(pointwise, img, SPEC1, dtype="float16")
+    assert half.dtype == np.float16
+    mm = np.lib.format.open_memmap(tmp_path / "p.npy", mode="w+", dtype=np.float32, shape=(100, 90, 1))
+    tp.predict_tiled(pointwise, img, SPEC1, out=mm)
+    mm.flush()
+    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), half, atol=2e-3)
+
+
+@pytest.mark.parametrize("n", tta.TTA_SIZES)
+def test_tta_transforms_invert_exactly(n):
+    x = np.random.default_rng(n).random((2, 6, 6, 3)).astype(np.float32)
+    group = tta.transforms(n)
+    assert len(group) == n and len({t.forward(x).tobytes() for t in group}) == n  # all distinct
+    for t in group:
+        np.testing.assert_array_equal(t.inverse(t.forward(x)), x)
+    np.testing.assert_allclose(tta.with_tta(pointwise, n)(x * 255), pointwise(x * 255), atol=1e-6)
+
+
+def test_tta_averages_a_non_equivariant_model():
+    def left_ramp(x):  # output depends on the column: h-flip TTA averages it to a constant
+        w = x.shape[2]
+        return np.broadcast_to(np.arange(w, dtype=np.float32)[None, None, :, None] / (w - 1), (*x.shape[:3], 1))
+    out = tta.with_tta(left_ramp, 2)(np.zeros((1, 4, 5, 1), np.float32))
+    np.testing.assert_allclose(out, 0.5)
+    with pytest.raises(ConfigError, match="Expected one of"):
+        tta.transforms(3)
+
+
+def test_ensemble_mean_threshold_and_argmax():
+    spec = tp.TileSpec(32, 32, 1, 1)
+    consts = [lambda x, v=v: np.full((*x.shape[:3], 1), v, np.float32) for v in (0.2, 0.5, 0.9)]
+    pred = Predictor(consts, InferConfig(tile_size=32, threshold=0.5, accumulator="float32"), spec=spec)
+    img = np.zeros((40, 33, 1), np.uint8)
+    np.testing.assert_allclose(pred.predict(img), np.float32(1.6 / 3), atol=1e-6)
+    assert Predictor(consts, InferConfig(tile_size=32), spec=spec).predict(img).dtype == np.float16
+    assert pred.predict_mask(img).min() == 1
+    high = Predictor(consts, InferConfig(tile_size=32, threshold=0.6), spec=spec)
+    assert high.predict_mask(img).max() == 0
+    band = np.array([[[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]]], np.float32)
+    np.testing.assert_array_equal(tp.band_to_mask(band, 0.5), [[1, 0]])
+    with pytest.raises(DataError, match="3 channels. Expected 1"):
+        pred.predict(np.zeros((8, 8, 3), np.uint8))
+
+
+def test_select_folds_errors(tmp_path):
+    from tfseg.inference import select_folds
+
+    with pytest.raises(RunError, match="run directory not found"):
+        select_folds(tmp_path / "missing")
+    (tmp_path / "fold0").mkdir()
+    with pytest.raises(RunError, match="no trained fold"):
+        select_folds(tmp_path)
+    for k in (0, 1):
+        (tmp_path / f"fold{k}").mkdir(exist_ok=True)
+        (tmp_path / f"fold{k}" / "best.keras").write_bytes(b"x")
+    assert list(select_folds(tmp_path, "all")) == [0, 1]
+    assert list(select_folds(tmp_path, "1")) == [1]
+    with pytest.raises(RunError, match=r"fold 3 not trained .*folds found: \[0, 1\]"):
+        select_folds(tmp_path, "0,3")

@@ -1,0 +1,176 @@
+"""``tfseg predict``: inputs (images, folders, TFRecord shards, huge TIFFs) -> masks or a submission.
+
+    tfseg predict --run runs/kvasir --folds all --input test/ --output preds/
+    tfseg predict --run runs/hubmap --input big.tiff --output submission.csv.gz \\
+        --set infer.downscale=4 --set submit.pixel_order=column
+
+Inputs are streamed one at a time; TIFFs larger than :data:`WINDOWED_PIXELS` are read window by
+window and never loaded whole. A folder output receives ``<stem>.png`` (binary: 0/255, multiclass:
+class indices) and, with ``infer.save_probabilities``, ``<stem>_prob.npy`` (float16 [H, W, K],
+written straight to disk through a memory map).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tfseg.config import Config
+from tfseg.errors import DataError
+from tfseg.files import atomic_path
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
+TFRECORD_EXTENSIONS = (".tfrec", ".tfrecord", ".tfrecords")
+WINDOWED_PIXELS = 4096 * 4096
+OVERLAY_MAX_SIDE = 1024
+
+
+@dataclass
+class Item:
+    """One image to predict: its file name (for ids), the pixels and the truth when known."""
+
+    name: str
+    image: object  # np.ndarray [H, W, C] or a windowed reader with .shape and 2-D slicing
+    truth: np.ndarray | None = None
+
+
+class _Windows:
+    """Adapter giving :class:`tfseg.data.tiling.TiffWindows` a ``shape`` and 2-D slicing."""
+
+    def __init__(self, tiff):
+        self.tiff = tiff
+        self.shape = (tiff.height, tiff.width, tiff.channels)
+        self.dtype = tiff.dtype
+
+    def __getitem__(self, key):
+        ys, xs = key
+        return self.tiff.read(ys.start, xs.start, ys.stop - ys.start, xs.stop - xs.start)
+
+
+def expand_inputs(paths: list[str]) -> list[Path]:
+    """Files named on the command line, folders expanded to their images and shards (sorted)."""
+    files: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            inside = sorted(f for f in p.iterdir() if f.is_file()
+                            and f.suffix.lower() in IMAGE_EXTENSIONS + TFRECORD_EXTENSIONS)
+            if not inside:
+                raise DataError(f"{p}: no image or TFRecord file in this folder. "
+                                f"Expected {IMAGE_EXTENSIONS}.")
+            files.extend(inside)
+        elif p.is_file():
+            if p.suffix.lower() not in IMAGE_EXTENSIONS + TFRECORD_EXTENSIONS:
+                raise DataError(f"{p}: unknown input type. "
+                                f"Expected an image {IMAGE_EXTENSIONS} or a .tfrec shard.")
+            files.append(p)
+        else:
+            raise DataError(f"{p}: input not found.")
+    return files
+
+
+def open_image(path: Path, channels: int):
+    """An image as uint8 [H, W, C]; big uint8 TIFFs as a windowed reader (nothing loaded)."""
+    if path.suffix.lower() in (".tif", ".tiff"):
+        from tfseg.data.tiling import TiffWindows
+
+        tiff = TiffWindows(path)  # DataError for an unreadable TIFF
+        if tiff.height * tiff.width > WINDOWED_PIXELS:
+            if tiff.dtype != np.uint8 or tiff.channels != channels:
+                tiff.close()
+                raise DataError(f"{path}: huge TIFF of {tiff.channels} channels, dtype {tiff.dtype}. "
+                                f"Expected uint8 with {channels} channels to read it by windows.")
+            return _Windows(tiff)
+        tiff.close()
+    from tfseg.data.sources import read_image
+
+    return read_image(path, channels)
+
+
+def iter_items(files: list[Path], cfg: Config) -> Iterator[Item]:
+    """Images and TFRecord examples of the inputs, one at a time."""
+    for path in files:
+        if path.suffix.lower() in TFRECORD_EXTENSIONS:
+            yield from _iter_tfrecord(path, cfg)
+        else:
+            yield Item(path.name, open_image(path, cfg.data.channels))
+
+
+def _iter_tfrecord(path: Path, cfg: Config) -> Iterator[Item]:
+    import tensorflow as tf
+
+    from tfseg.data.tfrecord import decode_example
+
+    ds = tf.data.TFRecordDataset(str(path)).map(lambda s: decode_example(s, cfg.data.channels))
+    try:
+        for ex in ds.as_numpy_iterator():
+            name = ex["id"].decode() if isinstance(ex["id"], bytes) else str(ex["id"])
+            yield Item(name, ex["image"], ex["mask"][..., 0])
+    except tf.errors.OpError as err:
+        raise DataError(f"{path}: unreadable TFRecord shard ({err.message.splitlines()[0][:160]}).") from None
+
+
+def _overlay_image(item: Item, step: int) -> np.ndarray:
+    img = item.image
+    if isinstance(img, np.ndarray):
+        return img[::step, ::step]
+    h, w, _ = img.shape
+    rows = [np.asarray(img[y:min(y + step, h), 0:w])[0, ::step] for y in range(0, h, step)]
+    return np.stack(rows)
+
+
+def run_predict(args) -> int:
+    """Entry point of ``tfseg predict`` (arguments from :mod:`tfseg.cli`). Returns the exit code."""
+    from tfseg.inference import Predictor, load_run_config
+    from tfseg.submission import SubmissionWriter, image_id, is_submission_path
+    from tfseg.viz import save_panel
+
+    cfg = load_run_config(args.run, args.config, args.overrides)
+    files = expand_inputs(args.input)
+    predictor = Predictor.from_run(args.run, args.folds or cfg.infer.folds, cfg.infer)
+    output = Path(args.output)
+    to_csv = is_submission_path(output)
+    binary = predictor.spec.classes == 1
+    n = 0
+    with (SubmissionWriter.from_config(output, cfg.submit) if to_csv else contextlib.nullcontext()) as sub:
+        for item in iter_items(files, cfg):
+            H, W, _ = item.image.shape
+            huge = H * W > WINDOWED_PIXELS
+            stem = Path(item.name).stem
+            with contextlib.ExitStack() as stack:
+                probs = None
+                if not to_csv and cfg.infer.save_probabilities:
+                    tmp = stack.enter_context(atomic_path(output / f"{stem}_prob.npy"))
+                    probs = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
+                                                      shape=(H, W, predictor.spec.classes))
+                mask = predictor.predict_mask(item.image, probabilities=probs,
+                                              progress=huge and sys.stderr.isatty())
+                if probs is not None:
+                    probs.flush()
+                    del probs
+            if to_csv:
+                sub.write(image_id(item.name, cfg.submit.id_format), mask)
+            else:
+                _write_png(output / f"{stem}.png", mask * 255 if binary else mask)
+            if args.overlays:
+                step = max(1, -(-max(H, W) // OVERLAY_MAX_SIDE))
+                truth = None if item.truth is None else item.truth[::step, ::step]
+                save_panel(Path(args.overlays) / f"{stem}.png", _overlay_image(item, step),
+                           mask[::step, ::step], truth, title=item.name)
+            n += 1
+    where = f"{output} ({n} rows)" if to_csv else f"{output}/ ({n} masks)"
+    print(f"tfseg predict: {n} images, folds {predictor.folds}, tta {cfg.infer.tta} -> {where}")
+    return 0
+
+
+def _write_png(path: Path, mask: np.ndarray) -> None:
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(mask.astype(np.uint8)).save(tmp, format="PNG")
+

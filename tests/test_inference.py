@@ -151,7 +151,8 @@ def test_tta_transforms_invert_exactly(n):
 def test_tta_averages_a_non_equivariant_model():
     def left_ramp(x):  # output depends on the column: h-flip TTA averages it to a constant
         w = x.shape[2]
-        return np.broadcast_to(np.arange(w, dtype=np.float32)[None, None, :, None] / (w - 1), (*x.shape[:3], 1))
+        ramp = np.arange(w, dtype=np.float32)[None, None, :, None] / (w - 1)
+        return np.broadcast_to(ramp, (*x.shape[:3], 1))
     out = tta.with_tta(left_ramp, 2)(np.zeros((1, 4, 5, 1), np.float32))
     np.testing.assert_allclose(out, 0.5)
     with pytest.raises(ConfigError, match="Expected one of"):
@@ -189,3 +190,112 @@ def test_select_folds_errors(tmp_path):
     assert list(select_folds(tmp_path, "1")) == [1]
     with pytest.raises(RunError, match=r"fold 3 not trained .*folds found: \[0, 1\]"):
         select_folds(tmp_path, "0,3")
+
+
+# --- Keras models, run directories and the command line ---------------------------------------
+def tiny_model(kernel: int = 1, channels: int = 1, logits: bool = False):
+    import keras
+
+    inp = keras.Input((None, None, channels))
+    x = keras.layers.Rescaling(1 / 255.0)(inp)
+    x = keras.layers.Conv2D(4, kernel, padding="same", activation="relu", name="c1")(x)
+    x = keras.layers.Conv2D(1, 1, name="c2")(x)
+    out = keras.layers.Activation("linear" if logits else "sigmoid", dtype="float32", name="output")(x)
+    model = keras.Model(inp, out)
+    rng = np.random.default_rng(kernel)
+    model.set_weights([rng.normal(0, 1, w.shape).astype(np.float32) for w in model.get_weights()])
+    return model
+
+
+def test_keras_tiled_equals_full_image_prediction():
+    model = tiny_model(kernel=1, logits=True)  # logits: the predictor applies the sigmoid
+    img = isbi((256, 192))
+    pred = Predictor([model], InferConfig(tile_size=64, overlap=0.5, batch_size=4, accumulator="float32"))
+    assert pred.spec == tp.TileSpec(64, 64, 1, 1)
+    full = model.predict_on_batch(img[None].astype(np.float32))[0]
+    np.testing.assert_allclose(pred.predict(img), 1 / (1 + np.exp(-full)), atol=1e-5)
+
+
+def make_run(root, folds=(0, 1), channels=1, threshold=0.5):
+    from tfseg.config import dump_config, load_config
+
+    run = root / "runs" / "tiny"
+    cfg = load_config(None, [f"data.channels={channels}", "data.classes=1", "infer.tile_size=64",
+                             "infer.batch_size=2", f"infer.threshold={threshold}",
+                             "submit.pixel_order=column", "submit.id_column=id",
+                             "submit.rle_column=predicted"])
+    dump_config(cfg, run / "config.yaml")
+    models = {}
+    for k in folds:
+        (run / f"fold{k}").mkdir(parents=True)
+        models[k] = tiny_model(kernel=3, channels=channels)
+        models[k].save(run / f"fold{k}" / "best.keras")
+    return run, models
+
+
+def test_predictor_from_run_is_the_fold_mean(tmp_path):
+    run, models = make_run(tmp_path)
+    img = isbi((64, 128))
+    infer = InferConfig(tile_size=64, overlap=0.0, accumulator="float32")
+    both = Predictor.from_run(run, "all", infer)
+    assert both.folds == [0, 1]
+    x = img[None].astype(np.float32)
+    expect = (models[0].predict_on_batch(x[:, :, :64]) + models[1].predict_on_batch(x[:, :, :64])) / 2
+    np.testing.assert_allclose(both.predict(img)[:, :64], expect[0], atol=1e-5)
+    with pytest.raises(RunError, match="folds found: \\[0, 1\\]"):
+        Predictor.from_run(run, "2", infer)
+
+
+def test_cli_predict_folder_csv_overlays_and_errors(tmp_path, capsys):
+    from tfseg import rle
+    from tfseg.cli import main
+    from tfseg.submission import read_submission
+
+    run, _ = make_run(tmp_path, folds=(0,))
+    src = shared_path("isbi2012_em_membrane", "images")
+    inputs = [str(src / "0.png"), str(src / "1.png")]
+    out = tmp_path / "masks"
+    assert main(["predict", "--run", str(run), "--input", *inputs, "--output", str(out),
+                 "--overlays", str(tmp_path / "ov"), "--set", "infer.save_probabilities=true"]) == 0
+    mask = np.asarray(Image.open(out / "0.png"))
+    assert mask.shape == (512, 512) and set(np.unique(mask)) <= {0, 255}
+    probs = np.load(out / "0_prob.npy")
+    np.testing.assert_array_equal(mask == 255, probs[..., 0] > 0.5)
+    assert (tmp_path / "ov" / "1.png").is_file()
+
+    sub = tmp_path / "sub.csv.gz"
+    assert main(["predict", "--run", str(run), "--input", *inputs, "--output", str(sub)]) == 0
+    header, rows = read_submission(sub)
+    assert header == ("id", "predicted") and [r[0] for r in rows] == ["0.png", "1.png"]
+    np.testing.assert_array_equal(rle.decode(rows[0][1], (512, 512), "column") * 255, mask)
+
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(b"not a tiff at all")
+    capsys.readouterr()
+    assert main(["predict", "--run", str(run), "--input", str(bad), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "bad.tif" in err and "\n" not in err
+    assert main(["predict", "--run", str(tmp_path / "nope"), "--input", *inputs, "--output", "x"]) == 2
+    assert "run directory not found" in capsys.readouterr().err
+    assert main(["predict", "--run", str(run), "--folds", "3", "--input", *inputs, "--output", "x"]) == 2
+    assert "fold 3 not trained" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_huge_tiff_is_read_by_windows(tmp_path, monkeypatch):
+    import tifffile
+
+    from tfseg import predict_cli
+
+    run, models = make_run(tmp_path, folds=(0,), channels=3)
+    rgb = np.asarray(Image.open(shared_path("kvasir_seg", "images", "cju0qkwl35piu0993l0dewei2.jpg")
+                                ).convert("RGB"))[:200, :300]
+    tifffile.imwrite(tmp_path / "big.tif", rgb, tile=(64, 64))
+    monkeypatch.setattr(predict_cli, "WINDOWED_PIXELS", 1000)
+    win = predict_cli.open_image(tmp_path / "big.tif", 3)
+    assert not isinstance(win, np.ndarray) and win.shape == (200, 300, 3)
+    pred = Predictor([models[0]], InferConfig(tile_size=64, overlap=0.5, accumulator="float32"))
+    np.testing.assert_allclose(pred.predict(win), pred.predict(rgb), atol=1e-6)
+    tifffile.imwrite(tmp_path / "two.tif", rgb[..., :2].copy(), tile=(64, 64), planarconfig="contig")
+    with pytest.raises(DataError, match="two.tif"):
+        predict_cli.open_image(tmp_path / "two.tif", 3)

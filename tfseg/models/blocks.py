@@ -1,0 +1,107 @@
+"""Decoder blocks shared by the architectures, named as segmentation_models names them.
+
+The layer names match segmentation_models (``decoder_stage0a_conv``, ``decoder_stage0a_bn``,
+``decoder_stage0a_relu`` ...), so a model reads the same in ``summary()`` and weights port by name.
+``keras.layers`` only.
+"""
+
+from __future__ import annotations
+
+import keras
+
+
+def conv_bn_act(
+    x,
+    filters: int,
+    kernel_size: int | tuple[int, int] = 3,
+    *,
+    activation: str | None = "relu",
+    use_batchnorm: bool = True,
+    strides: int = 1,
+    padding: str = "same",
+    kernel_initializer: str = "he_uniform",
+    use_bias: bool | None = None,
+    name: str | None = None,
+):
+    """Conv2D -> BatchNormalization (optional) -> activation (optional): segmentation_models' ``Conv2dBn``.
+
+    Args:
+        x: features [B, H, W, F_in].
+        filters: output channels.
+        kernel_size: convolution size.
+        activation: Keras activation name, or None for none.
+        use_batchnorm: add BatchNormalization (the convolution then has no bias).
+        strides: convolution stride.
+        padding: ``same`` or ``valid``.
+        kernel_initializer: convolution initializer (segmentation_models uses ``he_uniform`` in its
+            decoders; its ``Conv2dBn`` default is ``glorot_uniform``).
+        use_bias: override the bias (default: no bias when there is batchnorm).
+        name: block name; the layers are ``<name>_conv``, ``<name>_bn``, ``<name>_<activation>``.
+
+    Returns:
+        [B, H/strides, W/strides, filters].
+    """
+    bias = (not use_batchnorm) if use_bias is None else use_bias
+    x = keras.layers.Conv2D(
+        filters,
+        kernel_size,
+        strides=strides,
+        padding=padding,
+        use_bias=bias,
+        kernel_initializer=kernel_initializer,
+        name=f"{name}_conv" if name else None,
+    )(x)
+    if use_batchnorm:
+        x = keras.layers.BatchNormalization(name=f"{name}_bn" if name else None)(x)
+    if activation:
+        x = keras.layers.Activation(activation, name=f"{name}_{activation}" if name else None)(x)
+    return x
+
+
+def conv3x3_bn_relu(x, filters: int, use_batchnorm: bool, name: str):
+    """segmentation_models' ``Conv3x3BnReLU``: 3x3 same conv (he_uniform), BN, ReLU."""
+    return conv_bn_act(x, filters, 3, activation="relu", use_batchnorm=use_batchnorm, name=name)
+
+
+def decoder_upsampling_block(x, skip, filters: int, stage: int, use_batchnorm: bool = True):
+    """U-Net decoder block: UpSampling2D x2 -> concat skip -> two conv3x3-BN-ReLU.
+
+    Args:
+        x: [B, H, W, F] deeper features.
+        skip: [B, 2H, 2W, S] encoder features, or None.
+        filters: output channels.
+        stage: block index (names ``decoder_stage{stage}...``).
+        use_batchnorm: BN after each convolution.
+
+    Returns:
+        [B, 2H, 2W, filters].
+    """
+    x = keras.layers.UpSampling2D(size=2, name=f"decoder_stage{stage}_upsampling")(x)
+    if skip is not None:
+        x = keras.layers.Concatenate(axis=-1, name=f"decoder_stage{stage}_concat")([x, skip])
+    x = conv3x3_bn_relu(x, filters, use_batchnorm, name=f"decoder_stage{stage}a")
+    return conv3x3_bn_relu(x, filters, use_batchnorm, name=f"decoder_stage{stage}b")
+
+
+def decoder_transpose_block(x, skip, filters: int, stage: int, use_batchnorm: bool = True):
+    """U-Net decoder block: Conv2DTranspose 4x4 stride 2 -> BN -> ReLU -> concat skip -> conv3x3-BN-ReLU.
+
+    Args and shapes as :func:`decoder_upsampling_block`.
+    """
+    x = keras.layers.Conv2DTranspose(
+        filters,
+        4,
+        strides=2,
+        padding="same",
+        use_bias=not use_batchnorm,
+        name=f"decoder_stage{stage}a_transpose",
+    )(x)
+    if use_batchnorm:
+        x = keras.layers.BatchNormalization(name=f"decoder_stage{stage}a_bn")(x)
+    x = keras.layers.Activation("relu", name=f"decoder_stage{stage}a_relu")(x)
+    if skip is not None:
+        x = keras.layers.Concatenate(axis=-1, name=f"decoder_stage{stage}_concat")([x, skip])
+    return conv3x3_bn_relu(x, filters, use_batchnorm, name=f"decoder_stage{stage}b")
+
+
+DECODER_BLOCKS = {"upsampling": decoder_upsampling_block, "transpose": decoder_transpose_block}

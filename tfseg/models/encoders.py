@@ -1,0 +1,301 @@
+"""Encoders as a table: name -> keras.applications constructor, feature layers by stride, preprocessing.
+
+Adding an encoder is adding one :class:`EncoderSpec` entry to :data:`ENCODERS`. The feature layers
+are the ones segmentation_models uses (``backbones_factory.py``), named for keras.applications'
+models; for the encoders segmentation_models lacks they follow the same rule (the last activation
+before the next stride-2 layer). ``build_encoder`` returns a functional ``keras.Model`` named
+``encoder`` that takes float images in 0..255 and owns their normalization, so an architecture
+nests it as one layer: freezing it, saving it and loading it keep working after
+``keras.models.load_model``.
+
+Preprocessing is stored as per-channel ``mean``/``std`` in 0..255 units (RGB order):
+
+- ``torch`` (DenseNet, EfficientNet, EfficientNetV2-B*, ConvNeXt): ``(x/255 - [.485, .456, .406]) /
+  [.229, .224, .225]``.
+- ``caffe`` (VGG, ResNet v1): ``x - [123.68, 116.78, 103.94]``; these were trained on BGR input, so
+  the first convolution's pretrained kernel is flipped to RGB order instead of flipping the image.
+- ``tf`` (MobileNet, ResNet v2, Inception, Xception): ``x / 127.5 - 1``.
+
+With C != 3 input channels the constants are adapted like the first convolution's kernel
+(:mod:`tfseg.models.weights`): C = 1 takes their mean, otherwise they repeat cyclically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import keras
+
+from tfseg.errors import ModelError
+from tfseg.registry import Registry
+
+TORCH = ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
+CAFFE = ((123.68, 116.779, 103.939), (1.0, 1.0, 1.0))
+TF = ((127.5, 127.5, 127.5), (127.5, 127.5, 127.5))
+TF128 = ((128.0, 128.0, 128.0), (128.0, 128.0, 128.0))
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """One row of the encoder table.
+
+    Attributes:
+        constructor: attribute of ``keras.applications`` (e.g. ``EfficientNetB0``).
+        features: stride -> feature layer (name, or index into the keras.applications model's
+            layers as segmentation_models uses for Inception) for strides 2, 4, 8, 16 (and 1 for
+            VGG). Stride 32 is always the model's output.
+        norm: ((mean R, G, B), (std R, G, B)) in 0..255 units, applied inside the model.
+        bgr: the pretrained weights expect BGR input (caffe style).
+        builtin_norm: the keras model has its own Rescaling + Normalization (EfficientNet v1);
+            tfseg sets that Normalization to ``norm`` instead of adding a layer.
+        exact: feature maps are exactly input/stride (``False`` for valid-padded Inception and
+            Xception: tfseg zero-pads them to input/stride, which needs a fixed input size).
+        min_size: the smallest input side keras.applications accepts.
+        kwargs: extra constructor arguments.
+    """
+
+    constructor: str
+    features: dict = field(default_factory=dict)
+    norm: tuple = TORCH
+    bgr: bool = False
+    builtin_norm: bool = False
+    exact: bool = True
+    min_size: int = 32
+    kwargs: dict = field(default_factory=dict)
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        """Available feature strides, deepest first (32 is the encoder's output)."""
+        return tuple(sorted({32, *self.features}, reverse=True))
+
+
+ENCODERS: Registry[EncoderSpec] = Registry("backbone")
+
+_EFF_V1 = {
+    2: "block2a_expand_activation",
+    4: "block3a_expand_activation",
+    8: "block4a_expand_activation",
+    16: "block6a_expand_activation",
+}
+for _i in range(8):
+    ENCODERS.register(
+        f"efficientnetb{_i}", EncoderSpec(f"EfficientNetB{_i}", _EFF_V1, TORCH, builtin_norm=True)
+    )
+
+# EfficientNetV2: (variant, block whose projection ends stride 2, block whose expansion ends stride 4, norm)
+for _v, _x2, _x4, _norm in (("b0", "1a", "2b", TORCH), ("b1", "1b", "2c", TORCH), ("b2", "1b", "2c", TORCH),
+                            ("b3", "1b", "2c", TORCH), ("s", "1b", "2d", TF128), ("m", "1c", "2e", TF128),
+                            ("l", "1d", "2g", TF128)):  # fmt: skip
+    _features = {2: f"block{_x2}_project_activation", 4: f"block{_x4}_expand_activation",
+                 8: "block4a_expand_activation", 16: "block6a_expand_activation"}  # fmt: skip
+    _kw = {"include_preprocessing": False}
+    _spec = EncoderSpec(f"EfficientNetV2{_v.upper()}", _features, _norm, kwargs=_kw)
+    ENCODERS.register(f"efficientnetv2{_v}", _spec)
+
+ENCODERS.register(
+    "mobilenet",
+    EncoderSpec(
+        "MobileNet",
+        {2: "conv_pw_1_relu", 4: "conv_pw_3_relu", 8: "conv_pw_5_relu", 16: "conv_pw_11_relu"},
+        TF,
+    ),
+)
+ENCODERS.register(
+    "mobilenetv2",
+    EncoderSpec(
+        "MobileNetV2",
+        {
+            2: "block_1_expand_relu",
+            4: "block_3_expand_relu",
+            8: "block_6_expand_relu",
+            16: "block_13_expand_relu",
+        },
+        TF,
+    ),
+)
+ENCODERS.register(
+    "vgg16",
+    EncoderSpec(
+        "VGG16",
+        {1: "block1_conv2", 2: "block2_conv2", 4: "block3_conv3", 8: "block4_conv3", 16: "block5_conv3"},
+        CAFFE,
+        bgr=True,
+    ),
+)
+ENCODERS.register(
+    "vgg19",
+    EncoderSpec(
+        "VGG19",
+        {1: "block1_conv2", 2: "block2_conv2", 4: "block3_conv4", 8: "block4_conv4", 16: "block5_conv4"},
+        CAFFE,
+        bgr=True,
+    ),
+)
+for _depth, _b3, _b4 in ((50, 4, 6), (101, 4, 23), (152, 8, 36)):
+    ENCODERS.register(
+        f"resnet{_depth}",
+        EncoderSpec(
+            f"ResNet{_depth}",
+            {2: "conv1_relu", 4: "conv2_block3_out", 8: f"conv3_block{_b3}_out", 16: f"conv4_block{_b4}_out"},
+            CAFFE,
+            bgr=True,
+        ),
+    )
+    ENCODERS.register(
+        f"resnet{_depth}v2",
+        EncoderSpec(
+            f"ResNet{_depth}V2",
+            {
+                2: "conv1_conv",
+                4: "conv2_block3_preact_relu",
+                8: f"conv3_block{_b3}_preact_relu",
+                16: f"conv4_block{_b4}_preact_relu",
+            },
+            TF,
+        ),
+    )
+for _depth in (121, 169, 201):
+    ENCODERS.register(
+        f"densenet{_depth}",
+        EncoderSpec(
+            f"DenseNet{_depth}", {2: "conv1_relu", 4: "pool2_relu", 8: "pool3_relu", 16: "pool4_relu"}, TORCH
+        ),
+    )
+ENCODERS.register(
+    "inceptionv3", EncoderSpec("InceptionV3", {2: 9, 4: 16, 8: 86, 16: 228}, TF, exact=False, min_size=75)
+)
+ENCODERS.register(
+    "inceptionresnetv2",
+    EncoderSpec("InceptionResNetV2", {2: 9, 4: 16, 8: 260, 16: 594}, TF, exact=False, min_size=75),
+)
+ENCODERS.register(
+    "xception",
+    EncoderSpec(
+        "Xception",
+        {
+            2: "block2_sepconv2_act",
+            4: "block3_sepconv2_act",
+            8: "block4_sepconv2_act",
+            16: "block13_sepconv2_act",
+        },
+        TF,
+        exact=False,
+        min_size=71,
+    ),
+)
+
+
+def encoder_names() -> list[str]:
+    """Every encoder name in the table."""
+    return ENCODERS.names()
+
+
+def get_encoder_spec(name: str) -> EncoderSpec:
+    """Return the table row for ``name``; unknown names raise ModelError listing the valid ones."""
+    return ENCODERS.get(name)
+
+
+def adapt_constants(values: Sequence[float], channels: int) -> list[float]:
+    """Per-channel RGB constants for ``channels`` input channels (1: their mean; else cyclic)."""
+    values = [float(v) for v in values]
+    if channels == 1:
+        return [sum(values) / len(values)]
+    return [values[i % len(values)] for i in range(channels)]
+
+
+def build_encoder(
+    name: str,
+    input_shape: Sequence[int | None],
+    weights: str | None = None,
+    strides: Sequence[int] = (32, 16, 8, 4, 2),
+) -> keras.Model:
+    """Build the encoder ``name`` as a functional model named ``encoder``.
+
+    Args:
+        name: a key of :data:`ENCODERS` (e.g. ``efficientnetb0``).
+        input_shape: (height, width, channels); height/width may be None for exact encoders.
+        weights: None (random), ``imagenet`` (downloaded by keras.applications) or the path of a
+            keras.applications weights file for the 3-channel model (``.h5`` / ``.weights.h5``).
+        strides: feature strides to output, in this order (32 = the deepest features). Layers
+            that no requested output needs are pruned (PSPNet takes only stride 8).
+
+    Returns:
+        ``keras.Model`` taking float32 [B, H, W, C] in 0..255 and returning one tensor per stride
+        s, shaped [B, H/s, W/s, F_s] (a list even for one stride).
+
+    Raises:
+        ModelError: unknown encoder or stride, too small or unfixed size for a non-exact
+            encoder, weights that cannot be downloaded or loaded.
+    """
+    from tfseg.models.weights import load_pretrained
+
+    spec = get_encoder_spec(name)
+    h, w, c = input_shape
+    for s in strides:
+        if s not in spec.strides:
+            raise ModelError(
+                f"encoder {name} has no features at stride {s}; it has strides {list(spec.strides)}"
+            )
+    for label, size in (("height", h), ("width", w)):
+        if size is not None and size < spec.min_size:
+            raise ModelError(
+                f"encoder {name}: input {label} {size} is too small; the smallest size that works "
+                f"is {spec.min_size}"
+            )
+        if size is None and not spec.exact:
+            raise ModelError(f"encoder {name} needs a fixed input size; got input_shape {list(input_shape)}")
+    mean, std = spec.norm
+    image = keras.Input((h, w, c), name="image")
+    x = image
+    if not spec.builtin_norm:
+        x = keras.layers.Normalization(
+            mean=adapt_constants(mean, c),
+            variance=[v * v for v in adapt_constants(std, c)],
+            name="preprocess",
+        )(image)
+    ctor = getattr(keras.applications, spec.constructor)
+    backbone = ctor(include_top=False, weights=None, input_tensor=x, **spec.kwargs)
+    if spec.builtin_norm:
+        _set_builtin_norm(backbone, spec, c)
+    if weights is not None:
+        load_pretrained(backbone, name, spec, weights, c)
+    layers = [layer for layer in backbone.layers if layer.name != "preprocess"]  # as indexed standalone
+    outputs = []
+    for s in strides:
+        ref = spec.features.get(s) if s != 32 else None
+        if ref is None:
+            feat = backbone.output
+        elif isinstance(ref, int):
+            feat = layers[ref].output
+        else:
+            feat = backbone.get_layer(ref).output
+        if not spec.exact:
+            feat = _align(feat, h // s, w // s, f"align_x{s}")
+        outputs.append(feat)
+    return keras.Model(image, outputs, name="encoder")
+
+
+def _set_builtin_norm(backbone: keras.Model, spec: EncoderSpec, channels: int) -> None:
+    """Set keras' EfficientNet Normalization (after its Rescaling(1/255)) to the table's constants."""
+    import numpy as np
+
+    norm = next(layer for layer in backbone.layers if isinstance(layer, keras.layers.Normalization))
+    mean, std = spec.norm
+    m = np.array(adapt_constants(mean, channels), "float32") / 255.0
+    v = (np.array(adapt_constants(std, channels), "float32") / 255.0) ** 2
+    norm.set_weights([m, v, np.array(0, dtype=norm.weights[2].dtype)])
+    norm.finalize_state()
+
+
+def _align(x, h: int, w: int, name: str):
+    """Zero-pad (or crop) a valid-padded feature map to [h, w], centred."""
+    fh, fw = x.shape[1], x.shape[2]
+    dh, dw = h - fh, w - fw
+    if dh == 0 and dw == 0:
+        return x
+    if dh >= 0 and dw >= 0:
+        return keras.layers.ZeroPadding2D(((dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2)), name=name)(x)
+    dh, dw = max(-dh, 0), max(-dw, 0)
+    x = keras.layers.Cropping2D(((dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2)), name=name + "_crop")(x)
+    return _align(x, h, w, name)

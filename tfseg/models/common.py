@@ -5,11 +5,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import keras
 
 from tfseg.errors import ModelError
+from tfseg.registry import nearest
 
 
 def resolve_activation(activation: str | None, classes: int) -> str:
@@ -119,3 +121,30 @@ def unfreeze_encoder(model: keras.Model) -> keras.Model:
     """Make every layer trainable again (the second stage: train all). Recompile afterwards."""
     set_trainable(model.layers, True)
     return model
+
+
+def read_options(arch: str, options: Mapping[str, Any] | None, defaults: Mapping[str, Any]) -> dict:
+    """Merge ``cfg.options`` over an architecture's ``defaults``; an unknown key lists the valid ones.
+
+    Args:
+        arch: architecture name, for the message.
+        options: the config's ``model.options`` (None or a mapping).
+        defaults: every option the architecture takes, with its default.
+
+    Returns:
+        A new dict with every key of ``defaults``.
+
+    Raises:
+        ModelError: e.g. "fpn: unknown option 'pyramid_filters' (did you mean 'pyramid_block_filters'?).
+            Expected one of ['pyramid_aggregation', 'pyramid_block_filters', ...]".
+    """
+    options = dict(options or {})
+    for key in options:
+        if key not in defaults:
+            hint = nearest(key, defaults)
+            did_you_mean = f" (did you mean {hint!r}?)" if hint else ""
+            if not defaults:
+                raise ModelError(f"{arch}: unknown option {key!r}; {arch} takes no options")
+            raise ModelError(f"{arch}: unknown option {key!r}{did_you_mean}. Expected one of "
+                             f"{sorted(defaults)}")
+    return {**defaults, **options}

@@ -1,0 +1,139 @@
+"""``unet``: segmentation_models' U-Net on a keras.applications encoder.
+
+:func:`Unet` takes the same arguments as ``segmentation_models.Unet`` so that a notebook ports by
+changing its import::
+
+    from tfseg.models.unet import Unet          # was: from segmentation_models import Unet
+    model = Unet("efficientnetb5", input_shape=(512, 512, 3), classes=1, encoder_weights="imagenet")
+
+It has the same skip layers (strides 16, 8, 4, 2 of the encoder), the same decoder (five x2 blocks,
+upsampling or transpose, named as segmentation_models names them), VGG's extra 512-filter center
+block, and a 3x3 ``final_conv``; the trainable parameter counts match segmentation_models'
+(``tests/test_sm_parity.py``). Differences, all deliberate:
+
+- the model takes float images in 0..255 and normalizes them inside (no ``get_preprocessing``);
+- the encoder is one nested layer named ``encoder``, so ``encoder_freeze`` and
+  :func:`tfseg.models.common.unfreeze_encoder` also work after ``keras.models.load_model``; a
+  frozen encoder's BatchNormalization runs in inference mode (segmentation_models leaves them
+  trainable);
+- any number of input channels, also with pretrained weights (:mod:`tfseg.models.weights`);
+- the last layer, named ``output``, is float32 under mixed precision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+
+from tfseg.config import ModelConfig
+from tfseg.errors import ModelError
+from tfseg.models import ARCHS
+from tfseg.models.blocks import DECODER_BLOCKS, conv3x3_bn_relu
+from tfseg.models.common import check_input_shape, freeze_encoder, mark_encoder, segmentation_head
+from tfseg.models.encoders import build_encoder, get_encoder_spec
+
+ARCH = "unet"
+SIZE_MULTIPLE = 32
+# Shared model contract (tests/test_models_contract.py): tiny test size and encoders to test.
+TEST_SIZE = 64
+TEST_BACKBONES = ("mobilenetv2", "efficientnetb0", "vgg16")
+SKIP_STRIDES = (16, 8, 4, 2)
+
+
+def Unet(  # noqa: N802 - the segmentation_models name, so notebooks port by changing the import
+    backbone_name: str = "vgg16",
+    input_shape: Sequence[int | None] = (None, None, 3),
+    classes: int = 1,
+    activation: str = "sigmoid",
+    weights: str | None = None,
+    encoder_weights: str | None = "imagenet",
+    encoder_freeze: bool = False,
+    encoder_features: str | Sequence[int] = "default",
+    decoder_block_type: str = "upsampling",
+    decoder_filters: Sequence[int] = (256, 128, 64, 32, 16),
+    decoder_use_batchnorm: bool = True,
+) -> keras.Model:
+    """Build segmentation_models' U-Net.
+
+    Args:
+        backbone_name: encoder name (:func:`tfseg.models.encoders.encoder_names`).
+        input_shape: (height, width, channels); height and width divisible by 32, or None.
+        classes: output channels.
+        activation: ``sigmoid``, ``softmax``, ``linear`` (logits) or ``auto``.
+        weights: path of weights for the whole model, loaded at the end.
+        encoder_weights: None, ``imagenet`` or the path of a keras.applications weights file.
+        encoder_freeze: freeze the encoder (its BatchNorm then runs in inference mode).
+        encoder_features: ``default`` (strides 16, 8, 4, 2) or the encoder strides to skip from,
+            deepest first, e.g. ``(16, 8, 4, 2, 1)`` for VGG's full-resolution block.
+        decoder_block_type: ``upsampling`` (UpSampling2D + two convs) or ``transpose``
+            (Conv2DTranspose + one conv).
+        decoder_filters: filters of the decoder blocks, deepest first; one x2 block each.
+        decoder_use_batchnorm: BatchNorm in the decoder.
+
+    Returns:
+        Uncompiled ``keras.Model``: float32 [B, H, W, C] in 0..255 -> float32
+        [B, H * 2**len(decoder_filters) / 32, ..., classes] (H x W for five blocks).
+
+    Raises:
+        ModelError: unknown backbone or block type, input size not divisible by 32, bad weights.
+    """
+    spec = get_encoder_spec(backbone_name)
+    if decoder_block_type not in DECODER_BLOCKS:
+        raise ModelError(f"Received: decoder_block_type={decoder_block_type!r}. Expected one of "
+                         f"{sorted(DECODER_BLOCKS)}")
+    if not decoder_filters:
+        raise ModelError("unet: decoder_filters must name at least one block, e.g. [256, 128, 64, 32, 16]")
+    h, w, c = check_input_shape(input_shape, SIZE_MULTIPLE, ARCH, min_size=max(SIZE_MULTIPLE, spec.min_size))
+    skip_strides = SKIP_STRIDES if encoder_features == "default" else tuple(int(s) for s in encoder_features)
+    skip_strides = skip_strides[: len(decoder_filters)]
+
+    encoder = build_encoder(backbone_name, (h, w, c), encoder_weights, strides=(32, *skip_strides))
+    image = keras.Input((h, w, c), name="image")
+    features = encoder(image)
+    x, skips = features[0], features[1:]
+
+    if _ends_with_pooling(encoder):  # VGG: segmentation_models adds a 512-filter center block
+        x = conv3x3_bn_relu(x, 512, decoder_use_batchnorm, name="center_block1")
+        x = conv3x3_bn_relu(x, 512, decoder_use_batchnorm, name="center_block2")
+    block = DECODER_BLOCKS[decoder_block_type]
+    for stage, filters in enumerate(decoder_filters):
+        skip = skips[stage] if stage < len(skips) else None
+        x = block(x, skip, int(filters), stage, decoder_use_batchnorm)
+    output = segmentation_head(x, classes, activation, kernel_size=3, name="final_conv")
+    model = mark_encoder(keras.Model(image, output, name=f"unet_{backbone_name}"), ["encoder"])
+    if encoder_freeze:
+        freeze_encoder(model)
+    if weights is not None:
+        model.load_weights(weights)
+    return model
+
+
+def _ends_with_pooling(encoder: keras.Model) -> bool:
+    """Whether the encoder's deepest output comes straight from a MaxPooling2D layer."""
+    history = getattr(encoder.outputs[0], "_keras_history", None)
+    return history is not None and isinstance(history[0], keras.layers.MaxPooling2D)
+
+
+@ARCHS.register(ARCH)
+def build_unet(cfg: ModelConfig) -> keras.Model:
+    """The ``unet`` architecture from the ``model`` config section (see :func:`Unet`).
+
+    ``cfg.options`` may set ``encoder_features`` (strides, deepest first).
+    """
+    options = dict(cfg.options or {})
+    unknown = sorted(set(options) - {"encoder_features"})
+    if unknown:
+        raise ModelError(f"unet: unknown option {unknown[0]!r}. Expected one of ['encoder_features']")
+    return Unet(
+        cfg.backbone,
+        input_shape=tuple(cfg.input_shape) if cfg.input_shape else (None, None, 3),
+        classes=int(cfg.classes or 1),
+        activation=cfg.activation,
+        encoder_weights=cfg.encoder_weights,
+        encoder_freeze=cfg.encoder_freeze,
+        encoder_features=options.get("encoder_features", "default"),
+        decoder_block_type=cfg.decoder_block_type,
+        decoder_filters=tuple(cfg.decoder_filters),
+        decoder_use_batchnorm=cfg.decoder_use_batchnorm,
+    )

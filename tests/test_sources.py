@@ -166,10 +166,12 @@ def test_lgg_kaggle_3m_patients_groups_labels(tmp_path):
     assert {e.group for e in entries} == {f"TCGA_CS_{4941 + p}_19960909" for p in range(3)}
     samples = list(iter_samples(cfg))
     labels = {s.id: s.label for s in samples}
-    assert labels == {f"TCGA_CS_{4941 + p}_19960909_{s}": int(s == 2 and p != 1) for p in range(3) for s in (1, 2)}
+    expected = {f"TCGA_CS_{4941 + p}_19960909_{s}": int(s == 2 and p != 1) for p in range(3) for s in (1, 2)}
+    assert labels == expected
     tumour = next(s for s in samples if s.label == 1)
     assert tumour.mask.sum() == 80 and set(np.unique(tumour.mask).tolist()) == {0, 1}
-    np.testing.assert_array_equal(tumour.image, tifffile.imread(entries[[e.id for e in entries].index(tumour.id)].image))
+    tumour_entry = next(e for e in entries if e.id == tumour.id)
+    np.testing.assert_array_equal(tumour.image, tifffile.imread(tumour_entry.image))
     (tmp_path / "TCGA_CS_4941_19960909" / "TCGA_CS_4941_19960909_2_mask.tif").unlink()
     with pytest.raises(DataError, match=r"TCGA_CS_4941_19960909_2_mask.tif: mask missing"):
         list_entries(cfg)
@@ -180,7 +182,8 @@ def test_lgg_kaggle_3m_patients_groups_labels(tmp_path):
 
 def test_binary_mask_rules():
     assert normalise_mask(np.array([[0, 1], [1, 0]], np.uint8), 1, 127, "m").tolist() == [[0, 1], [1, 0]]
-    assert normalise_mask(np.array([[0, 128], [127, 255]], np.uint8), 1, 127, "m").tolist() == [[0, 1], [0, 1]]
+    noisy = np.array([[0, 128], [127, 255]], np.uint8)
+    assert normalise_mask(noisy, 1, 127, "m").tolist() == [[0, 1], [0, 1]]
     rgb = np.zeros((2, 2, 3), np.uint8)
     rgb[0, 1, 2] = 250
     assert normalise_mask(rgb, 1, 127, "m").tolist() == [[0, 1], [0, 0]]
@@ -288,3 +291,79 @@ def test_split_file_errors(tmp_path):
     with pytest.raises(DataError, match=r"split.json: cannot read the split file"):
         list_entries(DataConfig(**base, split="train"))
     assert list_entries(cfg)  # without split_file every pair is listed
+
+
+# --- tfds ------------------------------------------------------------------------------------
+
+
+def _pet_metadata(data_dir):
+    """Write oxford_iiit_pet's metadata (no data) so that TFDS and mock_data see it as prepared."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    builder = tfds.builder("oxford_iiit_pet", data_dir=str(data_dir))
+    builder.data_path.mkdir(parents=True)
+    builder.info.write_to_directory(builder.data_path)
+    return tfds
+
+
+def test_tfds_oxford_pet_trimap_to_classes(tmp_path):
+    tfds = _pet_metadata(tmp_path)
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    examples = [{"image": rng.integers(0, 256, (10 + i, 12, 3), dtype=np.uint8),
+                 "segmentation_mask": rng.integers(1, 4, (10 + i, 12, 1), dtype=np.uint8),
+                 "file_name": f"Abyssinian_{i}.jpg", "label": i, "species": 0,
+                 "head_bbox": np.zeros(4, np.float32)} for i in range(3)]
+
+    def as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False):
+        spec = self.info.features.get_tensor_spec()
+        return tf.data.Dataset.from_generator(lambda: iter(examples), output_signature=spec)
+
+    cfg = DataConfig(source="tfds", tfds_name="oxford_iiit_pet", tfds_split="train",
+                     tfds_data_dir=str(tmp_path), classes=3, channels=3)
+    with tfds.testing.mock_data(data_dir=str(tmp_path), as_dataset_fn=as_dataset):
+        entries = list_entries(cfg)
+        samples = list(iter_samples(cfg))
+    assert [e.id for e in entries] == ["oxford_iiit_pet:train"]
+    assert [(s.id, s.group, s.label) for s in samples] == [(f"Abyssinian_{i}", f"Abyssinian_{i}", i)
+                                                           for i in range(3)]
+    for sample, example in zip(samples, examples):
+        check_sample(sample, channels=3, classes=3)
+        np.testing.assert_array_equal(sample.image, example["image"])
+        np.testing.assert_array_equal(sample.mask, example["segmentation_mask"][..., 0] - 1)
+
+
+def test_tfds_mock_random_examples_are_checked(tmp_path):
+    tfds = _pet_metadata(tmp_path)
+    cfg = DataConfig(source="tfds", tfds_data_dir=str(tmp_path), classes=3)
+    # mock_data's random examples have masks 0..254 and sizes unrelated to the image: rejected
+    with tfds.testing.mock_data(num_examples=2, data_dir=str(tmp_path)):
+        with pytest.raises(DataError, match=r"tfds oxford_iiit_pet/train example .*(below 1|differs)"):
+            list(iter_samples(cfg))
+
+
+def test_tfds_offline_fails_fast_without_tmp_files(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    import time
+
+    from tfseg.data import sources_tfds
+
+    if sources_tfds.is_online(sources_tfds.layout_for("oxford_iiit_pet").download_host):
+        pytest.skip("the download host answers: this machine is online, the offline path cannot run")
+    data_dir = tmp_path / "tfds"
+    data_dir.mkdir()
+    start = time.monotonic()
+    with pytest.raises(DataError) as err:
+        list_entries(DataConfig(source="tfds", tfds_name="oxford_iiit_pet", tfds_data_dir=str(data_dir)))
+    assert time.monotonic() - start < 10
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"'oxford_iiit_pet' is not in {data_dir}" in message and "offline" in message
+    assert "configs/isbi2012.yaml" in message
+    assert list(data_dir.rglob("*")) == []  # nothing written, no .tmp folders
+
+
+def test_tfds_unknown_name(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    with pytest.raises(DataError, match=r"data.tfds_name='oxford_iit_pet': .*not found"):
+        list_entries(DataConfig(source="tfds", tfds_name="oxford_iit_pet", tfds_data_dir=str(tmp_path)))

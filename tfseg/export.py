@@ -1,0 +1,174 @@
+"""Serving models: uint8 images in, probabilities out, normalisation inside.
+
+    tfseg export --run runs/kvasir --fold 0 --format savedmodel --output serving/kvasir
+    tfseg export --run runs/kvasir --format tflite --output kvasir.tflite
+    tfseg export --run runs/kvasir --format onnx --output kvasir.onnx   # pip install tfseg[export]
+
+Every format has one input ``image``: uint8 [batch, H, W, C] and one output
+``probabilities``: float32 [batch, H', W', K] in 0..1 (sigmoid or softmax applied when the model
+returns logits). The tfseg model already contains its input normalisation, so the serving
+function only casts to float32. H and W are the model's own input size when it is fixed, else
+the run's ``model.input_shape`` (TFLite and ONNX need a static size; the SavedModel keeps the
+model's free size). Outputs are written atomically: under a temporary name, renamed at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from tfseg.errors import ConfigError, ModelError, RunError
+from tfseg.files import atomic_write_bytes
+
+FORMATS = ("savedmodel", "tflite", "onnx")
+ONNX_OPSET = 17
+
+
+def serving_function(model, height: int | None, width: int | None):
+    """A ``tf.function`` taking uint8 [None, H, W, C] and returning ``{"probabilities": float32}``."""
+    import tensorflow as tf
+
+    from tfseg.inference import output_is_logits
+
+    channels = int(model.input_shape[-1])
+    logits = output_is_logits(model)
+    classes = int(model.output_shape[-1])
+
+    @tf.function(input_signature=[tf.TensorSpec([None, height, width, channels], tf.uint8, name="image")])
+    def serve(image):
+        y = model(tf.cast(image, tf.float32), training=False)
+        if logits:
+            y = tf.sigmoid(y) if classes == 1 else tf.nn.softmax(y, axis=-1)
+        return {"probabilities": tf.cast(y, tf.float32)}
+
+    return serve
+
+
+def _size(model, input_shape, static: bool) -> tuple[int | None, int | None]:
+    _, h, w, _ = model.input_shape
+    if h is not None and w is not None:
+        return int(h), int(w)
+    if not static:
+        return None, None
+    if not input_shape or input_shape[0] is None:
+        raise ModelError("model takes any image size; static export needs model.input_shape [H, W, C] "
+                         "in the run's config.")
+    return int(input_shape[0]), int(input_shape[1])
+
+
+def _fresh_output(path: Path) -> None:
+    if path.exists():
+        raise RunError(f"{path}: already exists. Expected a new path (remove it or choose another).")
+
+
+def export_savedmodel(model, path: str | os.PathLike, input_shape=None, static: bool = False) -> Path:
+    """Write a SavedModel whose ``serve`` signature maps uint8 images to probabilities.
+
+    Uses ``keras.export.ExportArchive`` (what ``model.export(format="tf_saved_model")`` uses)
+    with the uint8 serving function as its endpoint; written to a temporary folder, then renamed.
+    """
+    import keras
+
+    path = Path(path)
+    _fresh_output(path)
+    h, w = _size(model, input_shape, static)
+    fn = serving_function(model, h, w)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(name="serve", fn=fn)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        archive.write_out(str(tmp), verbose=False)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def export_tflite(model, path: str | os.PathLike, input_shape=None) -> Path:
+    """Write a ``.tflite`` flatbuffer (float32 weights, static H x W, dynamic batch)."""
+    import tensorflow as tf
+
+    path = Path(path)
+    _fresh_output(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = export_savedmodel(model, Path(tmp) / "sm", input_shape, static=True)
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(saved), signature_keys=["serve"])
+        try:
+            flat = converter.convert()
+        except Exception as err:  # noqa: BLE001 - the converter raises many kinds
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise ModelError(f"TFLite conversion failed for this architecture ({first}).") from None
+    return atomic_write_bytes(path, flat)
+
+
+def export_onnx(model, path: str | os.PathLike, input_shape=None, opset: int = ONNX_OPSET) -> Path:
+    """Write an ONNX model with tf2onnx (``pip install tfseg[export]``: tf2onnx, onnx, onnxruntime)."""
+    try:
+        import tf2onnx
+    except ImportError:
+        raise ModelError("ONNX export needs tf2onnx: pip install 'tf2onnx>=1.17' onnx onnxruntime "
+                         "(or pip install tfseg[export]).") from None
+    path = Path(path)
+    _fresh_output(path)
+    h, w = _size(model, input_shape, static=True)
+    fn = serving_function(model, h, w)
+    proto, _ = tf2onnx.convert.from_function(fn, input_signature=fn.input_signature, opset=opset)
+    return atomic_write_bytes(path, proto.SerializeToString())
+
+
+def export_model(model, fmt: str, path: str | os.PathLike, input_shape=None) -> Path:
+    """Export ``model`` as ``fmt`` (savedmodel, tflite, onnx) to ``path``. Returns the path."""
+    if fmt == "savedmodel":
+        return export_savedmodel(model, path, input_shape)
+    if fmt == "tflite":
+        return export_tflite(model, path, input_shape)
+    if fmt == "onnx":
+        return export_onnx(model, path, input_shape)
+    raise ModelError(f"Received: format={fmt!r}. Expected one of {list(FORMATS)}.")
+
+
+def load_serving(fmt: str, path: str | os.PathLike):
+    """Reload an export as ``f(uint8 [B, H, W, C]) -> float32 probabilities`` (used by the tests)."""
+    path = str(path)
+    if fmt == "savedmodel":
+        import tensorflow as tf
+
+        serve = tf.saved_model.load(path).signatures["serve"]
+        return lambda x: serve(image=tf.constant(x))["probabilities"].numpy()
+    if fmt == "tflite":
+        import tensorflow as tf
+
+        def run(x):
+            interp = tf.lite.Interpreter(model_path=path)
+            runner = interp.get_signature_runner("serve")
+            return runner(image=np.asarray(x, np.uint8))["probabilities"]
+        return run
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        return lambda x: session.run(["probabilities"], {"image": np.asarray(x, np.uint8)})[0]
+    raise ModelError(f"Received: format={fmt!r}. Expected one of {list(FORMATS)}.")
+
+
+def cli_export(args) -> int:
+    """``tfseg export --run RUN_DIR [--fold K] --format F --output PATH``."""
+    from tfseg.inference import load_model, load_run_config, select_folds
+
+    cfg = load_run_config(args.run, args.config, args.overrides)
+    chosen = select_folds(args.run, str(args.fold))
+    if len(chosen) != 1:
+        raise ConfigError(f"--fold {args.fold}: {len(chosen)} folds. "
+                          "Expected one fold to export, e.g. --fold 0.")
+    (fold, ckpt), = chosen.items()
+    model = load_model(ckpt)
+    out = export_model(model, args.format, args.output, cfg.model.input_shape)
+    print(f"tfseg export: fold {fold} ({ckpt}) -> {args.format} {out}")
+    return 0

@@ -1,0 +1,279 @@
+"""The TFRecord schema (encode/decode pair), the sharded writer, ``verify``, and their CLI handlers.
+
+One example per image (or tile)::
+
+    image     bytes   PNG (lossless) or JPEG, uint8 [H, W, C], C = 1 or 3
+    mask      bytes   PNG, uint8 [H, W, 1], class indices (binary: 0/1)
+    id        bytes   unique id of the example within the data set
+    group     bytes   what must stay within one fold (car, patient, source image)
+    label     int64   label for stratified folds, -1 when none
+    height, width, channels   int64, the image's shape
+    image_format      bytes   b"png" or b"jpeg"
+
+Shards are ``<dir>/<prefix>-<shard:03d>-<count>.tfrec`` (the HuBMAP notebooks count records from
+the names) and ``<dir>/manifest.json`` lists every record (shard, id, group, label), so folds are
+decided without decoding images. The full description is in ``tfrecords/README.md``.
+
+    summary = write_tfrecords(cfg.data)          # parallel, deterministic, atomic
+    summary = verify_dir(cfg.data.tfrecord_dir)  # decode everything, check names and shapes
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from tfseg.data.sample import Sample
+from tfseg.errors import DataError
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<shard>\d+)-(?P<count>\d+)\.tfrec$")
+
+FEATURES = {
+    "image": tf.io.FixedLenFeature([], tf.string),
+    "mask": tf.io.FixedLenFeature([], tf.string),
+    "id": tf.io.FixedLenFeature([], tf.string),
+    "group": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    "label": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+    "height": tf.io.FixedLenFeature([], tf.int64),
+    "width": tf.io.FixedLenFeature([], tf.int64),
+    "channels": tf.io.FixedLenFeature([], tf.int64),
+    "image_format": tf.io.FixedLenFeature([], tf.string, default_value=""),
+}
+# The cheap part of a record: what folds need, without the image bytes being decoded.
+INDEX_FEATURES = {k: FEATURES[k] for k in ("id", "group", "label")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema: encode and decode, together
+# ---------------------------------------------------------------------------------------------
+
+
+def _bytes(value: bytes) -> tf.train.Feature:
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+
+def _int(value: int) -> tf.train.Feature:
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
+
+
+def check_sample(sample: Sample, channels: int | None = None, classes: int | None = None) -> None:
+    """Raise a one-line :class:`DataError` naming ``sample.id`` if it breaks the record contract.
+
+    Args:
+        sample: image uint8 [H, W, C] with C in (1, 3), mask uint8 [H, W] of the same H, W.
+        channels: expected C, or None to accept 1 or 3.
+        classes: mask values must be < max(classes, 2) (binary data: 0/1), or None to skip.
+    """
+    image, mask = np.asarray(sample.image), np.asarray(sample.mask)
+    if not sample.id:
+        raise DataError(f"sample of group {sample.group!r}: empty id. Expected a unique non-empty id.")
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
+        raise DataError(f"{sample.id}: image is {image.dtype} {list(image.shape)}. "
+                        "Expected uint8 [H, W, C] with C = 1 or 3.")
+    if channels is not None and image.shape[2] != channels:
+        raise DataError(f"{sample.id}: image has {image.shape[2]} channels. "
+                        f"Expected data.channels={channels}.")
+    if mask.dtype != np.uint8 or mask.shape != image.shape[:2]:
+        raise DataError(f"{sample.id}: mask is {mask.dtype} {list(mask.shape)}. "
+                        f"Expected uint8 {list(image.shape[:2])}, the image's height and width.")
+    if classes is not None and mask.size and int(mask.max()) >= max(classes, 2):
+        raise DataError(f"{sample.id}: mask value {int(mask.max())} is outside data.classes={classes}. "
+                        f"Expected values in [0, {max(classes, 2)}).")
+
+
+def encode_example(sample: Sample, image_format: str = "jpeg", jpeg_quality: int = 95) -> bytes:
+    """Serialize one sample as a ``tf.train.Example`` (deterministic bytes).
+
+    Args:
+        sample: image uint8 [H, W, C] (C = 1 or 3), mask uint8 [H, W] with class indices.
+        image_format: ``"png"`` (lossless) or ``"jpeg"`` for the image; the mask is always PNG.
+        jpeg_quality: 1..100, used when ``image_format`` is ``"jpeg"``.
+
+    Returns:
+        The serialized example; the same sample and settings always give the same bytes.
+    """
+    check_sample(sample)
+    image = np.asarray(sample.image)
+    if image_format == "png":
+        image_bytes = tf.io.encode_png(image).numpy()
+    elif image_format == "jpeg":
+        image_bytes = tf.io.encode_jpeg(image, quality=int(jpeg_quality), optimize_size=False,
+                                        chroma_downsampling=True).numpy()
+    else:
+        raise DataError(f"image_format={image_format!r}. Expected 'png' or 'jpeg'.")
+    mask_bytes = tf.io.encode_png(np.asarray(sample.mask)[..., None]).numpy()
+    feature = {
+        "image": _bytes(image_bytes),
+        "mask": _bytes(mask_bytes),
+        "id": _bytes(sample.id.encode("utf-8")),
+        "group": _bytes(str(sample.group).encode("utf-8")),
+        "label": _int(sample.label),
+        "height": _int(image.shape[0]),
+        "width": _int(image.shape[1]),
+        "channels": _int(image.shape[2]),
+        "image_format": _bytes(image_format.encode("ascii")),
+    }
+    example = tf.train.Example(features=tf.train.Features(feature=feature))
+    return example.SerializeToString(deterministic=True)
+
+
+def decode_example(serialized: tf.Tensor, channels: int = 3) -> dict[str, tf.Tensor]:
+    """Parse and decode one serialized example; graph-safe (use it inside ``Dataset.map``).
+
+    Args:
+        serialized: scalar tf.string, one record of a shard.
+        channels: image channels to decode to (1 or 3); 0 keeps the stored channels.
+
+    Returns:
+        dict with ``image`` uint8 [H, W, channels], ``mask`` uint8 [H, W, 1] (class indices),
+        ``id`` and ``group`` tf.string, ``label``, ``height``, ``width``, ``channels`` int64.
+    """
+    ex = tf.io.parse_single_example(serialized, FEATURES)
+    image = tf.io.decode_image(ex["image"], channels=channels, expand_animations=False)
+    image.set_shape([None, None, channels or None])
+    mask = tf.io.decode_png(ex["mask"], channels=1)
+    mask.set_shape([None, None, 1])
+    return {"image": image, "mask": mask, "id": ex["id"], "group": ex["group"], "label": ex["label"],
+            "height": ex["height"], "width": ex["width"], "channels": ex["channels"]}
+
+
+def parse_index(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+    """Parse only ``id``, ``group`` (tf.string) and ``label`` (int64) of a record: no image decoding."""
+    return tf.io.parse_single_example(serialized, INDEX_FEATURES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard names and the manifest
+# ---------------------------------------------------------------------------------------------
+
+
+def shard_name(prefix: str, shard: int, count: int) -> str:
+    """``<prefix>-<shard:03d>-<count>.tfrec``."""
+    return f"{prefix}-{shard:03d}-{count}.tfrec"
+
+
+def shard_prefix(directory: str | Path) -> str:
+    """The shard prefix of a folder: its base name, with characters other than [A-Za-z0-9_.] -> ``_``."""
+    name = Path(str(directory).rstrip("/")).name or "data"
+    return re.sub(r"[^A-Za-z0-9_.]+", "_", name).strip("_.") or "data"
+
+
+def _shard_key(path: str) -> tuple:
+    m = SHARD_RE.match(Path(path).name)
+    return (m["prefix"], int(m["shard"]), path) if m else (Path(path).name, -1, path)
+
+
+def shard_files(directory: str | Path) -> list[str]:
+    """Every ``*.tfrec`` file in ``directory`` (local or ``gs://``), sorted by prefix then shard number.
+
+    Raises:
+        DataError: the folder does not exist.
+    """
+    directory = str(directory).rstrip("/")
+    if not tf.io.gfile.isdir(directory):
+        raise DataError(f"{directory}: TFRecord folder not found. Expected the output of `tfseg tfrecords`.")
+    return sorted(tf.io.gfile.glob(f"{directory}/*.tfrec"), key=_shard_key)
+
+
+def count_records(files: Sequence[str]) -> int:
+    """Total records of ``files``, read from their names ``<prefix>-<shard>-<count>.tfrec``.
+
+    Raises:
+        DataError: a name without a count.
+    """
+    total = 0
+    for path in files:
+        m = SHARD_RE.match(Path(path).name)
+        if not m:
+            raise DataError(f"{path}: shard name has no record count. "
+                            "Expected <prefix>-<shard>-<count>.tfrec.")
+        total += int(m["count"])
+    return total
+
+
+def read_manifest(directory: str | Path) -> dict | None:
+    """The manifest of a shard folder, or None when there is none.
+
+    Raises:
+        DataError: the manifest exists but is not valid JSON of the expected shape.
+    """
+    path = f"{str(directory).rstrip('/')}/{MANIFEST}"
+    if not tf.io.gfile.exists(path):
+        return None
+    try:
+        with tf.io.gfile.GFile(path, "r") as f:
+            manifest = json.loads(f.read())
+    except (json.JSONDecodeError, UnicodeDecodeError, tf.errors.OpError) as err:
+        raise DataError(f"{path}: unreadable manifest ({err.__class__.__name__}). "
+                        "Expected the JSON written by `tfseg tfrecords`.") from None
+    if not isinstance(manifest, dict) or not {"shards", "records"} <= set(manifest):
+        raise DataError(f"{path}: manifest lacks 'shards' or 'records'. Expected the JSON written by "
+                        "`tfseg tfrecords`.")
+    return manifest
+
+
+def record_index(directory: str | Path) -> list[dict]:
+    """``[{"shard": file name, "id", "group", "label"}]`` of every record, in shard order.
+
+    From ``manifest.json`` when present, otherwise by parsing the id/group/label features of
+    every record (no image decoding), so a fold split is decidable from the records alone.
+    """
+    manifest = read_manifest(directory)
+    if manifest is not None:
+        return [dict(r) for r in manifest["records"]]
+    files = shard_files(directory)
+    if not files:
+        raise DataError(f"{directory}: no .tfrec shards. Expected the output of `tfseg tfrecords`.")
+    records = []
+    for path in files:
+        try:
+            for ex in tf.data.TFRecordDataset(path).map(parse_index):
+                records.append({"shard": Path(path).name, "id": ex["id"].numpy().decode(),
+                                "group": ex["group"].numpy().decode(), "label": int(ex["label"])})
+        except tf.errors.OpError as err:
+            raise DataError(f"{path}: unreadable shard ({_first_line(err)})") from None
+    return records
+
+
+def _first_line(err: Exception) -> str:
+    text = getattr(err, "message", None) or str(err)
+    return text.strip().splitlines()[0] if text.strip() else err.__class__.__name__
+
+
+# The writer (tfrecord_writer.py) and verify (tfrecord_verify.py) live beside this module and import
+# it; these thin entry points keep ``tfseg.data.tfrecord`` the one way in without an import cycle.
+
+
+def write_tfrecords(cfg, output_dir: str | Path | None = None, overwrite: bool = False, **kwargs) -> dict:
+    """Write the data set of ``cfg`` (a DataConfig) as shards; see :func:`tfrecord_writer.write_tfrecords`."""
+    from tfseg.data import tfrecord_writer
+
+    return tfrecord_writer.write_tfrecords(cfg, output_dir, overwrite, **kwargs)
+
+
+def verify_dir(directory: str | Path) -> dict:
+    """Decode and check every record of every shard; see :func:`tfrecord_verify.verify_dir`."""
+    from tfseg.data import tfrecord_verify
+
+    return tfrecord_verify.verify_dir(directory)
+
+
+def cli_tfrecords(args) -> int:
+    """``tfseg tfrecords --config C [--set k=v] [--output DIR] [--overwrite]``."""
+    from tfseg.data import tfrecord_writer
+
+    return tfrecord_writer.cli_tfrecords(args)
+
+
+def cli_verify(args) -> int:
+    """``tfseg verify DIR``: print a one-line summary, exit 0; a bad shard exits 2 naming it."""
+    from tfseg.data import tfrecord_verify
+
+    return tfrecord_verify.cli_verify(args)

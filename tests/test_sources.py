@@ -296,37 +296,52 @@ def test_split_file_errors(tmp_path):
 # --- tfds ------------------------------------------------------------------------------------
 
 
-def _pet_metadata(data_dir):
+def _pet_metadata(data_dir, train_examples=None):
     """Write oxford_iiit_pet's metadata (no data) so that TFDS and mock_data see it as prepared."""
     tfds = pytest.importorskip("tensorflow_datasets")
     builder = tfds.builder("oxford_iiit_pet", data_dir=str(data_dir))
     builder.data_path.mkdir(parents=True)
+    if train_examples:
+        template = tfds.core.naming.ShardedFileTemplate(
+            data_dir=builder.data_path, dataset_name="oxford_iiit_pet", split="train",
+            filetype_suffix="tfrecord")
+        builder.info.set_splits(tfds.core.SplitDict([tfds.core.SplitInfo(
+            name="train", shard_lengths=[train_examples], num_bytes=0, filename_template=template)]))
     builder.info.write_to_directory(builder.data_path)
     return tfds
 
 
-def test_tfds_oxford_pet_trimap_to_classes(tmp_path):
-    tfds = _pet_metadata(tmp_path)
+def test_tfds_oxford_pet_trimap_to_classes_in_chunks(tmp_path, monkeypatch):
+    import re
+
+    from tfseg.data import sources_tfds
+
+    tfds = _pet_metadata(tmp_path, train_examples=5)
     import tensorflow as tf
 
     rng = np.random.default_rng(0)
     examples = [{"image": rng.integers(0, 256, (10 + i, 12, 3), dtype=np.uint8),
                  "segmentation_mask": rng.integers(1, 4, (10 + i, 12, 1), dtype=np.uint8),
                  "file_name": f"Abyssinian_{i}.jpg", "label": i, "species": 0,
-                 "head_bbox": np.zeros(4, np.float32)} for i in range(3)]
+                 "head_bbox": np.zeros(4, np.float32)} for i in range(5)]
+    asked = []
 
     def as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False):
+        asked.append(split)
+        a, b = map(int, re.fullmatch(r"train\[(\d+):(\d+)\]", split).groups())
         spec = self.info.features.get_tensor_spec()
-        return tf.data.Dataset.from_generator(lambda: iter(examples), output_signature=spec)
+        return tf.data.Dataset.from_generator(lambda: iter(examples[a:b]), output_signature=spec)
 
+    monkeypatch.setattr(sources_tfds, "TFDS_CHUNK", 2)
     cfg = DataConfig(source="tfds", tfds_name="oxford_iiit_pet", tfds_split="train",
                      tfds_data_dir=str(tmp_path), classes=3, channels=3)
     with tfds.testing.mock_data(data_dir=str(tmp_path), as_dataset_fn=as_dataset):
         entries = list_entries(cfg)
+        pickle.loads(pickle.dumps(entries))
         samples = list(iter_samples(cfg))
-    assert [e.id for e in entries] == ["oxford_iiit_pet:train"]
+    assert [e.ref for e in entries] == ["train[0:2]", "train[2:4]", "train[4:5]"] == asked
     assert [(s.id, s.group, s.label) for s in samples] == [(f"Abyssinian_{i}", f"Abyssinian_{i}", i)
-                                                           for i in range(3)]
+                                                           for i in range(5)]
     for sample, example in zip(samples, examples):
         check_sample(sample, channels=3, classes=3)
         np.testing.assert_array_equal(sample.image, example["image"])

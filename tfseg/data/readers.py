@@ -42,6 +42,8 @@ class Entry:
         image: path of the image file ("" for TFDS).
         mask: path of the mask file, or None when the mask comes from ``rle``.
         rle: run-length encoded mask (Carvana/HuBMAP CSV), or None.
+        ref: source-specific reference (TFDS: the split slice, e.g. ``"train[0:128]"``).
+        start: index of the entry's first example within its split (TFDS).
     """
 
     id: str
@@ -49,6 +51,8 @@ class Entry:
     image: str = ""
     mask: str | None = None
     rle: str | None = None
+    ref: str = ""
+    start: int = 0
 
 
 def _array_from_pil(img: Image.Image) -> np.ndarray:

@@ -1,9 +1,13 @@
 """TFDS source: a TensorFlow Datasets data set, with ``oxford_iiit_pet`` as the worked case.
 
-Registered in :mod:`tfseg.data.sources` as ``tfds``. One entry is one TFDS split; reading it
-yields its examples in TFDS order. For oxford_iiit_pet the trimap values 1, 2, 3 become the
-classes 0, 1, 2 (``mask - 1``, as in the TensorFlow segmentation tutorial: 0 pet, 1 pet border,
-2 background), the group is the image file name and the label the breed (0..36).
+Registered in :mod:`tfseg.data.sources` as ``tfds``. One entry is a slice of ``TFDS_CHUNK``
+examples of the split (``train[0:128]``, ``train[128:256]``...; the whole split when its size is
+unknown or ``tfds_split`` is already a slice); reading it yields the examples in TFDS order.
+
+For oxford_iiit_pet the trimap values 1, 2, 3 become the classes 0, 1, 2 (``mask - 1``, as in the
+TensorFlow segmentation tutorial); by the data set's README 1 is the pet, 2 the background and 3
+the unclassified border, so the classes are 0 pet, 1 background, 2 border. The group is the image
+file name and the label the breed (0..36).
 
 Offline, ``tfds.load`` retries downloads for minutes and leaves ``.tmp`` folders behind. Here a
 data set that is not prepared in ``data_dir`` is downloaded only when the download host answers
@@ -29,6 +33,8 @@ from tfseg.errors import DataError
 
 ONLINE_TIMEOUT_S = 3.0
 LOCAL_RECIPE = "configs/isbi2012.yaml"
+TFDS_CHUNK = 128
+"""Examples per entry, so that TFRecord writers can spread a split over shards and processes."""
 
 
 @dataclass(frozen=True)
@@ -96,16 +102,29 @@ def prepared_builder(cfg: DataConfig):
     return builder
 
 
+def split_slices(split: str, num_examples: int, chunk: int | None = None) -> list[tuple[int, str]]:
+    """``(start, "split[start:end]")`` slices of ``chunk`` (default TFDS_CHUNK) examples covering a split."""
+    chunk = chunk or TFDS_CHUNK
+    return [(a, f"{split}[{a}:{min(a + chunk, num_examples)}]") for a in range(0, num_examples, chunk)]
+
+
 def list_tfds(cfg: DataConfig) -> list[Entry]:
-    """One entry for the split ``data.tfds_split`` of ``data.tfds_name`` (checked to be available)."""
+    """Entries of ``TFDS_CHUNK`` examples of ``data.tfds_split`` (checked to be available), in split order."""
     builder = prepared_builder(cfg)
     splits = builder.info.splits
     base = cfg.tfds_split.split("[")[0]
     if splits and base not in splits:
         raise DataError(f"data.tfds_split={cfg.tfds_split!r}: {cfg.tfds_name} has the splits "
                         f"{sorted(splits)}")
-    ref = f"{cfg.tfds_name}:{cfg.tfds_split}"
-    return [Entry(id=ref, group=ref)]
+    total = splits[base].num_examples if splits and "[" not in cfg.tfds_split else 0
+    if not total:  # size unknown (or a slice already): one entry for the whole split
+        ref = f"{cfg.tfds_name}:{cfg.tfds_split}"
+        return [Entry(id=ref, group=ref, ref=cfg.tfds_split)]
+    entries = []
+    for start, ref in split_slices(cfg.tfds_split, total):
+        entry_id = f"{cfg.tfds_name}:{cfg.tfds_split}[{start:09d}]"  # zero-padded: sorts in split order
+        entries.append(Entry(id=entry_id, group=entry_id, ref=ref, start=start))
+    return entries
 
 
 def _stem(name: bytes | str) -> str:
@@ -129,8 +148,8 @@ def read_tfds(cfg: DataConfig, entry: Entry) -> Iterator[Sample]:
         if key not in features:
             raise DataError(f"data.tfds_name={cfg.tfds_name!r}: no feature {key!r}. "
                             f"Expected image and mask features; it has {sorted(features.keys())}.")
-    dataset = builder.as_dataset(split=cfg.tfds_split, shuffle_files=False)
-    for i, example in enumerate(tfds.as_numpy(dataset)):
+    dataset = builder.as_dataset(split=entry.ref or cfg.tfds_split, shuffle_files=False)
+    for i, example in enumerate(tfds.as_numpy(dataset), start=entry.start):
         sample_id = _stem(example[layout.name]) if layout.name in example else f"{cfg.tfds_split}_{i:06d}"
         where = f"tfds {cfg.tfds_name}/{cfg.tfds_split} example {sample_id}"
         image = to_channels(to_uint8(np.asarray(example[layout.image])), cfg.channels, where=where)

@@ -205,10 +205,14 @@ def write_tfrecords(cfg: DataConfig, output_dir: str | Path | None = None, overw
         with tqdm(total=len(entries), unit="entry", desc=f"tfrecords {prefix}", disable=not progress,
                   file=sys.stderr) as bar:
             workers = min(cfg.workers, len(tasks))
-            if workers > 1:
-                results = _run_parallel(cfg, tasks, tmp, prefix, bar, workers)
-            else:
-                results = _run_serial(cfg, tasks, tmp, prefix, bar)
+            try:
+                if workers > 1:
+                    results = _run_parallel(cfg, tasks, tmp, prefix, bar, workers)
+                else:
+                    results = _run_serial(cfg, tasks, tmp, prefix, bar)
+            except BaseException:
+                bar.leave = False  # erase the bar: the error is the one line left on the terminal
+                raise
         shards = [r for r in results if r is not None]
         records = [{"shard": s["file"], **rec} for s in shards for rec in s["records"]]
         if not records:

@@ -1,0 +1,216 @@
+"""Strategy choice (mocked TPU / JAX), global batch checks, and real multi-device runs on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import keras
+import pytest
+
+from tfseg import distribute
+from tfseg.errors import ConfigError, RunError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_no_tpu_is_quick_and_silent(monkeypatch):
+    for var in ("TPU_NAME", "COLAB_TPU_ADDR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(distribute.glob, "glob", lambda pattern: [])
+    assert distribute.tpu_address() is None
+    assert distribute.detect_tpu() is None
+    dist = distribute.setup_distribution("auto")
+    assert dist.kind == "default" and dist.replicas == 1 and dist.is_chief
+    with pytest.raises(RunError, match="no TPU is attached"):
+        distribute.choose_strategy("tpu")
+
+
+def test_tpu_address_from_the_environment(monkeypatch):
+    monkeypatch.setattr(distribute.glob, "glob", lambda pattern: [])
+    monkeypatch.delenv("TPU_NAME", raising=False)
+    monkeypatch.setenv("COLAB_TPU_ADDR", "10.0.0.2:8470")
+    assert distribute.tpu_address() == "grpc://10.0.0.2:8470"
+    monkeypatch.setenv("TPU_NAME", "local")
+    assert distribute.tpu_address() == "local"
+    monkeypatch.delenv("TPU_NAME")
+    monkeypatch.delenv("COLAB_TPU_ADDR")
+    monkeypatch.setattr(distribute.glob, "glob", lambda pat: ["/dev/accel0"] if "accel" in pat else [])
+    assert distribute.tpu_address() == "local"
+
+
+def test_auto_uses_the_tpu_when_the_resolver_connects(monkeypatch):
+    import tensorflow as tf
+
+    made = {}
+
+    class FakeTPUStrategy:
+        num_replicas_in_sync = 8
+
+        def __init__(self, resolver):
+            made["resolver"] = resolver
+
+    monkeypatch.setattr(distribute, "detect_tpu", lambda: "resolver")
+    monkeypatch.setattr(tf.distribute, "TPUStrategy", FakeTPUStrategy)
+    strategy = distribute.choose_strategy("auto")
+    assert isinstance(strategy, FakeTPUStrategy) and made["resolver"] == "resolver"
+
+
+def test_bad_names_and_tf_config(monkeypatch):
+    with pytest.raises(ConfigError, match="did you mean 'mirrored'"):
+        distribute.choose_strategy("mirored")
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ConfigError, match="needs the TF_CONFIG"):
+        distribute.choose_strategy("multiworker")
+    monkeypatch.setenv("TF_CONFIG", "{not json")
+    with pytest.raises(ConfigError, match="TF_CONFIG: expected JSON"):
+        distribute.choose_strategy("multiworker")
+
+
+def test_global_batch():
+    assert distribute.global_batch_size(16, 8) == 128
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        distribute.global_batch_size(0, 2)
+
+
+def test_jax_choice_logic_with_mocked_devices(monkeypatch):
+    """The JAX path's choice logic (JAX itself is not installed here: untested on real JAX)."""
+
+    class FakeDataParallel:
+        def __init__(self, devices):
+            self.devices = devices
+
+    monkeypatch.setattr(keras.distribution, "DataParallel", FakeDataParallel)
+    two = ["tpu:0", "tpu:1"]
+    assert distribute.choose_jax_distribution("auto", devices=two).devices == two
+    assert distribute.choose_jax_distribution("auto", devices=["cpu:0"]) is None
+    assert distribute.choose_jax_distribution("default", devices=two) is None
+    with pytest.raises(RunError, match="sees no TPU"):
+        distribute.choose_jax_distribution("tpu", devices=["gpu:0", "gpu:1"])
+    with pytest.raises(ConfigError, match="TensorFlow-only"):
+        distribute.choose_jax_distribution("multiworker", devices=two)
+
+
+MIRRORED_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    from tfseg.distribute import setup_distribution
+    from tfseg.losses import build_loss
+    from tfseg.metrics import build_metrics
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (16, 16, 16, 3)).astype("float32")
+    y = (x.mean(-1, keepdims=True) > 127).astype("float32")
+
+    def run(name):
+        dist = setup_distribution(name)
+        with dist.scope():
+            keras.utils.set_random_seed(1)
+            inp = keras.Input((16, 16, 3))
+            h = keras.layers.Rescaling(1 / 255)(inp)
+            h = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(h)
+            out = keras.layers.Conv2D(1, 1, activation="sigmoid")(h)
+            model = keras.Model(inp, out)
+            model.compile(keras.optimizers.SGD(0.5), loss=build_loss({"bce_dice": 1.0}),
+                          metrics=build_metrics(["dice_coe", "dice", "pixel_accuracy"]))
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+        losses = [float(model.train_on_batch(xb, yb, return_dict=True)["loss"]) for xb, yb in ds.repeat(2)]
+        scores = model.evaluate(ds, return_dict=True, verbose=0)
+        return {"kind": dist.kind, "replicas": dist.replicas, "losses": losses, "scores": scores}
+
+    print("RESULT " + json.dumps({"default": run("default"), "mirrored": run("mirrored")}))
+""")
+
+
+def test_mirrored_over_two_cpu_devices_matches_single_device():
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    result = json.loads(line[len("RESULT "):])
+    single, mirrored = result["default"], result["mirrored"]
+    assert mirrored["kind"] == "mirrored" and mirrored["replicas"] == 2
+    assert single["replicas"] == 1
+    assert single["losses"][0] > single["losses"][-1]  # it learns
+    assert mirrored["losses"] == pytest.approx(single["losses"], rel=1e-3, abs=1e-4)
+    for name in ("dice_coe", "dice", "pixel_accuracy", "loss"):  # metric sums across replicas
+        assert mirrored["scores"][name] == pytest.approx(single["scores"][name], rel=1e-4, abs=1e-5)
+
+
+WORKER_SCRIPT = textwrap.dedent("""
+    import json, os
+    import numpy as np
+    import tensorflow as tf
+    import keras
+    from tfseg.distribute import setup_distribution
+    from tfseg.losses import build_loss
+    from tfseg.metrics import build_metrics
+
+    dist = setup_distribution("multiworker")
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (32, 16, 16, 1)).astype("float32")
+    y = (x > 127).astype("float32")
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(4 * dist.replicas)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    ds = ds.with_options(options)
+    with dist.scope():
+        inp = keras.Input((16, 16, 1))
+        h = keras.layers.Rescaling(1 / 255)(inp)
+        out = keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid")(h)
+        model = keras.Model(inp, out)
+        model.compile("adam", loss=build_loss({"bce": 1.0}), metrics=build_metrics(["dice_coe"]))
+    from tfseg.distribute import prebuild
+    prebuild(model, ds)
+    hist = model.fit(ds, epochs=1, steps_per_epoch=4, verbose=0)
+    print("RESULT " + json.dumps({"kind": dist.kind, "replicas": dist.replicas, "chief": dist.is_chief,
+                                  "loss": hist.history["loss"][-1]}))
+""")
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.mark.slow
+def test_multiworker_two_processes_train_one_epoch_together():
+    workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    procs = []
+    try:
+        for index in range(2):
+            tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+            env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "TF_CPP_MIN_LOG_LEVEL": "2",
+                   "CUDA_VISIBLE_DEVICES": ""}
+            procs.append(subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT], cwd=ROOT, env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    results = []
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-3000:]
+        line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
+        results.append(json.loads(line[len("RESULT "):]))
+    assert [r["kind"] for r in results] == ["multiworker", "multiworker"]
+    assert [r["replicas"] for r in results] == [2, 2]
+    assert [r["chief"] for r in results] == [True, False]
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-5)  # one all-reduced model

@@ -1,0 +1,253 @@
+"""Choose how training is spread over devices: TPU, multi-worker, mirrored GPUs, or one device.
+
+On the TensorFlow backend this picks a ``tf.distribute.Strategy``; on the JAX backend it sets a
+``keras.distribution.DataParallel`` over the visible devices (Colab TPU VMs ship JAX now). Either
+way :func:`setup_distribution` returns a :class:`Distribution` whose ``scope()`` the model,
+optimizer and metrics are built under, and whose ``replicas`` gives the global batch
+(per-replica batch x replicas, the HuBMAP notebook's ``BATCH_COE x replicas``).
+
+Strategy names (``train.strategy``):
+    auto        a TPU if one is attached, else MirroredStrategy over 2+ GPUs, else the default
+                strategy (one GPU or the CPU).
+    default     the default strategy (no distribution).
+    mirrored    MirroredStrategy over the visible GPUs, or over the logical CPU devices when
+                there are no GPUs and several CPU devices were configured.
+    multiworker MultiWorkerMirroredStrategy from the ``TF_CONFIG`` environment variable.
+    tpu         TPUStrategy; an error when no TPU is attached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+
+from tfseg.errors import ConfigError, RunError
+
+STRATEGIES = ("auto", "default", "mirrored", "multiworker", "tpu")
+
+
+@dataclass
+class Distribution:
+    """What training needs to know about the device layout.
+
+    Attributes:
+        kind: ``tpu``, ``multiworker``, ``mirrored``, ``default`` or ``jax_data_parallel``.
+        replicas: number of replicas that each take ``batch_size`` examples per step.
+        strategy: the ``tf.distribute.Strategy`` (TensorFlow backend), else None.
+        distribution: the ``keras.distribution.Distribution`` (JAX backend), else None.
+        is_chief: False on the non-chief workers of a multi-worker run (they write no outputs).
+    """
+
+    kind: str
+    replicas: int
+    strategy: Any = None
+    distribution: Any = None
+    is_chief: bool = True
+
+    def scope(self):
+        """Context under which the model, optimizer and metrics must be created."""
+        return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+
+
+def tpu_address() -> str | None:
+    """The TPU to connect to, judged from the environment only (quick and silent), or None.
+
+    ``TPU_NAME`` (Kaggle, GCE), ``COLAB_TPU_ADDR`` (old Colab TPU nodes), or ``local`` on a TPU
+    VM (``/dev/accel*`` or ``/dev/vfio`` devices). Asking the cluster resolver with no TPU around
+    can wait on the GCE metadata server, so it is only asked when one of these is present.
+    """
+    if os.environ.get("TPU_NAME"):
+        return os.environ["TPU_NAME"]
+    if os.environ.get("COLAB_TPU_ADDR"):
+        return "grpc://" + os.environ["COLAB_TPU_ADDR"]
+    if glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"):
+        return "local"
+    return None
+
+
+def detect_tpu():
+    """Connect to the attached TPU and return its ``TPUClusterResolver``, or None (no TPU)."""
+    address = tpu_address()
+    if address is None:
+        return None
+    import tensorflow as tf
+
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=address)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (ValueError, RuntimeError, tf.errors.OpError):
+        return None
+    return resolver
+
+
+def _tf_config() -> dict:
+    text = os.environ.get("TF_CONFIG")
+    if not text:
+        raise ConfigError("train.strategy=multiworker needs the TF_CONFIG environment variable "
+                          '({"cluster": {"worker": [...]}, "task": {"type": "worker", "index": i}})')
+    try:
+        config = json.loads(text)
+        workers = config["cluster"]["worker"]
+        task = config["task"]
+        assert isinstance(workers, list) and workers and task["type"] in ("worker", "chief")
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise ConfigError("TF_CONFIG: expected JSON with cluster.worker (a list of host:port) and "
+                          f"task.type/index, got {text[:80]!r}") from None
+    return config
+
+
+def choose_strategy(name: str):
+    """The ``tf.distribute.Strategy`` that ``train.strategy`` names (TensorFlow backend).
+
+    Raises:
+        ConfigError: unknown name, or ``multiworker`` without a valid ``TF_CONFIG``.
+        RunError: ``tpu`` asked for and no TPU attached.
+    """
+    if name not in STRATEGIES:
+        from tfseg.registry import unknown_name_message
+
+        raise ConfigError("train.strategy: " + unknown_name_message("strategy", name, STRATEGIES))
+    import tensorflow as tf
+
+    if name in ("auto", "tpu"):
+        resolver = detect_tpu()
+        if resolver is not None:
+            return tf.distribute.TPUStrategy(resolver)
+        if name == "tpu":
+            raise RunError("train.strategy=tpu but no TPU is attached (no TPU_NAME, COLAB_TPU_ADDR or "
+                           "/dev/accel*); use auto")
+    if name == "multiworker":
+        _tf_config()
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = tf.config.list_logical_devices("GPU")
+    if name == "mirrored":
+        if gpus:
+            return tf.distribute.MirroredStrategy([d.name for d in gpus])
+        cpus = tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([d.name for d in cpus])
+    if name == "auto" and len(gpus) > 1:
+        return tf.distribute.MirroredStrategy([d.name for d in gpus])
+    return tf.distribute.get_strategy()
+
+
+def _strategy_kind(strategy) -> str:
+    kind = type(strategy).__name__
+    return {"TPUStrategy": "tpu", "MultiWorkerMirroredStrategy": "multiworker",
+            "CollectiveAllReduceStrategy": "multiworker", "MirroredStrategy": "mirrored"}.get(kind, "default")
+
+
+def _is_chief(strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return True
+    return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0
+                                              and "chief" not in resolver.cluster_spec().as_dict())
+
+
+def choose_jax_distribution(name: str, devices=None):
+    """A ``keras.distribution.DataParallel`` over the visible devices for the JAX backend, or None.
+
+    ``multiworker`` is not supported on JAX (use ``jax.distributed`` yourself); ``default`` and a
+    single device give None (no distribution).
+    """
+    if name not in STRATEGIES:
+        from tfseg.registry import unknown_name_message
+
+        raise ConfigError("train.strategy: " + unknown_name_message("strategy", name, STRATEGIES))
+    if name == "multiworker":
+        raise ConfigError("train.strategy=multiworker is TensorFlow-only; on the JAX backend use auto")
+    devices = list(devices if devices is not None else keras.distribution.list_devices())
+    if name == "tpu" and not any("tpu" in str(d).lower() for d in devices):
+        raise RunError(f"train.strategy=tpu but JAX sees no TPU (devices: {devices[:4]})")
+    if name == "default" or len(devices) < 2:
+        return None
+    return keras.distribution.DataParallel(devices=devices)
+
+
+def setup_distribution(name: str, backend: str | None = None) -> Distribution:
+    """Pick the strategy (TensorFlow) or set the distribution (JAX) that ``train.strategy`` names.
+
+    Args:
+        name: one of :data:`STRATEGIES`.
+        backend: Keras backend; None = ``keras.backend.backend()``.
+
+    Returns:
+        A :class:`Distribution`. On JAX the distribution is also installed globally with
+        ``keras.distribution.set_distribution`` (untested here: JAX is not installed).
+    """
+    backend = backend or keras.backend.backend()
+    if backend == "jax":
+        dist = choose_jax_distribution(name)
+        if dist is None:
+            return Distribution("default", 1)
+        keras.distribution.set_distribution(dist)
+        return Distribution("jax_data_parallel", len(dist.device_mesh.devices.ravel()), distribution=dist)
+    if backend != "tensorflow":
+        if name not in ("auto", "default"):
+            raise ConfigError(f"train.strategy={name} needs the tensorflow or jax backend, not {backend}")
+        return Distribution("default", 1)
+    strategy = choose_strategy(name)
+    return Distribution(_strategy_kind(strategy), int(strategy.num_replicas_in_sync), strategy=strategy,
+                        is_chief=_is_chief(strategy))
+
+
+def global_batch_size(per_replica: int, replicas: int) -> int:
+    """Global batch = per-replica batch x replicas, checked.
+
+    Raises:
+        ConfigError: a non-positive batch or replica count.
+    """
+    if int(per_replica) < 1:
+        raise ConfigError(f"train.batch_size: expected a positive per-replica batch, got {per_replica}")
+    if int(replicas) < 1:
+        raise ConfigError(f"replicas: expected at least 1, got {replicas}")
+    return int(per_replica) * int(replicas)
+
+
+def set_mixed_precision(policy: str | None) -> None:
+    """Set the global Keras dtype policy (None = float32)."""
+    keras.mixed_precision.set_global_policy(policy or "float32")
+
+
+def prebuild(model: keras.Model, dataset) -> None:
+    """Build the model's compiled loss and metrics from ``dataset.element_spec`` before ``fit``.
+
+    Keras 3 (3.15, TensorFlow backend) builds them inside ``fit``/``evaluate`` from a batch pulled
+    out of the distributed iterator and averaged across replicas, which fails under
+    MultiWorkerMirroredStrategy ("Attempt to convert a value (PerReplica...)",
+    keras-team/keras#20585). Under that strategy this builds from the element spec instead and
+    makes the model's later builds use the spec too (the model is built by then, so nothing is
+    pulled). Under every other strategy it does nothing.
+    """
+    strategy = getattr(model, "distribute_strategy", None)
+    if type(strategy).__name__ not in ("MultiWorkerMirroredStrategy", "CollectiveAllReduceStrategy"):
+        return
+    spec = dataset.element_spec
+    batch = tuple(spec[:2]) if isinstance(spec, tuple) else spec
+
+    def build_from_spec(iterator=None, data_batch=None):
+        with strategy.scope():
+            model._symbolic_build(data_batch=data_batch if data_batch is not None else batch)
+
+    build_from_spec()
+    model._maybe_symbolic_build = build_from_spec
+    # The same Keras version reduces the step logs across workers with MEAN over axis 0, which
+    # fails for scalar logs ("Invalid reduction dimension 0"); give them that axis.
+    for step in ("train_step", "test_step"):
+        model.__dict__[step] = _with_rank1_logs(getattr(model, step))
+
+
+def _with_rank1_logs(step):
+    def wrapped(data):
+        logs = step(data)
+        return {k: keras.ops.reshape(v, (1,)) if len(getattr(v, "shape", ())) == 0 else v
+                for k, v in logs.items()}
+
+    return wrapped

@@ -180,6 +180,8 @@ class TrainConfig:
     strategy: str = opt("auto", "auto (TPU, else mirrored over GPUs, else default), default, mirrored, "
                                 "multiworker (TF_CONFIG) or tpu.",
                         choices=["auto", "default", "mirrored", "multiworker", "tpu"])
+    backup_steps: int = opt(0, "BackupAndRestore: 0 = back up at the end of every epoch; N = every N training "
+                               "steps as well (long epochs on preemptible TPU/Colab machines).", min=0)
 
 
 @dataclass(frozen=True)

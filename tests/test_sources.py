@@ -382,3 +382,11 @@ def test_tfds_unknown_name(tmp_path):
     pytest.importorskip("tensorflow_datasets")
     with pytest.raises(DataError, match=r"data.tfds_name='oxford_iit_pet': .*not found"):
         list_entries(DataConfig(source="tfds", tfds_name="oxford_iit_pet", tfds_data_dir=str(tmp_path)))
+
+
+def test_tfds_not_installed_is_one_line(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # makes the import fail
+    with pytest.raises(DataError, match=r"needs tensorflow-datasets .*pip install tensorflow-datasets"):
+        list_entries(DataConfig(source="tfds", tfds_data_dir=str(tmp_path)))

@@ -76,14 +76,23 @@ def is_online(host: str, timeout: float = ONLINE_TIMEOUT_S) -> bool:
     return bool(result and result[0])
 
 
+def import_tfds():
+    """``tensorflow_datasets``, or a one-line DataError saying what to install."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as err:
+        raise DataError(f"data.source='tfds' needs tensorflow-datasets ({err.msg}); "
+                        "pip install tensorflow-datasets importlib_resources") from None
+    return tfds
+
+
 def prepared_builder(cfg: DataConfig):
     """The TFDS builder of ``cfg.tfds_name``, prepared in ``cfg.tfds_data_dir`` (downloading if online).
 
     Raises:
         DataError: unknown data set, or not prepared while the download host is unreachable.
     """
-    import tensorflow_datasets as tfds
-
+    tfds = import_tfds()
     data_dir = os.path.expanduser(cfg.tfds_data_dir) if cfg.tfds_data_dir else None
     try:
         builder = tfds.builder(cfg.tfds_name, data_dir=data_dir)
@@ -139,8 +148,7 @@ def read_tfds(cfg: DataConfig, entry: Entry) -> Iterator[Sample]:
         Sample(id=file stem (or ``<split>_<n>``), group=id, image uint8 [H, W, channels],
         mask uint8 [H, W] = stored mask - mask_offset (checked against ``classes``), label=breed or -1).
     """
-    import tensorflow_datasets as tfds
-
+    tfds = import_tfds()
     layout = layout_for(cfg.tfds_name)
     builder = prepared_builder(cfg)
     features = builder.info.features

@@ -125,3 +125,10 @@ def test_bad_rle_raises_one_line(text, shape, order, match):
 def test_encode_rejects_3d():
     with pytest.raises(DataError, match="2-D"):
         rle.encode(np.zeros((2, 2, 1)), "row")
+
+
+@settings(max_examples=60, deadline=None)
+@given(mask=masks, order=st.sampled_from(rle.ORDERS), chunk=st.integers(1, 40))
+def test_chunked_scan_equals_one_pass(mask, order, chunk):
+    np.testing.assert_array_equal(rle.runs(mask, order, chunk_pixels=chunk), rle.runs(mask, order))
+    assert rle.runs(mask, order).dtype == np.int64

@@ -29,27 +29,43 @@ def _check_order(order: str) -> str:
     return _NUMPY_ORDER[order]
 
 
-def runs(mask: np.ndarray, order: str = "row") -> np.ndarray:
+def runs(mask: np.ndarray, order: str = "row", chunk_pixels: int = 1 << 24) -> np.ndarray:
     """Foreground runs of a mask as an int64 array of shape [N, 2]: (1-based start, length).
+
+    The mask is scanned in blocks of about ``chunk_pixels`` (rows for row order, columns for
+    column order), so a 20000 x 20000 HuBMAP mask needs no full-size temporary copy.
 
     Args:
         mask: [H, W] array; any non-zero value is foreground (bool, uint8 0/1 or 0/255...).
         order: "row" (row-major, Carvana) or "column" (column-major, HuBMAP).
+        chunk_pixels: pixels per block scanned at once.
 
     Returns:
         int64 [N, 2]; starts are 1-based positions in the flattened mask, lengths >= 1.
     """
-    np_order = _check_order(order)
+    _check_order(order)
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise DataError(f"RLE encode: mask of shape {mask.shape}. Expected a 2-D [H, W] mask.")
-    flat = np.ravel(mask, order=np_order) != 0
-    # Pad with a background pixel at both ends so every run has a start and an end edge.
-    padded = np.concatenate([[False], flat, [False]])
-    edges = np.flatnonzero(padded[1:] != padded[:-1])  # 0-based flat index of each edge
-    starts = edges[0::2]
-    ends = edges[1::2]
-    return np.stack([starts + 1, ends - starts], axis=1).astype(np.int64)
+    h, w = mask.shape
+    if order == "row":
+        step = max(1, chunk_pixels // max(w, 1))
+        blocks = (mask[r:r + step].ravel() for r in range(0, h, step))
+    else:
+        step = max(1, chunk_pixels // max(h, 1))
+        blocks = (mask[:, c:c + step].T.ravel() for c in range(0, w, step))
+    edges, prev, offset = [], False, 0
+    for block in blocks:
+        fg = block != 0
+        # 0-based flat index of every pixel whose value differs from the pixel before it
+        change = np.flatnonzero(np.concatenate([[prev], fg[:-1]]) != fg)
+        edges.append(change + offset)
+        prev, offset = bool(fg[-1]) if fg.size else prev, offset + fg.size
+    if prev:
+        edges.append(np.array([offset]))
+    flat = np.concatenate(edges).astype(np.int64) if edges else np.zeros(0, np.int64)
+    starts, ends = flat[0::2], flat[1::2]
+    return np.stack([starts + 1, ends - starts], axis=1)
 
 
 def encode(mask: np.ndarray, order: str = "row") -> str:

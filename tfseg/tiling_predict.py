@@ -160,7 +160,7 @@ def iter_bands(predict: Callable[[np.ndarray], np.ndarray], image, spec: TileSpe
     ys, xs = positions(h, T, overlap), positions(w, T, overlap)
     prof = weight_profile(T, blend, sigma_scale)
     wmap = np.outer(prof, prof)[..., None]
-    acc_h, acc_w = max(h, T) if len(ys) == 1 else T, max(w, T)
+    acc_h, acc_w = T, max(w, T)
     acc = np.zeros((acc_h, acc_w, K), np.float32)
     wsum = np.zeros((acc_h, acc_w, 1), np.float32)
     bar = None
@@ -183,38 +183,50 @@ def iter_bands(predict: Callable[[np.ndarray], np.ndarray], image, spec: TileSpe
         yield out_row, band
         out_row += band.shape[0]
 
-    for y in ys:
+    def shift_to(y: int) -> Iterator[tuple[int, np.ndarray]]:
+        # Every tile above row y is accumulated: rows [top, y) are final.
+        nonlocal top
         shift = y - top
-        if shift > 0:
-            yield from emit(shift)
-            acc[:-shift], wsum[:-shift] = acc[shift:], wsum[shift:]
-            acc[-shift:], wsum[-shift:] = 0.0, 0.0
-            top = y
-        tiles, where = [], []
-        for x in xs:
-            t = read_window(image, y - m, x - m, spec.in_size, spec.in_size, d)
-            if skip_background and is_background(t):
-                wsum[y - top:y - top + T, x:x + T] += wmap[:min(T, acc_h - (y - top)), :min(T, acc_w - x)]
-                if bar is not None:
-                    bar.update(1)
-                continue
-            tiles.append(t)
-            where.append(x)
-        for b0 in range(0, len(tiles), batch_size):
-            batch = np.stack(tiles[b0:b0 + batch_size])
-            n = batch.shape[0]
-            if n < batch_size:
-                batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), np.float32)])
+        yield from emit(shift)
+        acc[:-shift], wsum[:-shift] = acc[shift:], wsum[shift:]
+        acc[-shift:], wsum[-shift:] = 0.0, 0.0
+        top = y
+
+    def drain(pending: list) -> Iterator[tuple[int, np.ndarray]]:
+        # Predict the real tiles of `pending` as one fixed-size batch, then add every tile in
+        # grid order (a batch may span two rows of tiles; rows are flushed between them).
+        real = [t for _, _, t in pending if t is not None]
+        preds = iter(())
+        if real:
+            batch = np.stack(real + [np.zeros_like(real[0])] * (batch_size - len(real)))
             pred = np.asarray(predict(batch), dtype=np.float32)
             if pred.shape[1:] != (T, T, K):
                 raise DataError(f"model returned tiles of shape {pred.shape[1:]}. Expected {(T, T, K)}.")
-            for x, p in zip(where[b0:b0 + n], pred[:n]):
-                r0 = y - top
-                hh, ww = min(T, acc_h - r0), min(T, acc_w - x)
-                acc[r0:r0 + hh, x:x + ww] += p[:hh, :ww] * wmap[:hh, :ww]
-                wsum[r0:r0 + hh, x:x + ww] += wmap[:hh, :ww]
-            if bar is not None:
-                bar.update(n)
+            preds = iter(pred[:len(real)])
+        for y, x, t in pending:
+            if y > top:
+                yield from shift_to(y)
+            ww = min(T, acc_w - x)
+            if t is not None:
+                acc[:T, x:x + ww] += next(preds)[:, :ww] * wmap[:, :ww]
+            wsum[:T, x:x + ww] += wmap[:, :ww]  # skipped tiles count as probability 0
+        if bar is not None:
+            bar.update(len(pending))
+
+    pending: list = []
+    n_real = 0
+    for y in ys:
+        for x in xs:
+            t = read_window(image, y - m, x - m, spec.in_size, spec.in_size, d)
+            if skip_background and is_background(t):
+                t = None
+            pending.append((y, x, t))
+            n_real += t is not None
+            if n_real == batch_size:
+                yield from drain(pending)
+                pending, n_real = [], 0
+    if pending:
+        yield from drain(pending)
     yield from emit(h - top)
     if bar is not None:
         bar.close()

@@ -42,6 +42,7 @@ class Distribution:
         strategy: the ``tf.distribute.Strategy`` (TensorFlow backend), else None.
         distribution: the ``keras.distribution.Distribution`` (JAX backend), else None.
         is_chief: False on the non-chief workers of a multi-worker run (they write no outputs).
+        workers: processes that read the input (multi-worker), else 1.
     """
 
     kind: str
@@ -49,6 +50,7 @@ class Distribution:
     strategy: Any = None
     distribution: Any = None
     is_chief: bool = True
+    workers: int = 1
 
     def scope(self):
         """Context under which the model, optimizer and metrics must be created."""
@@ -194,8 +196,10 @@ def setup_distribution(name: str, backend: str | None = None) -> Distribution:
             raise ConfigError(f"train.strategy={name} needs the tensorflow or jax backend, not {backend}")
         return Distribution("default", 1)
     strategy = choose_strategy(name)
-    return Distribution(_strategy_kind(strategy), int(strategy.num_replicas_in_sync), strategy=strategy,
-                        is_chief=_is_chief(strategy))
+    kind = _strategy_kind(strategy)
+    workers = len(_tf_config()["cluster"]["worker"]) if kind == "multiworker" else 1
+    return Distribution(kind, int(strategy.num_replicas_in_sync), strategy=strategy,
+                        is_chief=_is_chief(strategy), workers=workers)
 
 
 def global_batch_size(per_replica: int, replicas: int) -> int:

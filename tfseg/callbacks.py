@@ -1,0 +1,199 @@
+"""Training callbacks that survive a restart: history, best checkpoint, warm-up, NaN guard, images.
+
+Keras' own ``CSVLogger`` and ``ModelCheckpoint`` forget their state when a preempted run resumes
+through ``BackupAndRestore`` (the checkpoint's best value starts again from -inf, the CSV gets
+duplicate rows) and write their files in place. These callbacks read the fold's ``history.csv``
+back on resume, and write every file atomically (:func:`tfseg.files.atomic_path`).
+
+Order matters: ``BackupAndRestore`` first (it sets the initial epoch), then :class:`HistoryCSV`
+(it drops rows of epochs that will run again), then :class:`BestCheckpoint` (it takes the best
+value so far from the history).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from tfseg.files import atomic_path, atomic_write_text
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def current_lr(model) -> float:
+    """The optimizer's learning rate now (evaluating a schedule at the current step)."""
+    opt = model.optimizer
+    lr = opt.learning_rate
+    if isinstance(getattr(opt, "_learning_rate", None), keras.optimizers.schedules.LearningRateSchedule):
+        lr = opt._learning_rate(opt.iterations)
+    return float(keras.ops.convert_to_numpy(lr))
+
+
+class HistoryCSV(keras.callbacks.Callback):
+    """One row per epoch (``epoch``, the logs, ``lr``) in ``path``; rewritten atomically each epoch.
+
+    On (re)start, rows of epochs at or after the initial epoch are dropped, so a resumed run
+    continues the file without duplicates and a fresh run starts it again.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__()
+        self.path = Path(path)
+        self.rows: list[dict] = []
+
+    def on_train_begin(self, logs=None):
+        start = int(getattr(self.model, "_initial_epoch", None) or 0)
+        self.rows = [r for r in _read_rows(self.path) if int(float(r["epoch"])) < start]
+        self._write()
+
+    def on_epoch_end(self, epoch, logs=None):
+        row = {"epoch": epoch}
+        row.update({k: float(v) for k, v in (logs or {}).items() if np.ndim(v) == 0})
+        row["lr"] = current_lr(self.model)
+        self.rows.append(row)
+        self._write()
+
+    def _write(self):
+        columns: list[str] = []
+        for row in self.rows:
+            columns += [k for k in row if k not in columns]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns or ["epoch"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.path, buf.getvalue())
+
+
+class BestCheckpoint(keras.callbacks.Callback):
+    """Save the whole model to ``path`` (``.keras``) when ``monitor`` improves; atomic.
+
+    The best value so far is read from ``history`` at the start, so a resumed run only replaces
+    ``best.keras`` with a better model.
+    """
+
+    def __init__(self, path: str | os.PathLike, monitor: str, mode: str, history: str | os.PathLike):
+        super().__init__()
+        self.path = Path(path)
+        self.monitor = monitor
+        self.mode = mode
+        self.history = Path(history)
+        self.best = -math.inf if mode == "max" else math.inf
+        self.best_epoch = -1
+
+    def _better(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        return value > self.best if self.mode == "max" else value < self.best
+
+    def on_train_begin(self, logs=None):
+        for row in _read_rows(self.history):
+            value = float(row.get(self.monitor) or "nan")
+            if self._better(value):
+                self.best, self.best_epoch = value, int(float(row["epoch"]))
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = float((logs or {}).get(self.monitor, math.nan))
+        if self._better(value):
+            self.best, self.best_epoch = value, epoch
+            with atomic_path(self.path) as tmp:
+                self.model.save(tmp)
+
+
+class Warmup(keras.callbacks.Callback):
+    """Linear warm-up of a constant learning rate over ``steps`` optimizer steps.
+
+    Sets the optimizer's learning-rate variable before each batch while ``iterations < steps``,
+    so ReduceLROnPlateau can still act on it afterwards (the LGG post's warm-up).
+    """
+
+    def __init__(self, lr: float, steps: int):
+        super().__init__()
+        self.lr = float(lr)
+        self.steps = int(steps)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        if step < self.steps:
+            self.model.optimizer.learning_rate = self.lr * (step + 1) / self.steps
+        elif step == self.steps:
+            self.model.optimizer.learning_rate = self.lr
+
+
+class NanGuard(keras.callbacks.Callback):
+    """Stop at the first non-finite training loss and remember where (``self.where``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.where: tuple[int, int, float] | None = None
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)) and self.where is None:
+            self.where = (self.epoch, batch, float(loss))
+            self.model.stop_training = True
+
+
+class ImageSummary(keras.callbacks.Callback):
+    """Each epoch, write panels (image, truth, prediction, overlay) of a few validation images to
+    TensorBoard (the Carvana post's TensorboardVisualizerCallback, the tutorial's DisplayCallback).
+
+    Args:
+        logdir: TensorBoard folder (``fold<k>/tensorboard/images``).
+        images: float32 [N, H, W, C] in 0..255. masks: [N, H', W', 1].
+        classes: model output channels. threshold: binary threshold.
+    """
+
+    def __init__(self, logdir: str | os.PathLike, images, masks, classes: int, threshold: float = 0.5):
+        super().__init__()
+        self.logdir = str(logdir)
+        self.images = np.asarray(images)
+        self.masks = np.asarray(masks)
+        self.classes = classes
+        self.threshold = threshold
+        self._writer = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        import tensorflow as tf
+
+        from tfseg import viz
+
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.logdir)
+        probs = np.asarray(self.model.predict_on_batch(self.images))
+        panels = []
+        for image, mask, prob in zip(self.images, self.masks, probs):
+            if self.classes == 1:
+                pred = (prob[..., 0] > self.threshold).astype(np.uint8)
+            else:
+                pred = prob.argmax(-1).astype(np.uint8)
+            if pred.shape != image.shape[:2]:  # smaller output (valid convolutions): crop the image
+                dy, dx = (image.shape[0] - pred.shape[0]) // 2, (image.shape[1] - pred.shape[1]) // 2
+                image = image[dy:dy + pred.shape[0], dx:dx + pred.shape[1]]
+            picture = viz.panel(np.clip(image, 0, 255).astype(np.uint8), pred, mask[..., 0].astype(np.uint8),
+                                title=f"epoch {epoch + 1}")
+            panels.append(picture)
+        height = min(p.shape[0] for p in panels)
+        width = min(p.shape[1] for p in panels)
+        batch = np.stack([p[:height, :width] for p in panels])
+        with self._writer.as_default():
+            tf.summary.image("validation/panels", batch, step=epoch, max_outputs=len(panels))
+        self._writer.flush()
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()

@@ -1,0 +1,364 @@
+"""K-fold training: ``tfseg train --fold K|all`` and ``python -m tfseg.train --fold 0``.
+
+One fold, top to bottom (:func:`train_fold`):
+
+    1. check invariants (loss, metrics, monitor, batch) before anything heavy
+    2. choose the strategy (TPU / multi-worker / mirrored / default; JAX DataParallel)
+    3. split the records into folds (grouped, stratified; ``tfseg.data.folds.fold_split``)
+    4. build the model, its loss, optimizer and metrics under ``strategy.scope()``
+    5. build the datasets (global batch = per-replica batch x replicas; mask crop for models
+       whose output is smaller than their input)
+    6. callbacks: BackupAndRestore, history CSV, best checkpoint, EarlyStopping,
+       ReduceLROnPlateau, warm-up, TerminateOnNaN, TensorBoard scalars and image panels
+    7. fit
+    8. write the fold's outputs and the run's ``summary.json``
+
+Outputs (the run directory layout that evaluation, inference and export read)::
+
+    runs/<name>/config.yaml, summary.json
+    runs/<name>/fold<k>/config.yaml, best.keras, last.keras, history.csv, curves.png,
+                        tensorboard/, backup/, val_groups.json
+
+A run killed mid-epoch (TPU/Colab preemption) and started again with the same command resumes
+from ``fold<k>/backup`` and finishes with the planned number of epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from tfseg.config import Config, dump_config, load_config
+from tfseg.errors import ConfigError, RunError
+from tfseg.files import atomic_path, atomic_write_text
+
+LOSS_MONITORS = ("loss", "val_loss")
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. invariants
+# ------------------------------------------------------------------------------------------------
+
+
+def check_invariants(cfg: Config) -> None:
+    """Fail early, with one line, on what would otherwise fail after minutes of work.
+
+    Raises:
+        ConfigError: unknown loss or metric, a monitor that no metric produces, a bad batch.
+    """
+    from tfseg.losses import build_loss
+    from tfseg.metrics import build_metrics
+
+    classes = cfg.model.classes or cfg.data.classes
+    build_loss(cfg.train.loss, classes=classes, class_weights=cfg.train.class_weights)
+    metrics = [m.name for m in build_metrics(cfg.train.metrics, classes=classes)]
+    valid = [*LOSS_MONITORS, *metrics, *(f"val_{m}" for m in metrics)]
+    if cfg.train.monitor not in valid:
+        from tfseg.registry import unknown_name_message
+
+        raise ConfigError("train.monitor: " + unknown_name_message("monitor", cfg.train.monitor, valid))
+    if cfg.train.monitor in LOSS_MONITORS and cfg.train.monitor_mode != "min":
+        raise ConfigError(f"train.monitor_mode: {cfg.train.monitor} should be minimised; "
+                          "set train.monitor_mode=min")
+
+
+def parse_folds(text: str | int, k: int) -> list[int]:
+    """``"all"`` -> [0..k-1]; ``"2"`` -> [2]; ``"0,3"`` -> [0, 3].
+
+    Raises:
+        ConfigError: a fold outside [0, k) or not a number.
+    """
+    if str(text) == "all":
+        return list(range(k))
+    folds = []
+    for part in str(text).split(","):
+        if not part.strip().isdigit() or not 0 <= int(part) < k:
+            raise ConfigError(f"--fold {text!r}: expected `all` or fold numbers in 0..{k - 1} "
+                              f"(train.folds={k})")
+        folds.append(int(part))
+    return folds
+
+
+def run_dir(cfg: Config) -> Path:
+    """``<train.output_dir>/<train.name>``."""
+    return Path(cfg.train.output_dir) / cfg.train.name
+
+
+def ensure_tfrecords(cfg: Config) -> list[str]:
+    """The shard files of ``data.tfrecord_dir``; writes them first when the folder has none."""
+    from tfseg.data.tfrecord import shard_files, write_tfrecords
+
+    directory = cfg.data.tfrecord_dir
+    files = shard_files(directory) if Path(directory).is_dir() or "://" in directory else []
+    if not files:
+        print(f"tfseg train: no shards in {directory}; writing them first (tfseg tfrecords)", file=sys.stderr)
+        write_tfrecords(cfg.data)
+        files = shard_files(directory)
+    return files
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. model
+# ------------------------------------------------------------------------------------------------
+
+
+def build_compiled_model(cfg: Config, steps_per_epoch: int):
+    """Model + loss + optimizer + metrics (call under ``strategy.scope()``). Returns (model, from_logits)."""
+    import keras
+
+    from tfseg.losses import build_loss
+    from tfseg.metrics import build_metrics
+    from tfseg.models import build_model
+    from tfseg.models.common import resolve_activation
+    from tfseg.schedules import build_optimizer
+
+    keras.utils.set_random_seed(cfg.train.seed)
+    model = build_model(cfg.model)
+    classes = int(model.output_shape[-1])
+    from_logits = resolve_activation(cfg.model.activation, classes) == "linear"
+    model.compile(
+        optimizer=build_optimizer(cfg.train, steps_per_epoch),
+        loss=build_loss(cfg.train.loss, classes=classes, from_logits=from_logits,
+                        class_weights=cfg.train.class_weights),
+        metrics=build_metrics(cfg.train.metrics, classes=classes, from_logits=from_logits,
+                              threshold=cfg.infer.threshold),
+        jit_compile=cfg.train.jit_compile,
+        steps_per_execution=cfg.train.steps_per_execution,
+    )
+    return model, from_logits
+
+
+def mask_crop_for(model) -> tuple[int, int] | None:
+    """[h, w] of the output when smaller than the input (the original U-Net: 572 -> 388), else None."""
+    (ih, iw), (oh, ow) = model.input_shape[1:3], model.output_shape[1:3]
+    if None in (ih, iw, oh, ow) or (ih, iw) == (oh, ow):
+        return None
+    return int(oh), int(ow)
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. callbacks
+# ------------------------------------------------------------------------------------------------
+
+
+def make_callbacks(cfg: Config, fold_dir: Path, steps_per_epoch: int, sample=None, write: bool = True):
+    """The fold's callbacks, in the order they must run. Returns (callbacks, nan_guard, best)."""
+    import keras
+
+    from tfseg.callbacks import BestCheckpoint, HistoryCSV, ImageSummary, NanGuard, Warmup
+    from tfseg.schedules import uses_plateau, warmup_steps
+
+    t = cfg.train
+    save_freq = t.backup_steps if t.backup_steps > 0 else "epoch"
+    history = fold_dir / "history.csv"
+    nan_guard = NanGuard()
+    best = BestCheckpoint(fold_dir / "best.keras", t.monitor, t.monitor_mode, history)
+    callbacks = [keras.callbacks.BackupAndRestore(str(fold_dir / "backup"), save_freq=save_freq),
+                 HistoryCSV(history), best, nan_guard, keras.callbacks.TerminateOnNaN()]
+    warm = warmup_steps(t, steps_per_epoch)
+    if t.schedule not in ("cosine", "polynomial") and warm > 0:
+        callbacks.append(Warmup(t.lr, warm))
+    if uses_plateau(t):
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=t.reduce_lr_factor,
+                                                           patience=t.reduce_lr_patience, min_lr=t.min_lr,
+                                                           mode="min", verbose=1))
+    if t.early_stopping_patience > 0:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor=t.monitor, mode=t.monitor_mode,
+                                                       patience=t.early_stopping_patience,
+                                                       restore_best_weights=True, verbose=1))
+    if t.tensorboard and write and not tensorboard_available():
+        print("tfseg train: the tensorboard package is not installed (pip install tensorboard); "
+              "no TensorBoard logs", file=sys.stderr)
+    elif t.tensorboard and write:
+        callbacks.append(keras.callbacks.TensorBoard(str(fold_dir / "tensorboard"), write_graph=False))
+        if sample is not None:
+            classes = cfg.model.classes or cfg.data.classes
+            callbacks.append(ImageSummary(fold_dir / "tensorboard" / "images", sample[0], sample[1], classes,
+                                          cfg.infer.threshold))
+    return callbacks, nan_guard, best
+
+
+def tensorboard_available() -> bool:
+    """Whether ``tf.summary`` can write (TensorFlow 2.21 no longer installs tensorboard itself)."""
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# one fold
+# ------------------------------------------------------------------------------------------------
+
+
+def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2) -> dict:
+    """Train fold ``fold`` of ``cfg`` and write its outputs.
+
+    Args:
+        cfg: the resolved config (loaded once at the entry point).
+        fold: which fold is held out, ``0 <= fold < train.folds``.
+        dist: a :class:`tfseg.distribute.Distribution`; None chooses one from ``train.strategy``.
+        verbose: Keras ``fit`` verbosity (2 = one line per epoch).
+
+    Returns:
+        ``{"best", "best_epoch", "epochs", "n_train", "n_val", "fold_dir"}``.
+
+    Raises:
+        ConfigError / DataError: bad config or data (one line). RunError: the loss became NaN.
+    """
+    import keras
+
+    from tfseg.data.folds import fold_split
+    from tfseg.data.pipeline import check_global_batch, dataset_from_config
+    from tfseg.distribute import prebuild, set_mixed_precision, setup_distribution
+
+    # 1. invariants
+    check_invariants(cfg)
+    t = cfg.train
+    # 2. strategy
+    set_mixed_precision(t.mixed_precision)
+    dist = dist or setup_distribution(t.strategy)
+    global_batch = check_global_batch(t.batch_size, dist.replicas)
+    out_dir = run_dir(cfg)
+    fold_dir = out_dir / f"fold{fold}"
+    if not dist.is_chief:  # the other workers of a multi-worker run write beside, not over, the chief
+        fold_dir = fold_dir / f".worker-{os.getpid()}"
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    # 3. folds
+    ensure_tfrecords(cfg)
+    split = fold_split(cfg.data.tfrecord_dir, t.folds, fold, t.seed)
+    steps = t.steps_per_epoch or max(1, split.n_train // global_batch)
+    # 4. model under the strategy scope
+    with dist.scope():
+        model, _ = build_compiled_model(cfg, steps)
+    crop = mask_crop_for(model)
+    # 5. datasets
+    workers = dist.workers
+    train_ds = dataset_from_config(cfg, split.train_files, training=True, groups=split.train_groups,
+                                   global_batch=global_batch, mask_crop=crop, num_workers=workers)
+    val_ds = dataset_from_config(cfg, split.val_files, training=False, groups=split.val_groups,
+                                 global_batch=global_batch, mask_crop=crop, num_workers=workers)
+    prebuild(model, train_ds)
+    sample = None
+    if t.tensorboard and dist.kind != "multiworker" and tensorboard_available():
+        images, masks = next(iter(val_ds.take(1)))
+        sample = (images.numpy()[:3], masks.numpy()[:3])
+    # 6. callbacks
+    callbacks, nan_guard, best = make_callbacks(cfg, fold_dir, steps, sample, write=dist.is_chief)
+    if dist.is_chief:
+        dump_config(cfg, fold_dir / "config.yaml")
+        atomic_write_text(fold_dir / "val_groups.json", json.dumps({
+            "fold": fold, "folds": t.folds, "seed": t.seed, "val_groups": split.val_groups,
+            "n_train": split.n_train, "n_val": split.n_val, "train_files": split.train_files,
+            "val_files": split.val_files}, indent=1))
+    resumed = (fold_dir / "backup").is_dir()
+    print(f"tfseg train: fold {fold}/{t.folds}: {split.n_train} train / {split.n_val} val records, "
+          f"{steps} steps of {global_batch} ({dist.kind}, {dist.replicas} replica(s))"
+          + (f"; resuming from {fold_dir / 'backup'}" if resumed else ""), file=sys.stderr, flush=True)
+    # 7. fit
+    start = time.perf_counter()
+    model.fit(train_ds, epochs=t.epochs, steps_per_epoch=steps, validation_data=val_ds,
+              validation_steps=t.validation_steps, callbacks=callbacks, verbose=verbose)
+    if nan_guard.where is not None:
+        epoch, batch, value = nan_guard.where
+        raise RunError(f"fold {fold}: the training loss became {value} at epoch {epoch + 1}, batch {batch}; "
+                       f"training stopped. Lower train.lr (now {t.lr}) or check the data and loss")
+    # 8. outputs
+    with atomic_path(fold_dir / "last.keras") as tmp:
+        model.save(tmp)
+    result = {"best": best.best, "best_epoch": best.best_epoch + 1, "epochs": _epochs_done(fold_dir),
+              "n_train": split.n_train, "n_val": split.n_val,
+              "seconds": round(time.perf_counter() - start, 1), "fold_dir": str(fold_dir)}
+    if dist.is_chief:
+        _plot(fold_dir, t.monitor, t.monitor_mode)
+        update_summary(out_dir, cfg, fold, result)
+    keras.backend.clear_session()
+    return result
+
+
+def _epochs_done(fold_dir: Path) -> int:
+    from tfseg.callbacks import _read_rows
+
+    return len(_read_rows(fold_dir / "history.csv"))
+
+
+def _plot(fold_dir: Path, monitor: str, mode: str) -> None:
+    try:
+        from tfseg.viz import plot_curves
+    except ImportError:  # viz is optional for training
+        return
+    plot_curves(fold_dir / "history.csv", fold_dir / "curves.png", monitor, mode)
+
+
+def update_summary(out_dir: Path, cfg: Config, fold: int, result: dict) -> dict:
+    """Merge one fold's best score into ``<run>/summary.json`` (CV mean and spread over the folds)."""
+    path = out_dir / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    folds = summary.get("folds", {})
+    folds[str(fold)] = {k: result[k] for k in ("best", "best_epoch", "epochs", "n_train", "n_val", "seconds")}
+    scores = [f["best"] for f in folds.values() if isinstance(f.get("best"), (int, float)) and
+              math.isfinite(f["best"])]
+    mean = sum(scores) / len(scores) if scores else None
+    std = math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores)) if scores else None
+    summary = {"monitor": cfg.train.monitor, "mode": cfg.train.monitor_mode,
+               "folds": dict(sorted(folds.items(), key=lambda kv: int(kv[0]))),
+               "cv_mean": mean, "cv_std": std}
+    atomic_write_text(path, json.dumps(summary, indent=1, allow_nan=False))
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------
+# several folds and the entry points
+# ------------------------------------------------------------------------------------------------
+
+
+def run(cfg: Config, folds: str | int = 0) -> dict:
+    """Train the folds ``folds`` (``all``, ``K`` or ``K,L``) in turn; returns the run's summary."""
+    fold_list = parse_folds(folds, cfg.train.folds)
+    check_invariants(cfg)
+    out_dir = run_dir(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out_dir / "config.yaml")
+    for fold in fold_list:
+        result = train_fold(cfg, fold)
+        print(f"tfseg train: fold {fold}: best {cfg.train.monitor} = {result['best']:.4f} at epoch "
+              f"{result['best_epoch']} of {result['epochs']}", flush=True)
+    path = out_dir / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    if summary.get("cv_mean") is not None:
+        print(f"tfseg train: {cfg.train.monitor} cv mean {summary['cv_mean']:.4f} +- {summary['cv_std']:.4f} "
+              f"over {len(summary['folds'])} fold(s) -> {path}", flush=True)
+    return summary
+
+
+def cli_train(args) -> int:
+    """``tfseg train --config C [--set k=v ...] --fold K|all``."""
+    cfg = load_config(args.config, args.overrides)
+    run(cfg, args.fold)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tfseg.train --config params.yaml --set train.epochs=5 --fold 0``."""
+    from tfseg.cli import _args_train, _Parser
+    from tfseg.errors import TfsegError
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    parser = _Parser(prog="python -m tfseg.train", description="train one fold or all folds")
+    _args_train(parser)
+    args = parser.parse_args(argv)
+    try:
+        return cli_train(args)
+    except TfsegError as err:
+        print(f"tfseg train: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tfseg train: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -28,9 +28,8 @@ import keras
 from tfseg.config import ModelConfig
 from tfseg.errors import ModelError
 from tfseg.models import ARCHS
-from tfseg.models.common import check_input_shape, mark_encoder, segmentation_head
+from tfseg.models.common import check_input_shape, mark_encoder, read_options, segmentation_head
 from tfseg.models.encoders import build_encoder
-from tfseg.models.unet_original import read_options
 
 ARCH = "pix2pix_unet"
 BACKBONE = "mobilenetv2"
@@ -38,10 +37,11 @@ SKIP_LAYERS = ("block_1_expand_relu", "block_3_expand_relu", "block_6_expand_rel
                "block_16_project")
 DEFAULT_OPTIONS = {"freeze": True, "filters": (512, 256, 128, 64)}
 
-# Per-arch metadata for the shared model contract.
 SIZE_MULTIPLE = 32
 MIN_SIZE = 32
+# For the shared model contract (tests/test_models_contract.py).
 TEST_SIZE = 32
+TEST_OPTIONS = {"filters": [16, 16, 16, 16]}
 
 
 def down_stack(input_shape, weights: str | None) -> keras.Model:

@@ -40,9 +40,14 @@ import keras
 from tfseg.config import ModelConfig
 from tfseg.errors import ModelError
 from tfseg.models import ARCHS
-from tfseg.models.common import check_input_shape, mark_encoder, segmentation_head, set_trainable
+from tfseg.models.common import (
+    check_input_shape,
+    mark_encoder,
+    read_options,
+    segmentation_head,
+    set_trainable,
+)
 from tfseg.models.encoders import adapt_constants, build_encoder, get_encoder_spec
-from tfseg.models.unet_original import read_options
 
 # Convolutions per VGG11 block (torchvision ``cfgs["A"]``); VGG16 comes from the encoder table.
 VGG_BLOCKS = {"vgg11": ((64,), (128,), (256, 256), (512, 512), (512, 512))}
@@ -60,10 +65,11 @@ TORCH_SUFFIXES = (".pth", ".pt", ".npz")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Per-arch metadata for the shared model contract.
 SIZE_MULTIPLE = 32
 MIN_SIZE = 32
+# For the shared model contract (tests/test_models_contract.py); valid for both TernausNets.
 TEST_SIZE = 32
+TEST_OPTIONS = {"num_filters": 4}
 
 
 def torch_normalization(channels: int, name: str = "normalize") -> keras.layers.Layer:

@@ -15,15 +15,12 @@ this in code; the training pipeline center-crops the masks to :func:`output_size
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import keras
 
 from tfseg.config import ModelConfig
 from tfseg.errors import ModelError
 from tfseg.models import ARCHS
-from tfseg.models.common import segmentation_head
+from tfseg.models.common import read_options, segmentation_head
 
 ARCH = "unet_original"
 FILTERS = (64, 128, 256, 512, 1024)
@@ -35,27 +32,9 @@ _REMAINDER = 12
 MIN_SIZE = 188
 SIZE_LOSS = 184
 
-# Per-arch metadata for the shared model contract: smallest size, tiny test size.
-TEST_SIZE = 188
-
-
-def read_options(arch: str, options: Mapping[str, Any] | None, defaults: Mapping[str, Any]) -> dict:
-    """Merge ``options`` over ``defaults``; an unknown key is an error that lists the valid ones.
-
-    Raises:
-        ModelError: e.g. "unet_original: unknown option 'batch_norm' (did you mean 'batchnorm'?).
-            Expected one of ['batchnorm', 'filters']".
-    """
-    from tfseg.registry import nearest
-
-    options = dict(options or {})
-    for key in options:
-        if key not in defaults:
-            hint = nearest(key, defaults)
-            did_you_mean = f" (did you mean {hint!r}?)" if hint else ""
-            raise ModelError(f"{arch}: unknown option {key!r}{did_you_mean}. Expected one of "
-                             f"{sorted(defaults)}")
-    return {**defaults, **options}
+# For the shared model contract (tests/test_models_contract.py): the smallest size, small filters.
+TEST_SIZE = MIN_SIZE
+TEST_OPTIONS = {"filters": [4, 4, 8, 8, 16]}
 
 
 def output_size(input_size: int) -> int:

@@ -18,17 +18,15 @@ import keras
 from tfseg.config import ModelConfig
 from tfseg.errors import ModelError
 from tfseg.models import ARCHS
-from tfseg.models.common import check_input_shape, segmentation_head
-from tfseg.models.unet_original import read_options
+from tfseg.models.common import check_input_shape, read_options, segmentation_head
 
 ARCH = "unet_small"
 FILTERS = (64, 128, 256, 512)
 DEFAULT_OPTIONS = {"filters": FILTERS, "batchnorm": False}
 
-# Per-arch metadata for the shared model contract (default filters).
-SIZE_MULTIPLE = 2 ** (len(FILTERS) - 1)
-MIN_SIZE = SIZE_MULTIPLE
+# For the shared model contract (tests/test_models_contract.py).
 TEST_SIZE = 16
+TEST_OPTIONS = {"filters": [4, 8, 8, 16]}
 
 
 def _double_conv(x, filters: int, batchnorm: bool, name: str):

@@ -1,0 +1,188 @@
+"""The training run on tiny generated data: outputs, summary, errors, NaN stop, schedules."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from tfseg import cli
+from tfseg.config import load_config
+from tfseg.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_blobs(root: Path, n: int = 12, size: int = 32, seed: int = 0) -> Path:
+    """``n`` gray images with one bright disc each, and the disc masks (0/255) in images/ + masks/."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        cy, cx = rng.integers(size // 4, 3 * size // 4, 2)
+        r = rng.integers(size // 8, size // 4)
+        mask = ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r).astype(np.uint8)
+        image = np.clip(60 + 120 * mask + rng.normal(0, 20, mask.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(root / "images" / f"s{i:02d}.png")
+        Image.fromarray(mask * 255).save(root / "masks" / f"s{i:02d}.png")
+    return root
+
+
+def tiny_config(tmp_path: Path, n: int = 12, size: int = 32, **train) -> Path:
+    """A params file training unet_small (8/16 filters) on ``n`` generated ``size`` px images."""
+    data_root = make_blobs(tmp_path / "data", n, size)
+    params = {
+        "data": {"source": "folder", "root": str(data_root), "classes": 1, "channels": 1,
+                 "tfrecord_dir": str(tmp_path / "tfrec"), "shards": 3, "workers": 1, "image_format": "png",
+                 "image_size": [size, size], "fit": "resize", "shuffle_buffer": 16},
+        "augment": {"ops": [{"name": "flip_left_right", "p": 0.5}]},
+        "model": {"arch": "unet_small", "encoder_weights": None, "options": {"filters": [8, 16]}},
+        "train": {"name": "tiny", "output_dir": str(tmp_path / "runs"), "folds": 3, "epochs": 2,
+                  "batch_size": 4, "loss": {"bce_dice": 1.0}, "strategy": "default", "tensorboard": False,
+                  **train},
+    }
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_train_fold_writes_the_run_layout(tmp_path):
+    from tfseg.train import run
+
+    cfg = load_config(tiny_config(tmp_path), ["train.schedule=cosine", "train.warmup_epochs=0.5"])
+    summary = run(cfg, "0")
+    fold_dir = tmp_path / "runs" / "tiny" / "fold0"
+    for name in ("config.yaml", "best.keras", "last.keras", "history.csv", "curves.png", "val_groups.json"):
+        assert (fold_dir / name).is_file(), name
+    assert (tmp_path / "runs" / "tiny" / "config.yaml").is_file()
+    assert not (fold_dir / "backup").exists()  # removed when the fold finished
+    rows = (fold_dir / "history.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,") and "val_dice_coe" in rows[0] and len(rows) == 3
+    fold = summary["folds"]["0"]
+    assert summary["monitor"] == "val_dice_coe" and summary["mode"] == "max"
+    assert fold["epochs"] == 2 and 1 <= fold["best_epoch"] <= 2 and 0.0 <= fold["best"] <= 1.0
+    assert fold["n_train"] + fold["n_val"] == 12
+    assert summary["cv_mean"] == pytest.approx(fold["best"]) and summary["cv_std"] == 0.0
+    held_out = json.loads((fold_dir / "val_groups.json").read_text())
+    assert len(held_out["val_groups"]) == fold["n_val"]
+    # the best model reloads without custom_objects and predicts probabilities of the input size
+    model = keras.models.load_model(fold_dir / "best.keras")
+    out = model.predict(np.zeros((1, 32, 32, 1), "float32"), verbose=0)
+    assert out.shape == (1, 32, 32, 1) and 0.0 <= out.min() and out.max() <= 1.0
+    assert load_config(fold_dir / "config.yaml") == cfg
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    params = tiny_config(tmp_path)
+    assert cli.main(["train", "--config", str(params), "--set", "train.monitor=val_dice"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.monitor" in err and "val_dice_coe" in err and len(err.splitlines()) == 1
+    assert cli.main(["train", "--config", str(params), "--set", "train.loss={dcie: 1}"]) == 2
+    assert "did you mean 'dice'" in capsys.readouterr().err
+    assert cli.main(["train", "--config", str(params), "--fold", "3"]) == 2
+    assert "0..2" in capsys.readouterr().err
+    assert cli.main(["train", "--config", str(params), "--set", "train.batch_size=0"]) == 2
+    assert "batch_size" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_global_batch_must_be_per_replica_times_replicas():
+    from tfseg.data.pipeline import check_global_batch
+
+    assert check_global_batch(4, 2) == 8
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        check_global_batch(0, 2)
+
+
+def test_nan_loss_stops_the_run_with_a_message(tmp_path, capsys):
+    params = tiny_config(tmp_path, n=9)
+    # logits (linear activation) blown up by a huge SGD step: inf - inf in the cross-entropy
+    code = cli.main(["train", "--config", str(params), "--set", "train.optimizer=sgd",
+                     "--set", "train.lr=1.0e+30", "--set", "train.epochs=3",
+                     "--set", "model.activation=linear", "--set", "train.loss={bce: 1.0}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "training loss became nan" in err.lower() and "train.lr" in err
+    assert not (tmp_path / "runs" / "tiny" / "fold0" / "last.keras").exists()
+
+
+def test_python_m_entry_point_parses_fold_and_set():
+    proc = subprocess.run([sys.executable, "-m", "tfseg.train", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and "--fold" in proc.stdout and "--set" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "tfseg.train", "--config", "missing.yaml"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "missing.yaml: config file not found" in proc.stderr
+
+
+def test_schedules_and_optimizers():
+    from tfseg.schedules import WarmupDecay, build_optimizer, uses_plateau
+
+    sched = WarmupDecay(1e-3, 1e-5, warmup_steps=10, total_steps=110, kind="cosine")
+    lr = [float(sched(s)) for s in (0, 4, 9, 10, 60, 109, 500)]
+    assert lr[0] == pytest.approx(1e-4) and lr[1] == pytest.approx(5e-4) and lr[2] == pytest.approx(1e-3)
+    assert lr[3] == pytest.approx(1e-3) and lr[4] == pytest.approx((1e-3 + 1e-5) / 2, rel=1e-3)
+    assert lr[6] == pytest.approx(1e-5)
+    poly = WarmupDecay(1e-3, 0.0, warmup_steps=0, total_steps=100, kind="polynomial")
+    assert float(poly(50)) == pytest.approx(5e-4)
+    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(sched))
+    assert float(clone(60)) == pytest.approx(lr[4])
+    t = load_config(None, ["train.optimizer=sgd", "train.momentum=0.99", "train.lr=0.01"]).train
+    opt = build_optimizer(t, 10)
+    assert isinstance(opt, keras.optimizers.SGD) and opt.momentum == pytest.approx(0.99)
+    t = load_config(None, ["train.optimizer=rmsprop", "train.lr=2e-4"]).train
+    assert isinstance(build_optimizer(t, 10), keras.optimizers.RMSprop) and uses_plateau(t)
+    t = load_config(None, ["train.optimizer=adamw", "train.schedule=cosine", "train.weight_decay=1e-4"]).train
+    opt = build_optimizer(t, 10)
+    assert isinstance(opt, keras.optimizers.AdamW) and not uses_plateau(t)
+
+
+def test_warmup_callback_ramps_a_constant_rate():
+    from tfseg.callbacks import Warmup
+
+    inp = keras.Input((4,))
+    model = keras.Model(inp, keras.layers.Dense(1)(inp))
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    seen = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_begin=lambda b, logs: seen.append(float(model.optimizer.learning_rate)))
+    x = np.ones((8, 4), "float32")
+    model.fit(x, x[:, :1], batch_size=1, epochs=1, verbose=0, callbacks=[Warmup(0.1, 4), record])
+    assert seen[:5] == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1])
+
+
+def test_mask_crop_for_models_with_smaller_outputs():
+    from tfseg.train import mask_crop_for
+
+    inp = keras.Input((36, 36, 1))
+    valid = keras.Model(inp, keras.layers.Conv2D(1, 5, padding="valid")(inp))
+    same = keras.Model(inp, keras.layers.Conv2D(1, 5, padding="same")(inp))
+    assert mask_crop_for(valid) == (32, 32) and mask_crop_for(same) is None
+
+
+def test_summary_gathers_folds(tmp_path):
+    from tfseg.train import update_summary
+
+    cfg = load_config(None)
+    base = {"epochs": 3, "n_train": 8, "n_val": 4, "seconds": 1.0}
+    update_summary(tmp_path, cfg, 1, {"best": 0.8, "best_epoch": 2, **base})
+    summary = update_summary(tmp_path, cfg, 0, {"best": 0.6, "best_epoch": 3, **base})
+    assert list(summary["folds"]) == ["0", "1"]
+    assert summary["cv_mean"] == pytest.approx(0.7) and summary["cv_std"] == pytest.approx(0.1)
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+
+
+def test_parse_folds():
+    from tfseg.train import parse_folds
+
+    assert parse_folds("all", 3) == [0, 1, 2] and parse_folds("0,2", 3) == [0, 2]
+    with pytest.raises(ConfigError):
+        parse_folds("x", 3)

@@ -15,6 +15,7 @@ from tfseg.config import ModelConfig
 from tfseg.errors import ModelError
 from tfseg.models import arch_names, build_model
 from tfseg.models import unet_original as uo
+from tfseg.models.common import freeze_encoder, unfreeze_encoder
 from tfseg.models.torch_weights import vgg_conv_layers
 
 
@@ -39,10 +40,11 @@ def test_all_registered():
 # ---------------------------------------------------------------- unet_original
 
 
-def test_unet_original_has_the_papers_31030658_parameters():
-    model = build_model(_cfg("unet_original", (188, 188, 1), classes=2, activation="linear"))
+def test_unet_original_has_the_papers_31030658_parameters_and_572_to_388():
+    model = build_model(_cfg("unet_original", (572, 572, 1), classes=2, activation="linear"))
     assert model.count_params() == 31_030_658
-    assert model.output_shape == (None, 4, 4, 2)
+    assert model.output_shape == (None, 388, 388, 2)
+    assert model.get_layer("up1_crop").output.shape[1:] == (392, 392, 64)  # the paper's figure 1
     assert not _layers(model, keras.layers.BatchNormalization)
 
 
@@ -175,6 +177,11 @@ def test_ternaus_encoder_freeze(arch):
     trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
     vgg = sum(layer.count_params() for layer in vgg_conv_layers(model))
     assert trainable == model.count_params() - vgg
+    unfreeze_encoder(model)
+    assert all(layer.trainable for layer in vgg_conv_layers(model))
+    freeze_encoder(model)  # the training loop's warm-up stage finds the same layers
+    assert not any(layer.trainable for layer in vgg_conv_layers(model))
+    assert model.get_layer("dec1_conv").trainable
 
 
 def test_ternaus_option_errors():

@@ -9,6 +9,9 @@ without bias, initialised N(0, 0.02), BatchNorm, optional Dropout, ReLU) with 51
 filters, each followed by concatenation with the skip, and a last Conv2DTranspose 3x3 stride 2 to
 ``classes``. At 128x128x3 with 3 classes it has 6,504,227 parameters, as the tutorial's summary.
 
+Normalization: the model maps its 0..255 input to [-1, 1] (MobileNetV2's ImageNet preprocessing,
+from the encoder table); the tutorial fed [0, 1] images to the ImageNet encoder.
+
 The tutorial's model outputs logits: use ``activation: linear`` for that (the loss then takes
 ``from_logits``); ``auto`` adds softmax (or sigmoid for one class) in a float32 output layer.
 

@@ -27,6 +27,10 @@ Encoder weights (``cfg.encoder_weights``):
       (exact away from the 1-pixel border, where zero padding differs by under 0.01).
     * null: random initialisation.
 
+The reference UNet11 has one output channel; here both take ``classes`` (1x1 head) and the output
+activation of ``cfg.activation`` (the reference returns logits, or log-softmax for UNet16 with
+several classes: use ``activation: linear`` for logits).
+
 ``ternaus_unet11`` builds its own VGG11 (layers ``encoder_block1_conv1`` ...), normalizing as
 torchvision. ``encoder_freeze`` freezes the VGG layers.
 

@@ -1,10 +1,11 @@
 """``unet_small``: the small U-Net of the LGG brain-MRI segmentation post.
 
 Reference followed: the ``UNet`` of usuyama/pytorch-unet (``pytorch_unet.py``), the vanilla U-Net
-the Kaggle "Brain MRI segmentation" (LGG, kaggle_3m) notebooks train beside their ResNeXt U-Net:
-double 3x3 same convolutions + ReLU at 64, 128, 256 and 512 filters with three 2x2 max poolings
-between them, then three times: bilinear 2x upsampling, concatenation with the skip, double conv
-(256, 128, 64), and a 1x1 convolution to the classes (sigmoid for the one-class tumour mask).
+that matches the issue's description of the LGG post's model (the post itself could not be
+read here): double 3x3 same convolutions + ReLU at 64, 128, 256 and 512 filters with three 2x2 max
+poolings between them, then three times: bilinear 2x upsampling, concatenation with the skip,
+double conv (256, 128, 64), and a 1x1 convolution to the classes (sigmoid for the one-class
+tumour mask). With 3 input channels and 1 class both have 7,782,913 parameters.
 
 Differences: Keras' bilinear upsampling uses half-pixel centres (PyTorch's ``align_corners=False``)
 where the reference used ``align_corners=True``; ``options: {batchnorm: true}`` adds BatchNorm after

@@ -1,0 +1,100 @@
+"""tfseg evaluate: per-image table, means and threshold sweep on out-of-fold records, shards, folders."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score, jaccard_score
+
+from tests.test_train import tiny_config
+from tfseg import cli
+from tfseg.config import load_config
+from tfseg.evaluate import Sweep, image_scores
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from tfseg.train import run
+
+    tmp = tmp_path_factory.mktemp("evalrun")
+    cfg = load_config(tiny_config(tmp, epochs=2))
+    run(cfg, "0")
+    return tmp, tmp / "runs" / "tiny"
+
+
+def _table(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_image_scores_match_sklearn_and_conventions():
+    rng = np.random.default_rng(0)
+    truth = (rng.random((20, 20)) > 0.6).astype(np.uint8)
+    probs = np.clip(truth + rng.normal(0, 0.4, truth.shape), 0, 1)[..., None]
+    scores = image_scores(truth, probs, 0.5)
+    pred = (probs[..., 0] > 0.5).astype(int)
+    assert scores["dice"] == pytest.approx(f1_score(truth.ravel(), pred.ravel()))
+    assert scores["iou"] == pytest.approx(jaccard_score(truth.ravel(), pred.ravel()))
+    assert scores["dice_background"] == pytest.approx(f1_score(1 - truth.ravel(), 1 - pred.ravel()))
+    empty = image_scores(np.zeros((4, 4)), np.zeros((4, 4, 1)))
+    assert empty["dice"] == 1.0 and empty["iou"] == 1.0
+    multi = np.eye(3)[[[0, 1], [2, 2]]]  # prediction: classes 0,1,2,2
+    ms = image_scores(np.array([[0, 1], [2, 1]]), multi)
+    assert ms["pixel_accuracy"] == pytest.approx(0.75)
+    assert ms["dice"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
+
+
+def test_sweep_picks_the_best_threshold():
+    truth = np.zeros((10, 10), np.uint8)
+    truth[:5] = 1
+    prob = np.where(truth > 0, 0.35, 0.2)  # only thresholds below 0.35 (and >= 0.2) find it
+    sweep = Sweep()
+    sweep.add(truth, prob)
+    rows = {r["threshold"]: r for r in sweep.rows()}
+    assert rows[0.2]["mean_dice"] == pytest.approx(1.0) and rows[0.5]["mean_dice"] == pytest.approx(0.0)
+    assert sweep.best()["threshold"] in (0.2, 0.3)
+
+
+def test_out_of_fold_evaluation(trained, capsys):
+    tmp, run_dir = trained
+    assert cli.main(["evaluate", "--run", str(run_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "mean Dice" in printed and "threshold sweep: best" in printed
+    out = run_dir / "evaluate" / "oof"
+    rows = _table(out / "per_image.csv")
+    held = json.loads((run_dir / "fold0" / "val_groups.json").read_text())
+    assert sorted(r["id"] for r in rows) == sorted(held["val_groups"])  # exactly the held-out images
+    assert {r["fold"] for r in rows} == {"0"}
+    result = json.loads((out / "evaluation.json").read_text())
+    assert result["images"] == held["n_val"]
+    assert result["mean"]["dice"] == pytest.approx(np.mean([float(r["dice"]) for r in rows]), abs=1e-5)
+    sweep = _table(out / "sweep.csv")
+    assert [float(r["threshold"]) for r in sweep] == pytest.approx([0.1 * i for i in range(1, 10)])
+
+
+def test_folder_and_shard_evaluation(trained, tmp_path):
+    tmp, run_dir = trained
+    assert cli.main(["evaluate", "--run", str(run_dir), "--fold", "0", "--data", str(tmp / "data"),
+                     "--output", str(tmp_path / "folder")]) == 0
+    rows = _table(tmp_path / "folder" / "per_image.csv")
+    assert len(rows) == 12 and all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
+    assert cli.main(["evaluate", "--run", str(run_dir), "--data", str(tmp / "tfrec"),
+                     "--output", str(tmp_path / "shards")]) == 0
+    shard_rows = _table(tmp_path / "shards" / "per_image.csv")
+    assert sorted(r["id"] for r in shard_rows) == sorted(r["id"] for r in rows)
+    # same images at the same size (32 px records, 32 px model): the same scores
+    by_id = {r["id"]: float(r["dice"]) for r in rows}
+    assert all(float(r["dice"]) == pytest.approx(by_id[r["id"]], abs=0.05) for r in shard_rows)
+
+
+def test_evaluate_errors_are_one_line(trained, tmp_path, capsys):
+    tmp, run_dir = trained
+    assert cli.main(["evaluate", "--run", str(tmp_path / "nope")]) == 2
+    assert "run directory not found" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--run", str(run_dir), "--fold", "2"]) == 2
+    assert "fold 2 not trained" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--run", str(run_dir), "--data", str(tmp_path / "missing")]) == 2
+    assert "not a folder" in capsys.readouterr().err

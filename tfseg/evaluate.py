@@ -1,0 +1,277 @@
+"""``tfseg evaluate --run RUN [--fold K|all] [--data PATH]``: per-image scores and a threshold sweep.
+
+What is scored:
+
+* no ``--data``: each fold's best model on its own held-out records (``fold<k>/val_groups.json``),
+  i.e. out-of-fold predictions, at the training pipeline's size;
+* ``--data`` a folder of TFRecord shards: every record, at the pipeline's size;
+* ``--data`` a folder of images + masks (read with the run's data config, ``root`` replaced; e.g.
+  ``--set data.split=test`` for Kvasir-SEG's fixed split): every pair at its own resolution; the
+  image is resized to the model's input and the probabilities back to the mask's size.
+
+With external data and several folds, the folds' probabilities are averaged (the ensemble).
+
+Outputs, in ``--output`` (default ``RUN/evaluate/<oof|data folder name>``):
+
+* ``per_image.csv``: fold, id, dice, iou, pixel_accuracy (binary: also ``dice_background``, the
+  Dice of class 0, e.g. ISBI's membranes) at ``infer.threshold``;
+* ``sweep.csv`` (binary models): mean Dice and IoU per image, and the global Dice, for thresholds
+  0.1..0.9 (TernausNet picked 0.3 this way; pick it on out-of-fold predictions, never on the test);
+* ``evaluation.json``: the means, the number of images, the best threshold.
+
+Conventions as :mod:`tfseg.metrics`: an empty prediction of an empty mask scores 1; the mean
+Dice is the mean over images of each image's Dice (the Kvasir benchmark's "mean Dice").
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from tfseg.config import Config
+from tfseg.errors import DataError, RunError
+from tfseg.files import atomic_write_text
+
+THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(1, 10))
+
+
+# ------------------------------------------------------------------------------------------------
+# Scores of one image (NumPy)
+# ------------------------------------------------------------------------------------------------
+
+
+def _overlap(truth: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
+    inter = float(np.logical_and(truth, pred).sum())
+    total = float(truth.sum() + pred.sum())
+    union = total - inter
+    dice = 1.0 if total == 0 else 2.0 * inter / total
+    iou = 1.0 if union == 0 else inter / union
+    return dice, iou
+
+
+def image_scores(truth: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """Dice, IoU and pixel accuracy of one image.
+
+    Args:
+        truth: [H, W] or [H, W, 1]; 0/1 (binary) or class indices.
+        probs: [H, W, K] probabilities (K = 1: foreground probability).
+        threshold: binary threshold (foreground when ``prob > threshold``).
+
+    Returns:
+        Binary: dice, iou, pixel_accuracy, dice_background. Multiclass: dice and iou are the means
+        over the classes present in the truth or the prediction (1 when neither has any).
+    """
+    truth = np.asarray(truth).reshape(probs.shape[:2]).astype(np.int64)
+    if probs.shape[-1] == 1:
+        pred = probs[..., 0] > threshold
+        fg = truth > 0
+        dice, iou = _overlap(fg, pred)
+        dice_bg, _ = _overlap(~fg, ~pred)
+        return {"dice": dice, "iou": iou, "pixel_accuracy": float(np.mean(fg == pred)),
+                "dice_background": dice_bg}
+    pred = probs.argmax(-1)
+    dices, ious = [], []
+    for c in range(probs.shape[-1]):
+        t, p = truth == c, pred == c
+        if t.any() or p.any():
+            d, i = _overlap(t, p)
+            dices.append(d)
+            ious.append(i)
+    return {"dice": float(np.mean(dices)) if dices else 1.0, "iou": float(np.mean(ious)) if ious else 1.0,
+            "pixel_accuracy": float(np.mean(truth == pred))}
+
+
+class Sweep:
+    """Accumulates per-image and global scores of binary predictions at several thresholds."""
+
+    def __init__(self, thresholds=THRESHOLDS):
+        self.thresholds = tuple(thresholds)
+        n = len(self.thresholds)
+        self.dice_sum, self.iou_sum = np.zeros(n), np.zeros(n)
+        self.inter, self.total = np.zeros(n), np.zeros(n)
+        self.count = 0
+
+    def add(self, truth: np.ndarray, prob: np.ndarray) -> None:
+        """truth: [H, W] 0/1; prob: [H, W] foreground probability."""
+        fg = truth.reshape(prob.shape) > 0
+        for i, t in enumerate(self.thresholds):
+            pred = prob > t
+            dice, iou = _overlap(fg, pred)
+            self.dice_sum[i] += dice
+            self.iou_sum[i] += iou
+            self.inter[i] += np.logical_and(fg, pred).sum()
+            self.total[i] += fg.sum() + pred.sum()
+        self.count += 1
+
+    def rows(self) -> list[dict]:
+        n = max(self.count, 1)
+        return [{"threshold": t, "mean_dice": self.dice_sum[i] / n, "mean_iou": self.iou_sum[i] / n,
+                 "global_dice": 1.0 if self.total[i] == 0 else 2 * self.inter[i] / self.total[i]}
+                for i, t in enumerate(self.thresholds)]
+
+    def best(self) -> dict:
+        return max(self.rows(), key=lambda r: r["mean_dice"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Where the images come from: (fold, id, image batch, truth batch) -> probabilities
+# ------------------------------------------------------------------------------------------------
+
+
+def _shard_batches(cfg: Config, files, groups, mask_crop) -> Iterator[tuple[list[str], np.ndarray,
+                                                                          np.ndarray]]:
+    from tfseg.data.pipeline import dataset_from_config
+
+    ds = dataset_from_config(cfg, files, training=False, groups=groups, global_batch=cfg.infer.batch_size,
+                             mask_crop=mask_crop, with_ids=True)
+    for images, masks, ids in ds.as_numpy_iterator():
+        yield [i.decode() if isinstance(i, bytes) else str(i) for i in ids], images, masks
+
+
+def _folder_pairs(cfg: Config, root: Path) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    from tfseg.data import sources
+
+    source = cfg.data.source if cfg.data.source != "tfds" else "folder"
+    data = replace(cfg.data, root=str(root), source=source)
+    for entry in sources.list_entries(data):
+        for sample in sources.read_entry(data, entry):
+            yield sample.id, sample.image, sample.mask
+
+
+def _predict_full_size(predict, image: np.ndarray, input_hw) -> np.ndarray:
+    """Resize ``image`` [H, W, C] to the model input, predict, resize probabilities back to [H, W, K]."""
+    import tensorflow as tf
+
+    x = tf.image.resize(image[None].astype(np.float32), input_hw, method="bilinear").numpy()
+    probs = predict(x)
+    return tf.image.resize(probs, image.shape[:2], method="bilinear").numpy()[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# The evaluation
+# ------------------------------------------------------------------------------------------------
+
+
+def evaluate_run(run: str | Path, folds: str = "all", data: str | Path | None = None,
+                 cfg: Config | None = None, output: str | Path | None = None) -> dict:
+    """Score a run's best models; write per_image.csv, sweep.csv and evaluation.json.
+
+    Args:
+        run: ``runs/<name>`` of a training run.
+        folds: ``all``, ``K`` or ``K,L``.
+        data: None (out-of-fold records), a shard folder, or a folder of images + masks.
+        cfg: the config to use (default: the run's ``config.yaml``).
+        output: output folder (default ``run/evaluate/<oof|folder name>``).
+
+    Returns:
+        The content of ``evaluation.json``.
+
+    Raises:
+        RunError: missing run, fold or checkpoint. DataError: unreadable or empty data.
+    """
+    from tfseg.data.tfrecord import shard_files
+    from tfseg.inference import keras_predict_fn, load_model, load_run_config, select_folds
+    from tfseg.train import mask_crop_for
+
+    run = Path(run)
+    cfg = cfg or load_run_config(run)
+    checkpoints = select_folds(run, folds)
+    threshold = cfg.infer.threshold
+    models = {k: load_model(path) for k, path in checkpoints.items()}
+    predicts = {k: keras_predict_fn(m) for k, m in models.items()}
+    binary = int(next(iter(models.values())).output_shape[-1]) == 1
+    sweep = Sweep() if binary else None
+    rows: list[dict] = []
+
+    def score(fold, ident, truth, probs):
+        rows.append({"fold": fold, "id": ident, **image_scores(truth, probs, threshold)})
+        if sweep is not None:
+            sweep.add(np.asarray(truth).reshape(probs.shape[:2]), probs[..., 0])
+
+    if data is None:
+        label = "oof"
+        for k, model in models.items():
+            held = run / f"fold{k}" / "val_groups.json"
+            if not held.is_file():
+                raise RunError(f"{held}: not found. Expected the held-out groups written by `tfseg train`.")
+            split = json.loads(held.read_text())
+            files = [f for f in shard_files(cfg.data.tfrecord_dir) if f in set(split["val_files"])] \
+                or split["val_files"]
+            for ids, images, masks in _shard_batches(cfg, files, split["val_groups"], mask_crop_for(model)):
+                for ident, truth, probs in zip(ids, masks, predicts[k](images)):
+                    score(k, ident, truth, probs)
+    else:
+        data = Path(data)
+        label = data.name
+        ensemble = "+".join(str(k) for k in models)
+        if not data.is_dir():
+            raise DataError(f"{data}: not a folder. Expected a folder of .tfrec shards or of images + masks")
+        files = shard_files(data)
+        if files:
+            crop = mask_crop_for(next(iter(models.values())))
+            for ids, images, masks in _shard_batches(cfg, files, None, crop):
+                probs = np.mean([p(images) for p in predicts.values()], axis=0)
+                for ident, truth, prob in zip(ids, masks, probs):
+                    score(ensemble, ident, truth, prob)
+        else:
+            model = next(iter(models.values()))
+            if mask_crop_for(model) is not None:
+                raise RunError(f"{data}: the model's output is smaller than its input; evaluate it on "
+                               "TFRecord shards instead of an image folder")
+            input_hw = tuple(int(v) for v in (model.input_shape[1:3] if None not in model.input_shape[1:3]
+                                               else cfg.data.image_size))
+            for ident, image, mask in _folder_pairs(cfg, data):
+                probs = np.mean([_predict_full_size(p, image, input_hw) for p in predicts.values()], axis=0)
+                score(ensemble, ident, mask, probs)
+    if not rows:
+        raise DataError(f"{data or cfg.data.tfrecord_dir}: no images to evaluate")
+    return _write(Path(output) if output else run / "evaluate" / label, rows, sweep, threshold, label)
+
+
+def _csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: f"{v:.6f}" if isinstance(v, float) else v for k, v in row.items()})
+    return buf.getvalue()
+
+
+def _write(out: Path, rows: list[dict], sweep: Sweep | None, threshold: float, label: str) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "per_image.csv", _csv(rows))
+    names = [k for k in rows[0] if k not in ("fold", "id")]
+    result = {"data": label, "images": len(rows), "threshold": threshold,
+              "mean": {n: float(np.mean([r[n] for r in rows])) for n in names}}
+    if sweep is not None:
+        atomic_write_text(out / "sweep.csv", _csv(sweep.rows()))
+        best = sweep.best()
+        result["best_threshold"] = {"threshold": best["threshold"], "mean_dice": float(best["mean_dice"]),
+                                    "mean_iou": float(best["mean_iou"])}
+    atomic_write_text(out / "evaluation.json", json.dumps(result, indent=1))
+    result["output"] = str(out)
+    return result
+
+
+def cli_evaluate(args) -> int:
+    """``tfseg evaluate --run RUN [--fold K|all] [--data PATH] [--output DIR] [--config C] [--set k=v]``."""
+    from tfseg.inference import load_run_config
+
+    cfg = load_run_config(args.run, args.config, args.overrides)
+    result = evaluate_run(args.run, args.fold, args.data, cfg, args.output)
+    mean = result["mean"]
+    print(f"{result['images']} images ({result['data']}), threshold {result['threshold']}: "
+          f"mean Dice {mean['dice']:.4f}, mean IoU {mean['iou']:.4f}, "
+          f"pixel accuracy {mean['pixel_accuracy']:.4f}")
+    if "best_threshold" in result:
+        best = result["best_threshold"]
+        print(f"threshold sweep: best {best['threshold']} (mean Dice {best['mean_dice']:.4f})")
+    print(f"-> {result['output']}", file=sys.stderr)
+    return 0

@@ -39,15 +39,19 @@ def coordinate_pair(h=48, w=48):
 
 
 def run(name_or_ops, image, mask, seed, in_map: bool):
+    """Apply the ops with one seed [2] (or several [n, 2]: then lists of results come back)."""
     ops = name_or_ops if isinstance(name_or_ops, list) else [op_entry(name_or_ops)]
     fn = compose(ops)
-    seed = tf.constant(seed, tf.int64)
-    if not in_map:
-        out = fn(tf.constant(image), tf.constant(mask), seed)
-        return out[0].numpy(), out[1].numpy()
-    ds = tf.data.Dataset.from_tensors((image, mask, seed)).map(fn)
-    out_image, out_mask = next(iter(ds))
-    return out_image.numpy(), out_mask.numpy()
+    seeds = np.asarray(seed, np.int64)
+    many = seeds.ndim == 2
+    seeds = seeds if many else seeds[None]
+    if in_map:  # one traced graph for every seed
+        ds = tf.data.Dataset.from_tensor_slices(seeds).map(lambda s: fn(image, mask, s))
+        outs = [(a.numpy(), b.numpy()) for a, b in ds]
+    else:
+        outs = [tuple(t.numpy() for t in fn(tf.constant(image), tf.constant(mask), tf.constant(s)))
+                for s in seeds]
+    return outs if many else outs[0]
 
 
 def op_entry(key: str) -> dict:
@@ -73,8 +77,7 @@ def assert_aligned(image, mask, min_fraction=0.2):
 def test_geometric_ops_keep_image_and_mask_aligned(key, in_map):
     for size in [(48, 48), (40, 56)]:
         image, mask = coordinate_pair(*size)
-        for seed in ([1, 2], [123, 9]):
-            out_image, out_mask = run(key, image, mask, seed, in_map)
+        for out_image, out_mask in run(key, image, mask, [[1, 2], [123, 9], [7, 3]], in_map):
             assert out_image.dtype == np.float32 and out_mask.dtype == np.uint8
             assert set(np.unique(out_mask)) <= set(np.unique(mask))
             if key == "random_crop":
@@ -101,8 +104,7 @@ def test_flips_and_rot90_are_exact():
     np.testing.assert_array_equal(out_mask, mask[::-1])
     rotations = {np.rot90(image, k).tobytes(): k for k in (1, 2, 3)}
     seen = set()
-    for s in range(12):
-        out, out_mask = run("rot90", image, mask, [s, 0], in_map=False)
+    for out, out_mask in run("rot90", image, mask, [[s, 0] for s in range(12)], in_map=True):
         k = rotations[out.tobytes()]
         np.testing.assert_array_equal(out_mask, np.rot90(mask, k))
         seen.add(k)
@@ -159,9 +161,8 @@ def test_same_seed_same_result_eager_and_in_map():
 
 def test_probability_is_respected():
     image, mask = coordinate_pair(4, 4)
-    fn = compose([{"name": "flip_left_right", "p": 0.3}])
-    flips = sum(int(fn(image, mask, tf.constant([s, 0], tf.int64))[0].numpy()[0, 0, 0] != 1.0)
-                for s in range(200))
+    outs = run([{"name": "flip_left_right", "p": 0.3}], image, mask, [[s, 0] for s in range(200)], True)
+    flips = sum(int(out[0][0, 0, 0] != 1.0) for out in outs)
     assert 40 <= flips <= 80
     never = compose([{"name": "flip_left_right", "p": 0.0}])
     assert never(image, mask, tf.constant([1, 1]))[0].numpy()[0, 0, 0] == 1.0
@@ -182,7 +183,7 @@ def test_real_image_alignment_with_threshold_mask(shared_data):
     image = image[..., None].astype(np.float32)
     mask = (image > 128).astype(np.uint8)
     for key in GEOMETRIC:
-        out_image, out_mask = run(key, image, mask, [2, 9], in_map=True)
+        out_image, out_mask = run(key, image, mask, [2, 9], in_map=key != "random_crop")
         sure = (out_image[..., 0] > 160) | ((out_image[..., 0] < 96) & (out_image[..., 0] > 0))
         agree = (out_mask[..., 0] == (out_image[..., 0] > 128))[sure].mean()
         assert agree > 0.99, f"{key}: mask and image disagree on {1 - agree:.3f} of the clear pixels"
@@ -214,3 +215,58 @@ def test_every_op_is_documented(project_root):
         for param in op.defaults():
             assert f"`{param}`" in doc
     assert augment.__doc__
+
+
+def test_hue_and_saturation_keep_gray_pixels_gray_and_luma():
+    rng = np.random.default_rng(3)
+    gray = np.repeat(rng.uniform(0, 255, (8, 8, 1)), 3, -1).astype(np.float32)
+    mask = np.zeros((8, 8, 1), np.uint8)
+    for op in ({"name": "hue", "delta": 0.5}, {"name": "saturation", "range": [0.0, 3.0]}):
+        out, _ = run([op], gray, mask, [1, 2], in_map=False)
+        np.testing.assert_allclose(out, gray, atol=0.05)
+    color = rng.uniform(40, 215, (8, 8, 3)).astype(np.float32)
+    luma = color @ np.array([0.299, 0.587, 0.114], np.float32)
+    out, _ = run([{"name": "hue", "delta": 0.1}], color, mask, [5, 1], in_map=True)
+    inside = (out > 0.5).all(-1) & (out < 254.5).all(-1)  # not clipped
+    out_luma = out @ np.array([0.299, 0.587, 0.114], np.float32)
+    np.testing.assert_allclose(out_luma[inside], luma[inside], atol=0.1)
+    out, _ = run([{"name": "saturation", "range": [0.0, 0.0]}], color, mask, [5, 1], in_map=False)
+    np.testing.assert_allclose(out, np.repeat(luma[..., None], 3, -1), atol=0.05)
+
+
+def test_uint8_input_gives_the_float_result():
+    ops = [{"name": "flip_left_right", "p": 0.5}, {"name": "rot90"}, {"name": "brightness"},
+           {"name": "shift_scale_rotate"}]
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 256, (16, 16, 3)).astype(np.uint8)
+    mask = (rng.uniform(size=(16, 16, 1)) > 0.5).astype(np.uint8)
+    a = run(ops, image, mask, [8, 8], in_map=True)
+    b = run(ops, image.astype(np.float32), mask, [8, 8], in_map=True)
+    assert a[0].dtype == np.float32
+    np.testing.assert_allclose(a[0], b[0], atol=1e-3)
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_gamma_matches_the_power_law():
+    image = np.linspace(0, 255, 64 * 3, dtype=np.float32).reshape(8, 8, 3)
+    mask = np.zeros((8, 8, 1), np.uint8)
+    out, _ = run([{"name": "gamma", "range": [1.5, 1.5]}], image, mask, [1, 1], in_map=True)
+    np.testing.assert_allclose(out, 255.0 * (image / 255.0) ** 1.5, atol=0.02)
+
+
+def test_fused_colour_ops_equal_the_ops_one_by_one():
+    """compose() folds consecutive brightness/contrast/saturation/hue into one colour map; away
+    from clipping that is the same as applying them one after the other."""
+    ops = [{"name": "brightness", "delta": 0.05}, {"name": "contrast", "range": [0.8, 1.2]},
+           {"name": "saturation", "range": [0.7, 1.3]}, {"name": "hue", "delta": 0.05},
+           {"name": "contrast", "range": [0.9, 1.1]}]
+    image = np.random.default_rng(6).uniform(90, 160, (12, 10, 3)).astype(np.float32)
+    mask = np.zeros((12, 10, 1), np.uint8)
+    seed = tf.constant([21, 4], tf.int64)
+    fused, _ = compose(ops)(image, mask, seed)
+    seeds = augment._seeds(seed, 2 * len(ops))
+    one_by_one = tf.constant(image)
+    for k, step in enumerate(check_ops(ops)):
+        one_by_one, _ = step.op.fn(one_by_one, mask, seeds[2 * k + 1], **step.params)
+    np.testing.assert_allclose(fused.numpy(), one_by_one.numpy(), atol=0.01)
+    assert np.abs(fused.numpy() - image).mean() > 1.0

@@ -14,20 +14,23 @@ mask unchanged and clip the image to 0..255.
 
 ``compose`` checks a list such as ``[{name: flip_left_right, p: 0.5}, {name: gamma, range: [0.8, 1.2]}]``
 once (unknown op or parameter -> :class:`ConfigError` naming ``augment.ops[i]``) and returns
-``fn(image, mask, seed=None) -> (image, mask)``. docs/augment.md lists every op and its parameters.
+``fn(image, mask, seed=None) -> (image, mask)``. docs/augment.md lists every op and its parameters;
+the ops themselves live in :mod:`tfseg.data.augment_ops`.
+
+Speed: ops that only move pixels (flips, rot90, crops) run on uint8 when they come first, and a run
+of consecutive affine colour ops (brightness, contrast, saturation, hue) is fused into one colour
+matrix applied in a single pass and clipped once (:func:`linear_color_map`).
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import tensorflow as tf
 
-from tfseg.data.geometry import affine_matrix, crop, crop_offsets, pad_to, remap, transform
 from tfseg.errors import ConfigError
 from tfseg.registry import Registry, unknown_name_message
 
@@ -42,10 +45,13 @@ class AugmentOp:
     checks: Mapping[str, Callable[[str, Any], Any]]
     needs_rgb: bool = False
     keeps_shape: bool = True
+    exact: bool = False  # only moves pixels: runs on the stored dtype (uint8) before the float cast
+    linear: Callable | None = None  # affine colour op: (seed, mean, channels, **params) -> (M, b)
+    needs_mean: bool = False
 
     def defaults(self) -> dict[str, Any]:
         """The op's parameters and their defaults (``p`` is handled by :func:`compose`)."""
-        sig = inspect.signature(self.fn)
+        sig = inspect.signature(self.linear or self.fn)
         return {k: v.default for k, v in list(sig.parameters.items())[3:]}
 
 
@@ -136,172 +142,32 @@ def _clip(image: tf.Tensor) -> tf.Tensor:
     return tf.clip_by_value(image, 0.0, 255.0)
 
 
-# ------------------------------------------------------------------------------------------------
-# Geometric ops
-# ------------------------------------------------------------------------------------------------
+def register_linear(name: str, checks: Mapping[str, Callable], needs_mean: bool = False,
+                    needs_rgb: bool = False):
+    """Register ``linear(seed, mean, channels, **params) -> (M [C, C], b [C])`` as colour op
+    ``name``; ``mean`` is the image's channel mean [C] (only computed for ``needs_mean`` ops)."""
+
+    def decorator(linear: Callable) -> Callable:
+        def fn(image, mask, seed, **params):
+            channels = image.shape[-1] or tf.shape(image)[-1]
+            mean = tf.reduce_mean(image, axis=[0, 1]) if needs_mean else None
+            return apply_color_map(image, *linear(seed, mean, channels, **params)), mask
+
+        fn.__doc__ = linear.__doc__
+        AUGMENTS.register(name, AugmentOp(name, fn, "color", dict(checks), needs_rgb=needs_rgb,
+                                          linear=linear, needs_mean=needs_mean))
+        return linear
+
+    return decorator
 
 
-@register("flip_left_right", "geometric")
-def flip_left_right(image, mask, seed):
-    """Mirror image and mask horizontally (the op always flips; ``p`` decides whether it runs)."""
-    return tf.reverse(image, axis=[1]), tf.reverse(mask, axis=[1])
-
-
-@register("flip_up_down", "geometric")
-def flip_up_down(image, mask, seed):
-    """Mirror image and mask vertically."""
-    return tf.reverse(image, axis=[0]), tf.reverse(mask, axis=[0])
-
-
-@register("rot90", "geometric")
-def rot90(image, mask, seed):
-    """Rotate both by k x 90 degrees, k uniform in {1, 2, 3}; non-square inputs only by 180."""
-    k = tf.random.stateless_uniform([], seed, minval=1, maxval=4, dtype=tf.int32)
-    shape = tf.shape(image)
-    k = tf.where(tf.equal(shape[0], shape[1]), k, 2)
-    out_image, out_mask = tf.image.rot90(image, k), tf.image.rot90(mask, k)
-    out_image.set_shape(image.shape)  # k is 2 unless H == W, so the shape is kept
-    out_mask.set_shape(mask.shape)
-    return out_image, out_mask
-
-
-@register("shift_scale_rotate", "geometric",
-          {"shift": _number(0, 1), "scale": _number(0, 0.99), "rotate": _number(0, 180),
-           "shear": _number(0, 45), "border": _choice("constant", "reflect"), "fill": _number(0, 255)})
-def shift_scale_rotate(image, mask, seed, shift=0.0625, scale=0.1, rotate=45.0, shear=0.0,
-                       border="constant", fill=0.0):
-    """Random affine (albumentations ShiftScaleRotate ranges): shift in +-shift x size, zoom
-    in 1 +- scale, rotation in +-rotate degrees, shear in +-shear degrees."""
-    s = _seeds(seed, 5)
-    shape = tf.shape(image)
-    h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
-    matrix = affine_matrix(
-        shape[0], shape[1],
-        angle=_uniform(s[0], -rotate, rotate) * (math.pi / 180.0),
-        scale=_uniform(s[1], 1.0 - scale, 1.0 + scale),
-        shift_x=_uniform(s[2], -shift, shift) * w,
-        shift_y=_uniform(s[3], -shift, shift) * h,
-        shear=_uniform(s[4], -shear, shear) * (math.pi / 180.0))
-    return transform(image, mask, matrix, border, fill)
-
-
-@register("random_crop", "geometric", {"size": _size, "fill": _number(0, 255)}, keeps_shape=False)
-def random_crop(image, mask, seed, size=(256, 256), fill=0.0):
-    """Crop a random ``size`` [h, w] window from both (padded with ``fill``/0 when smaller).
-
-    Changes the output size, so it runs on every example (``p`` must be 1)."""
-    image, mask = pad_to(image, mask, size, fill)
-    offset = crop_offsets(seed, tf.shape(image)[:2], tf.constant(size, tf.int32))
-    return crop(image, mask, offset, size)
-
-
-@register("random_resized_crop", "geometric", {"scale": _range(0.01, 1.0), "ratio": _range(0.1, 10.0)})
-def random_resized_crop(image, mask, seed, scale=(0.5, 1.0), ratio=(0.75, 1.3333)):
-    """Crop a random box of area ``scale`` x image area and aspect ``ratio`` (log-uniform), resized
-    back to the input size (image bilinear, mask nearest)."""
-    s = _seeds(seed, 4)
-    shape = tf.shape(image)
-    h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
-    area = _uniform(s[0], scale[0], scale[1])
-    aspect = tf.exp(_uniform(s[1], math.log(ratio[0]), math.log(ratio[1])))
-    bh = tf.minimum(tf.sqrt(area / aspect), 1.0)  # fractions of the height and width
-    bw = tf.minimum(tf.sqrt(area * aspect), 1.0)
-    y0, x0 = _uniform(s[2], 0.0, 1.0) * (1.0 - bh), _uniform(s[3], 0.0, 1.0) * (1.0 - bw)
-    # output pixel (x, y) samples input point (x0*(w-1) + x*bw*(w-1)/(w-1), ...): an axis-aligned affine.
-    sx, sy = bw, bh
-    matrix = tf.stack([sx, 0.0, x0 * (w - 1.0), 0.0, sy, y0 * (h - 1.0), 0.0, 0.0])
-    return transform(image, mask, matrix, "reflect")
-
-
-@register("elastic", "geometric", {"grid": _int(2), "sigma": _number(0, 1000),
-                                   "border": _choice("constant", "reflect")})
-def elastic(image, mask, seed, grid=3, sigma=10.0, border="reflect"):
-    """Elastic deformation of the original U-Net paper: random displacements on a coarse
-    ``grid`` x ``grid`` lattice (normal, ``sigma`` pixels), bicubic-upsampled to every pixel."""
-    shape = tf.shape(image)
-    h, w = shape[0], shape[1]
-    coarse = tf.random.stateless_normal([1, grid, grid, 2], seed, stddev=sigma)
-    flow = tf.image.resize(coarse, [h, w], method="bicubic")[0]
-    ys, xs = tf.meshgrid(tf.range(h, dtype=tf.float32), tf.range(w, dtype=tf.float32), indexing="ij")
-    return remap(image, mask, xs + flow[..., 0], ys + flow[..., 1], border)
-
-
-# ------------------------------------------------------------------------------------------------
-# Photometric ops (image only)
-# ------------------------------------------------------------------------------------------------
-
-
-@register("brightness", "color", {"delta": _number(0, 1)})
-def brightness(image, mask, seed, delta=0.2):
-    """Add a uniform offset in +-delta x 255."""
-    return _clip(image + _uniform(seed, -delta, delta) * 255.0), mask
-
-
-@register("contrast", "color", {"range": _range(0, 10)})
-def contrast(image, mask, seed, range=(0.8, 1.2)):  # noqa: A002
-    """Scale each channel's distance from its mean by a factor in ``range``."""
-    return _clip(tf.image.adjust_contrast(image, _uniform(seed, *range))), mask
-
-
-@register("saturation", "color", {"range": _range(0, 10)}, needs_rgb=True)
-def saturation(image, mask, seed, range=(0.7, 1.3)):  # noqa: A002
-    """Multiply the HSV saturation by a factor in ``range`` (RGB only)."""
-    return _clip(tf.image.adjust_saturation(image / 255.0, _uniform(seed, *range)) * 255.0), mask
-
-
-@register("hue", "color", {"delta": _number(0, 0.5)}, needs_rgb=True)
-def hue(image, mask, seed, delta=0.05):
-    """Rotate the hue by a fraction of the colour circle in +-delta (RGB only)."""
-    return _clip(tf.image.adjust_hue(image / 255.0, _uniform(seed, -delta, delta)) * 255.0), mask
-
-
-@register("gamma", "color", {"range": _range(0.01, 10)})
-def gamma(image, mask, seed, range=(0.8, 1.2)):  # noqa: A002
-    """255 x (image / 255) ** g, g uniform in ``range``."""
-    return _clip(255.0 * tf.pow(image / 255.0, _uniform(seed, *range))), mask
-
-
-@register("gaussian_noise", "color", {"std": _range(0, 255)})
-def gaussian_noise(image, mask, seed, std=(0.0, 10.0)):
-    """Add per-pixel normal noise whose standard deviation (0..255 units) is uniform in ``std``."""
-    s = _seeds(seed, 2)
-    sigma = _uniform(s[0], *std)
-    return _clip(image + tf.random.stateless_normal(tf.shape(image), s[1]) * sigma), mask
-
-
-@register("gaussian_blur", "color", {"sigma": _range(0.01, 20)})
-def gaussian_blur(image, mask, seed, sigma=(0.1, 2.0)):
-    """Blur with a Gaussian whose sigma (pixels) is uniform in ``sigma`` (separable, reflect)."""
-    radius = max(1, math.ceil(3.0 * sigma[1]))
-    s = _uniform(seed, *sigma)
-    x = tf.range(-radius, radius + 1, dtype=tf.float32)
-    k = tf.exp(-0.5 * tf.square(x / s))
-    k = k / tf.reduce_sum(k)
+def apply_color_map(image, matrix, bias):
+    """clip(image @ matrix + bias) for image float32 [H, W, C], matrix [C, C], bias [C]: one pass."""
     channels = image.shape[-1] or tf.shape(image)[-1]
-    kx = tf.tile(tf.reshape(k, [1, -1, 1, 1]), [1, 1, channels, 1])
-    ky = tf.reshape(kx, [-1, 1, channels, 1])
-    x = tf.pad(image[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="REFLECT")
-    x = tf.nn.depthwise_conv2d(x, kx, [1, 1, 1, 1], "VALID")
-    x = tf.nn.depthwise_conv2d(x, ky, [1, 1, 1, 1], "VALID")[0]
-    x.set_shape(image.shape)
-    return _clip(x), mask
+    out = tf.reshape(tf.reshape(image, [-1, channels]) @ matrix + bias, tf.shape(image))
+    out.set_shape(image.shape)
+    return _clip(out)
 
-
-@register("cutout", "color", {"holes": _int(1), "size": _range(0.0, 1.0), "fill": _number(0, 255)})
-def cutout(image, mask, seed, holes=8, size=(0.05, 0.1), fill=0.0):
-    """Coarse dropout: fill ``holes`` rectangles (sides a fraction ``size`` of the image's) with
-    ``fill``; the mask is left as it is (albumentations CoarseDropout's default)."""
-    s = _seeds(seed, 4)
-    shape = tf.shape(image)
-    h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
-    hh, hw = _uniform(s[0], *size, shape=[holes]) * h, _uniform(s[1], *size, shape=[holes]) * w
-    y0, x0 = _uniform(s[2], 0.0, 1.0, [holes]) * (h - hh), _uniform(s[3], 0.0, 1.0, [holes]) * (w - hw)
-    ys = tf.range(h)[None, :, None]
-    xs = tf.range(w)[None, None, :]
-    inside = ((ys >= y0[:, None, None]) & (ys < (y0 + hh)[:, None, None])
-              & (xs >= x0[:, None, None]) & (xs < (x0 + hw)[:, None, None]))
-    hole = tf.reduce_any(inside, axis=0)[..., None]
-    return tf.where(hole, tf.cast(fill, image.dtype), image), mask
 
 
 # ------------------------------------------------------------------------------------------------
@@ -377,8 +243,10 @@ def compose(ops: Sequence[Mapping[str, Any]] | Sequence[Step], channels: int | N
         channels: image channels when known (checks RGB-only ops early).
 
     Returns:
-        A function taking image float32 [H, W, C] in 0..255, mask integer [H, W, 1] and a seed
-        int32/int64 [2] (None draws one from the global generator: not reproducible).
+        A function taking image [H, W, C] in 0..255 (float32, or uint8: leading pixel-moving ops
+        such as flips then run on uint8, which is cheaper), mask integer [H, W, 1] and a seed
+        int32/int64 [2] (None draws one from the global generator: not reproducible); it returns
+        image float32 [H, W, C] in 0..255 and the mask in its dtype.
     """
     steps = [s if isinstance(s, Step) else None for s in ops]
     if not all(steps):
@@ -386,20 +254,64 @@ def compose(ops: Sequence[Mapping[str, Any]] | Sequence[Step], channels: int | N
 
     def augment(image, mask, seed=None):
         image, mask = tf.convert_to_tensor(image), tf.convert_to_tensor(mask)
-        if not steps:
-            return image, mask
         if seed is None:
             seed = tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int64)
-        seeds = _seeds(seed, 2 * len(steps))
-        for i, step in enumerate(steps):
-            op_seed = seeds[2 * i + 1]
-            run = lambda im, m, s=step, sd=op_seed: s.op.fn(im, m, sd, **s.params)
+        seeds = _seeds(seed, 2 * len(steps)) if steps else None
+        i = 0
+        while i < len(steps):
+            step = steps[i]
+            if not step.op.exact and image.dtype != tf.float32:
+                image = tf.cast(image, tf.float32)
+            if step.op.linear is not None:  # a run of affine colour ops: one pass over the pixels
+                j = i
+                while j < len(steps) and steps[j].op.linear is not None:
+                    j += 1
+                image = linear_color_map(image, steps[i:j], seeds[2 * i:2 * j])
+                i = j
+                continue
+            run = lambda im, m, s=step, sd=seeds[2 * i + 1]: s.op.fn(im, m, sd, **s.params)
             if step.p >= 1.0:
                 image, mask = run(image, mask)
             elif step.p > 0.0:
                 coin = tf.random.stateless_uniform([], seeds[2 * i]) < step.p
                 image, mask = tf.cond(coin, lambda r=run, im=image, m=mask: r(im, m),
                                       lambda im=image, m=mask: (im, m))
-        return image, mask
+            i += 1
+        return tf.cast(image, tf.float32), mask
 
     return augment
+
+
+def linear_color_map(image, steps: Sequence[Step], seeds) -> tf.Tensor:
+    """Apply consecutive affine colour steps as one map ``clip(x @ M + b)``.
+
+    Each step's (M_i, b_i) is drawn from its own seeds (coin ``seeds[2k]``, parameters
+    ``seeds[2k + 1]``); a step whose coin says no contributes the identity. The product is exact
+    except that values are clipped to 0..255 once, at the end, not after every op.
+
+    Args:
+        image: float32 [H, W, C] in 0..255. steps: steps whose op has ``linear``.
+        seeds: int64 [2 x len(steps), 2].
+
+    Returns:
+        float32 [H, W, C] in 0..255.
+    """
+    channels = image.shape[-1] or tf.shape(image)[-1]
+    eye = tf.eye(channels)
+    matrix, bias = eye, tf.zeros([channels])
+    mean = tf.reduce_mean(image, axis=[0, 1]) if any(s.op.needs_mean for s in steps) else None
+    for k, step in enumerate(steps):
+        if step.p <= 0.0:
+            continue
+        m, b = step.op.linear(seeds[2 * k + 1], mean, channels, **step.params)
+        if step.p < 1.0:
+            coin = tf.random.stateless_uniform([], seeds[2 * k]) < step.p
+            m, b = tf.where(coin, m, eye), tf.where(coin, b, tf.zeros_like(b))
+        matrix, bias = matrix @ m, tf.linalg.matvec(m, bias, transpose_a=True) + b  # bias @ m + b
+        if mean is not None:  # the mean of the (unclipped) image after this step
+            mean = tf.linalg.matvec(m, mean, transpose_a=True) + b
+    return apply_color_map(image, matrix, bias)
+
+
+# The ops register themselves in AUGMENTS when imported (kept apart to keep files small).
+from tfseg.data import augment_ops  # noqa: E402,F401

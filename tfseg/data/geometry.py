@@ -69,7 +69,7 @@ def pad_to(image, mask, size, fill: float = 0.0):
     shape = tf.shape(image)
     pad_h, pad_w = tf.maximum(size[0] - shape[0], 0), tf.maximum(size[1] - shape[1], 0)
     pads = [[pad_h // 2, pad_h - pad_h // 2], [pad_w // 2, pad_w - pad_w // 2], [0, 0]]
-    return tf.pad(image, pads, constant_values=fill), tf.pad(mask, pads)
+    return tf.pad(image, pads, constant_values=tf.cast(fill, image.dtype)), tf.pad(mask, pads)
 
 
 def crop(image, mask, offset, size):
@@ -95,24 +95,35 @@ def _fold(coord, size, mode):
 def remap(image, mask, map_x, map_y, border: str = "reflect"):
     """Sample image (bilinear) and mask (nearest) at float32 [H, W] input coordinates.
 
-    Points outside the input read 0 (constant; mask 0) or the mirrored input (reflect).
+    Args:
+        image: float32 [H, W, C]. mask: integer [H, W, 1].
+        map_x, map_y: float32 [H, W], the input point each output pixel reads.
+        border: ``constant`` (outside reads 0, mask 0) or ``reflect`` (mirrored input).
+
+    Returns:
+        (image float32 [H, W, C], mask [H, W, 1] of the mask's dtype).
     """
     shape = tf.shape(image)
     h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
     map_x, map_y = _fold(map_x, w, border), _fold(map_y, h, border)
+    flat_image = tf.reshape(image, [shape[0] * shape[1], -1])
+    flat_mask = tf.reshape(mask, [shape[0] * shape[1], -1])
 
-    def gather(src, yi, xi):
+    def gather(flat, yi, xi):  # one flat gather per corner: much cheaper than gather_nd
+        rows = tf.cast(tf.clip_by_value(yi, 0.0, h - 1.0), tf.int32)
+        cols = tf.cast(tf.clip_by_value(xi, 0.0, w - 1.0), tf.int32)
+        vals = tf.gather(flat, rows * shape[1] + cols)
+        if border == "reflect":  # _fold already brought every point inside
+            return vals
         inside = (xi >= 0) & (yi >= 0) & (xi <= w - 1) & (yi <= h - 1)
-        idx = tf.stack([tf.clip_by_value(yi, 0, h - 1), tf.clip_by_value(xi, 0, w - 1)], -1)
-        vals = tf.gather_nd(src, tf.cast(idx, tf.int32))
         return tf.where(inside[..., None], vals, tf.zeros_like(vals))
 
     x0, y0 = tf.floor(map_x), tf.floor(map_y)
     fx, fy = (map_x - x0)[..., None], (map_y - y0)[..., None]
-    top = gather(image, y0, x0) * (1 - fx) + gather(image, y0, x0 + 1) * fx
-    bottom = gather(image, y0 + 1, x0) * (1 - fx) + gather(image, y0 + 1, x0 + 1) * fx
+    top = gather(flat_image, y0, x0) * (1 - fx) + gather(flat_image, y0, x0 + 1) * fx
+    bottom = gather(flat_image, y0 + 1, x0) * (1 - fx) + gather(flat_image, y0 + 1, x0 + 1) * fx
     out_image = top * (1 - fy) + bottom * fy
-    out_mask = gather(mask, tf.round(map_y), tf.round(map_x))
+    out_mask = gather(flat_mask, tf.round(map_y), tf.round(map_x))
     out_image.set_shape(image.shape)
     out_mask.set_shape(mask.shape)
     return out_image, out_mask

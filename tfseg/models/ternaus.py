@@ -51,7 +51,7 @@ from tfseg.models.common import (
     segmentation_head,
     set_trainable,
 )
-from tfseg.models.encoders import adapt_constants, build_encoder, get_encoder_spec
+from tfseg.models.encoders import TORCH, adapt_constants, build_encoder, get_encoder_spec
 
 # Convolutions per VGG11 block (torchvision ``cfgs["A"]``); VGG16 comes from the encoder table.
 VGG_BLOCKS = {"vgg11": ((64,), (128,), (256, 256), (512, 512), (512, 512))}
@@ -66,8 +66,6 @@ DEFAULT_OPTIONS = {
     "ternaus_unet16": {"num_filters": 32, "is_deconv": False},
 }
 TORCH_SUFFIXES = (".pth", ".pt", ".npz")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 SIZE_MULTIPLE = 32
 MIN_SIZE = 32
@@ -80,15 +78,12 @@ def torch_normalization(channels: int, name: str = "normalize") -> keras.layers.
     """torchvision's ImageNet input normalization for 0..255 input: ``(x/255 - mean) / std``.
 
     Args:
-        channels: input channels; 3 uses the RGB mean/std, any other count their averages.
+        channels: input channels; the RGB constants are adapted as the encoder table adapts them
+            (:func:`tfseg.models.encoders.adapt_constants`: 1 channel takes their mean).
     """
-    if channels == 3:
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-    else:
-        mean = (sum(IMAGENET_MEAN) / 3,) * channels
-        std = (sum(IMAGENET_STD) / 3,) * channels
-    return keras.layers.Normalization(mean=[255.0 * m for m in mean],
-                                      variance=[(255.0 * s) ** 2 for s in std], name=name)
+    mean, std = TORCH
+    return keras.layers.Normalization(mean=adapt_constants(mean, channels),
+                                      variance=[s * s for s in adapt_constants(std, channels)], name=name)
 
 
 def vgg_features(x, vgg: str, prefix: str = "encoder_"):

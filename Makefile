@@ -29,8 +29,9 @@ verify:
 train:  ## train fold FOLD of CONFIG (FOLD=all for every fold)
 	$(PYTHON) -m tfseg train --config $(CONFIG) --fold $(FOLD) $(SET)
 
-docs:  ## regenerate docs/config.md from tfseg/config.py
+docs:  ## regenerate docs/config.md (tfseg/config.py) and docs/cli.md (tfseg/cli.py's parsers)
 	$(PYTHON) -m tfseg.config > docs/config.md
+	$(PYTHON) -m tests.test_docs > docs/cli.md
 
 bench:
 	$(PYTHON) bench/input_pipeline.py

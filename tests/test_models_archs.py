@@ -184,6 +184,19 @@ def test_ternaus_encoder_freeze(arch):
     assert model.get_layer("dec1_conv").trainable
 
 
+def test_ternaus_unet16_takes_keras_vgg16_weights_through_the_encoder_table(tmp_path):
+    vgg16 = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+    path = tmp_path / "vgg16.weights.h5"
+    vgg16.save_weights(path)
+    model = build_model(_cfg("ternaus_unet16", (32, 32, 3), encoder_weights=str(path),
+                             options={"num_filters": 2}))
+    layers = vgg_conv_layers(model)
+    np.testing.assert_array_equal(layers[5].kernel.numpy(), vgg16.get_layer("block3_conv2").kernel.numpy())
+    # caffe weights expect BGR: the first kernel is flipped so the model takes RGB
+    bgr = vgg16.get_layer("block1_conv1").kernel.numpy()
+    np.testing.assert_array_equal(layers[0].kernel.numpy(), bgr[:, :, ::-1])
+
+
 def test_ternaus_option_errors():
     with pytest.raises(ModelError, match="num_filters=0; expected a positive integer"):
         build_model(_cfg("ternaus_unet11", (32, 32, 3), options={"num_filters": 0}))

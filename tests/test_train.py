@@ -186,3 +186,28 @@ def test_parse_folds():
     assert parse_folds("all", 3) == [0, 1, 2] and parse_folds("0,2", 3) == [0, 2]
     with pytest.raises(ConfigError):
         parse_folds("x", 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_training_step(tmp_path, policy):
+    from tfseg.distribute import set_mixed_precision
+    from tfseg.train import build_compiled_model
+
+    cfg = load_config(None, ["model.arch=unet_small", "model.encoder_weights=null",
+                             "model.options={filters: [8, 16]}", "data.classes=1", "data.channels=1",
+                             "data.image_size=[32,32]",
+                             "train.loss={bce_dice: 1.0, focal: 1.0}", f"train.mixed_precision={policy}"])
+    set_mixed_precision(policy)
+    try:
+        model, _ = build_compiled_model(cfg, steps_per_epoch=4)
+        assert model.layers[1].compute_dtype in ("bfloat16", "float16")
+        assert model.output.dtype == "float32"
+        rng = np.random.default_rng(0)
+        x = rng.uniform(0, 255, (4, 32, 32, 1)).astype("float32")
+        y = (x > 127).astype("float32")
+        logs = [model.train_on_batch(x, y, return_dict=True) for _ in range(3)]
+        assert all(np.isfinite(v) for log in logs for v in log.values())
+        assert 0.0 <= logs[-1]["dice_coe"] <= 1.0
+    finally:
+        set_mixed_precision(None)

@@ -12,6 +12,7 @@ chooses other level widths (``[16, 32, 64, 128, 256, 512]`` gives 6 levels), ``c
 center width.
 
 Sizes: height and width must be multiples of ``2 ** len(filters)`` (128 by default).
+Trained from scratch: ``encoder_weights``, ``encoder_freeze`` and ``dropout`` do not apply.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ input size ``s`` works exactly when ``s % 16 == 12`` and ``s >= 188``; the outpu
 ``s - 184`` pixels (572 -> 388, 188 -> 4). :func:`output_size` and :func:`valid_input_size` say
 this in code; the training pipeline center-crops the masks to :func:`output_size`
 (``tfseg.data.pipeline``'s ``mask_crop``).
+
+Trained from scratch: there is no pretrained encoder, so ``encoder_weights`` and
+``encoder_freeze`` do not apply (and :func:`tfseg.models.common.freeze_encoder` finds nothing).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ tumour mask). With 3 input channels and 1 class both have 7,782,913 parameters.
 
 Differences: Keras' bilinear upsampling uses half-pixel centres (PyTorch's ``align_corners=False``)
 where the reference used ``align_corners=True``; ``options: {batchnorm: true}`` adds BatchNorm after
-every convolution (not in the reference). Sizes: multiples of 8.
+every convolution (not in the reference). Sizes: multiples of 8. Trained from scratch:
+``encoder_weights`` and ``encoder_freeze`` do not apply.
 """
 
 from __future__ import annotations

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.conftest import ROOT
 from tfseg import cli
 from tfseg.config import DataConfig
 from tfseg.data import tfrecord as T
 from tfseg.data.sample import Sample
-from tfseg.data.tfrecord_writer import write_shard
+from tfseg.data.tfrecord_writer import _ShardSet
 from tfseg.errors import DataError
 
 
@@ -110,6 +113,8 @@ def test_shard_names_prefix_and_counts(tmp_path):
         T.count_records(["b/x.tfrec"])
     with pytest.raises(DataError, match="TFRecord folder not found"):
         T.shard_files(tmp_path / "absent")
+    with pytest.raises(DataError, match=r"gs://b/set: shards are written to a local folder"):
+        T.write_tfrecords(data_cfg(), "gs://b/set", entries=make_samples(1), progress=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,8 +149,9 @@ def test_write_names_shards_by_count_and_lists_every_record(tmp_path):
 def test_more_shards_than_samples_and_empty_shards_make_no_file(tmp_path):
     write(tmp_path / "few", make_samples(2), shards=5)
     assert shards_of(tmp_path / "few") == ["few-000-1.tfrec", "few-001-1.tfrec"]
-    assert write_shard(data_cfg(), [], 4, tmp_path, "few") is None
-    assert list(tmp_path.glob("*.part")) == [] and list(tmp_path.glob(".*")) == []
+    shard_set = _ShardSet(tmp_path / "few", "few", 3)  # an entry that yields no sample (hubmap)
+    shard_set.add(1, [])
+    assert shard_set.close() == [] and not list((tmp_path / "few").glob(".*"))
 
 
 def test_same_input_gives_byte_identical_shards(tmp_path):
@@ -194,7 +200,13 @@ def test_a_bad_sample_aborts_and_leaves_nothing_behind(tmp_path, bad, message):
     assert sorted(p.name for p in old.iterdir()) == sorted([*before, "manifest.json"])
 
 
-@pytest.mark.slow
+def test_workers_never_import_tensorflow():
+    """Spawned writer workers run tfrecord_encode and the sources only: they start fast."""
+    code = ("import sys; import tfseg.data.tfrecord_encode, tfseg.data.sources; "
+            "sys.exit('tensorflow' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=120).returncode == 0
+
+
 def test_parallel_workers_write_the_same_bytes_and_fail_cleanly(tmp_path):
     samples = make_samples(9)
     write(tmp_path / "serial" / "set", samples, shards=3, workers=1)

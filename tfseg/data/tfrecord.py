@@ -25,11 +25,16 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import tensorflow as tf
 
 from tfseg.data.sample import Sample
+from tfseg.data.tfrecord_encode import EncodedSample, check_sample, encode_sample
 from tfseg.errors import DataError
+
+__all__ = ["FEATURES", "MANIFEST", "EncodedSample", "check_sample", "cli_tfrecords", "cli_verify",
+           "count_records", "decode_example", "encode_example", "example_bytes", "parse_index",
+           "read_manifest", "record_index", "shard_files", "shard_name", "shard_prefix", "verify_dir",
+           "write_tfrecords"]
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
@@ -63,29 +68,21 @@ def _int(value: int) -> tf.train.Feature:
     return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
 
 
-def check_sample(sample: Sample, channels: int | None = None, classes: int | None = None) -> None:
-    """Raise a one-line :class:`DataError` naming ``sample.id`` if it breaks the record contract.
-
-    Args:
-        sample: image uint8 [H, W, C] with C in (1, 3), mask uint8 [H, W] of the same H, W.
-        channels: expected C, or None to accept 1 or 3.
-        classes: mask values must be < max(classes, 2) (binary data: 0/1), or None to skip.
-    """
-    image, mask = np.asarray(sample.image), np.asarray(sample.mask)
-    if not sample.id:
-        raise DataError(f"sample of group {sample.group!r}: empty id. Expected a unique non-empty id.")
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
-        raise DataError(f"{sample.id}: image is {image.dtype} {list(image.shape)}. "
-                        "Expected uint8 [H, W, C] with C = 1 or 3.")
-    if channels is not None and image.shape[2] != channels:
-        raise DataError(f"{sample.id}: image has {image.shape[2]} channels. "
-                        f"Expected data.channels={channels}.")
-    if mask.dtype != np.uint8 or mask.shape != image.shape[:2]:
-        raise DataError(f"{sample.id}: mask is {mask.dtype} {list(mask.shape)}. "
-                        f"Expected uint8 {list(image.shape[:2])}, the image's height and width.")
-    if classes is not None and mask.size and int(mask.max()) >= max(classes, 2):
-        raise DataError(f"{sample.id}: mask value {int(mask.max())} is outside data.classes={classes}. "
-                        f"Expected values in [0, {max(classes, 2)}).")
+def example_bytes(rec: EncodedSample) -> bytes:
+    """Serialize an encoded sample as a ``tf.train.Example`` with the features of :data:`FEATURES`."""
+    feature = {
+        "image": _bytes(rec.image),
+        "mask": _bytes(rec.mask),
+        "id": _bytes(rec.id.encode("utf-8")),
+        "group": _bytes(rec.group.encode("utf-8")),
+        "label": _int(rec.label),
+        "height": _int(rec.height),
+        "width": _int(rec.width),
+        "channels": _int(rec.channels),
+        "image_format": _bytes(rec.image_format.encode("ascii")),
+    }
+    example = tf.train.Example(features=tf.train.Features(feature=feature))
+    return example.SerializeToString(deterministic=True)
 
 
 def encode_example(sample: Sample, image_format: str = "jpeg", jpeg_quality: int = 95) -> bytes:
@@ -98,30 +95,11 @@ def encode_example(sample: Sample, image_format: str = "jpeg", jpeg_quality: int
 
     Returns:
         The serialized example; the same sample and settings always give the same bytes.
+
+    Raises:
+        DataError: the sample breaks the contract (:func:`check_sample`), or an unknown format.
     """
-    check_sample(sample)
-    image = np.asarray(sample.image)
-    if image_format == "png":
-        image_bytes = tf.io.encode_png(image).numpy()
-    elif image_format == "jpeg":
-        image_bytes = tf.io.encode_jpeg(image, quality=int(jpeg_quality), optimize_size=False,
-                                        chroma_downsampling=True).numpy()
-    else:
-        raise DataError(f"image_format={image_format!r}. Expected 'png' or 'jpeg'.")
-    mask_bytes = tf.io.encode_png(np.asarray(sample.mask)[..., None]).numpy()
-    feature = {
-        "image": _bytes(image_bytes),
-        "mask": _bytes(mask_bytes),
-        "id": _bytes(sample.id.encode("utf-8")),
-        "group": _bytes(str(sample.group).encode("utf-8")),
-        "label": _int(sample.label),
-        "height": _int(image.shape[0]),
-        "width": _int(image.shape[1]),
-        "channels": _int(image.shape[2]),
-        "image_format": _bytes(image_format.encode("ascii")),
-    }
-    example = tf.train.Example(features=tf.train.Features(feature=feature))
-    return example.SerializeToString(deterministic=True)
+    return example_bytes(encode_sample(sample, image_format, jpeg_quality))
 
 
 def decode_example(serialized: tf.Tensor, channels: int = 3) -> dict[str, tf.Tensor]:

@@ -1,14 +1,17 @@
 """The sharded TFRecord writer: parallel, deterministic, all-or-nothing.
 
-Shard ``k`` holds the samples of ``entries[k::shards]`` (entries sorted by id by the source), so
-the same input gives byte-identical shards whatever the number of workers. Each shard is
-written under a temporary folder inside the output folder and renamed to
-``<prefix>-<k:03d>-<count>.tfrec`` once complete; the shards move into the output folder only
-when every worker succeeded, then ``manifest.json`` is written, atomically, last. A failure
-(a :class:`DataError` in any worker) removes the temporary folder and re-raises the one-line
-error: no new shard is left behind. Empty shards produce no file.
-"""
+Entries come from ``sources.list_entries`` (sorted by id); entry ``i`` goes to shard
+``i % shards``, so shard ``k`` holds ``entries[k::shards]``. With ``data.workers > 1`` the entries
+are read, checked and encoded in "spawn" worker processes that never import TensorFlow
+(``tfrecord_encode``); this process receives the encoded bytes in entry order and writes every
+shard, so the shards are byte-identical whatever the number of workers.
 
+All or nothing: shards are written under a hidden temporary folder inside the output folder
+(``.part`` files, renamed ``<prefix>-<k:03d>-<count>.tfrec`` when complete); they move into the
+output folder only when every entry succeeded, then ``manifest.json`` is written, atomically,
+last. A failure (a :class:`DataError` from any worker) removes the temporary folder and
+re-raises the one-line error: no new shard is left behind. Empty shards produce no file.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -20,8 +23,10 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from itertools import islice
 from pathlib import Path
 
 import tensorflow as tf
@@ -29,116 +34,72 @@ from tqdm import tqdm
 
 from tfseg.config import DataConfig
 from tfseg.data import tfrecord as schema
-from tfseg.data.sample import Sample
+from tfseg.data.tfrecord_encode import EncodedSample, encode_entry
 from tfseg.errors import DataError
 from tfseg.files import atomic_write_text
 
-_WORKER: dict = {}  # per worker process: the progress queue and the abort event
 
+def _encoded_entries(cfg: DataConfig, entries: Sequence, workers: int) -> Iterator[list[EncodedSample]]:
+    """Encode every entry, in order: in this process, or in ``workers`` "spawn" processes.
 
-class _Aborted(Exception):
-    """Raised in a worker when another worker failed: stop early, the run is discarded."""
-
-
-def _read(cfg: DataConfig, entry) -> Sample:
-    """Samples of one entry: the entry itself when it is a Sample, else ``sources.read_entry``."""
-    if isinstance(entry, Sample):
-        yield entry
-        return
-    from tfseg.data import sources
-
-    yield from sources.read_entry(cfg, entry)
-
-
-def write_shard(cfg: DataConfig, entries: Sequence, shard: int, folder: str | Path, prefix: str,
-                on_entry: Callable[[], None] | None = None) -> dict | None:
-    """Write the samples of ``entries`` as shard number ``shard`` in ``folder``.
-
-    Args:
-        cfg: data section (channels, classes, image_format, jpeg_quality, and the source to read).
-        entries: source entries (or :class:`Sample` objects), in the order they are written.
-        shard: shard number, in the file name.
-        folder: where the shard goes; written as ``.<name>.part`` first, renamed when complete.
-        prefix: shard name prefix.
-        on_entry: called after each entry (progress).
-
-    Returns:
-        ``{"file", "count", "bytes", "records": [{"id", "group", "label"}]}``, or None (and no file)
-        when the entries yield no sample.
-
-    Raises:
-        DataError: from the source, or a sample breaking the record contract (names its id).
+    Workers run only :func:`tfrecord_encode.encode_entry` (no TensorFlow import). At most
+    ``4 x workers`` entries are in flight, so memory stays bounded; the first error (a DataError
+    from a worker) cancels what is pending and is re-raised here.
     """
-    folder = Path(folder)
-    part = folder / f".{prefix}-{shard:03d}.part"
-    records = []
+    if workers <= 1:
+        for entry in entries:
+            yield encode_entry(cfg, entry)
+        return
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
     try:
-        with tf.io.TFRecordWriter(str(part)) as writer:
-            for entry in entries:
-                if _WORKER.get("abort") is not None and _WORKER["abort"].is_set():
-                    raise _Aborted()
-                for sample in _read(cfg, entry):
-                    schema.check_sample(sample, cfg.channels, cfg.classes)
-                    writer.write(schema.encode_example(sample, cfg.image_format, cfg.jpeg_quality))
-                    records.append({"id": sample.id, "group": str(sample.group), "label": int(sample.label)})
-                if on_entry is not None:
-                    on_entry()
-        if not records:
-            part.unlink()
-            return None
-        final = folder / schema.shard_name(prefix, shard, len(records))
-        os.replace(part, final)
-        return {"file": final.name, "count": len(records), "bytes": final.stat().st_size, "records": records}
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            part.unlink()
-        raise
+        todo = iter(entries)
+        window = deque(pool.submit(encode_entry, cfg, e) for e in islice(todo, 4 * workers))
+        while window:
+            result = window.popleft().result()
+            for entry in islice(todo, 1):
+                window.append(pool.submit(encode_entry, cfg, entry))
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _init_worker(queue, abort) -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    _WORKER["queue"], _WORKER["abort"] = queue, abort
+class _ShardSet:
+    """Shard ``k`` gets the entries ``i`` with ``i % n == k``; written as ``.part`` files in ``folder``."""
 
+    def __init__(self, folder: Path, prefix: str, n: int):
+        self.folder, self.prefix, self.n = folder, prefix, n
+        self.writers: dict[int, tf.io.TFRecordWriter] = {}
+        self.records: dict[int, list[dict]] = {}
 
-def _worker_task(cfg: DataConfig, entries: list, shard: int, folder: str, prefix: str) -> dict | None:
-    queue = _WORKER["queue"]
-    return write_shard(cfg, entries, shard, folder, prefix, on_entry=lambda: queue.put(1))
+    def part(self, k: int) -> Path:
+        return self.folder / f".{self.prefix}-{k:03d}.part"
 
+    def add(self, index: int, encoded: list[EncodedSample]) -> None:
+        k = index % self.n
+        for rec in encoded:
+            if k not in self.writers:
+                self.writers[k] = tf.io.TFRecordWriter(str(self.part(k)))
+                self.records[k] = []
+            self.writers[k].write(schema.example_bytes(rec))
+            self.records[k].append({"id": rec.id, "group": rec.group, "label": rec.label})
 
-def _run_serial(cfg, tasks, folder, prefix, bar) -> list[dict | None]:
-    return [write_shard(cfg, entries, k, folder, prefix, on_entry=lambda: bar.update(1))
-            for k, entries in tasks]
+    def close(self) -> list[dict]:
+        """Close every shard and rename it ``<prefix>-<k:03d>-<count>.tfrec``; shards in order."""
+        shards = []
+        for k in sorted(self.writers):
+            self.writers[k].close()
+            final = self.folder / schema.shard_name(self.prefix, k, len(self.records[k]))
+            os.replace(self.part(k), final)
+            shards.append({"file": final.name, "count": len(self.records[k]),
+                           "bytes": final.stat().st_size, "records": self.records[k]})
+        self.writers.clear()
+        return shards
 
-
-def _run_parallel(cfg, tasks, folder, prefix, bar, workers: int) -> list[dict | None]:
-    """Each task in a "spawn" process (TF is not fork-safe); the first failure aborts them all."""
-    ctx = mp.get_context("spawn")
-    queue, abort = ctx.Queue(), ctx.Event()
-    results: dict[int, dict | None] = {}
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(queue, abort)) as pool:
-        futures = {pool.submit(_worker_task, cfg, entries, k, str(folder), prefix): k for k, entries in tasks}
-        pending = set(futures)
-        try:
-            while pending:
-                done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                _drain(queue, bar)
-                for fut in done:
-                    results[futures[fut]] = fut.result()  # re-raises the worker's error here
-        except BaseException:
-            abort.set()
-            for fut in pending:
-                fut.cancel()
-            raise
-        finally:
-            _drain(queue, bar)
-    return [results[k] for k, _ in tasks]
-
-
-def _drain(queue, bar) -> None:
-    with contextlib.suppress(Exception):
-        while not queue.empty():
-            bar.update(queue.get_nowait())
+    def abandon(self) -> None:
+        for writer in self.writers.values():
+            with contextlib.suppress(Exception):
+                writer.close()
+        self.writers.clear()
 
 
 def _install(out: Path, tmp: Path, shards: list[dict], manifest: dict) -> None:
@@ -182,7 +143,11 @@ def write_tfrecords(cfg: DataConfig, output_dir: str | Path | None = None, overw
         DataError: one line, from the source or naming the bad sample; nothing new is left behind.
     """
     start = time.perf_counter()
-    out = Path(output_dir if output_dir is not None else cfg.tfrecord_dir)
+    target = str(output_dir if output_dir is not None else cfg.tfrecord_dir)
+    if "://" in target:
+        raise DataError(f"{target}: shards are written to a local folder. Expected a local path; copy the "
+                        "folder to the bucket afterwards (gsutil -m cp -r), training reads gs:// paths.")
+    out = Path(target)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder. Expected a folder for the TFRecord shards.")
     existing = schema.shard_files(out) if out.is_dir() else []
@@ -197,23 +162,24 @@ def write_tfrecords(cfg: DataConfig, output_dir: str | Path | None = None, overw
     if not entries:
         raise DataError(f"{out}: nothing to write (no entries). Expected at least one image.")
     prefix = schema.shard_prefix(out)
-    tasks = [(k, entries[k::cfg.shards]) for k in range(min(cfg.shards, len(entries)))]
+    n_shards = min(cfg.shards, len(entries))
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tfrecords-", suffix=".tmp", dir=out))
+    shard_set = _ShardSet(tmp, prefix, n_shards)
     try:
         with tqdm(total=len(entries), unit="entry", desc=f"tfrecords {prefix}", disable=not progress,
                   file=sys.stderr) as bar:
-            workers = min(cfg.workers, len(tasks))
             try:
-                if workers > 1:
-                    results = _run_parallel(cfg, tasks, tmp, prefix, bar, workers)
-                else:
-                    results = _run_serial(cfg, tasks, tmp, prefix, bar)
+                workers = min(cfg.workers, len(entries))
+                with contextlib.closing(_encoded_entries(cfg, entries, workers)) as stream:
+                    for i, encoded in enumerate(stream):
+                        shard_set.add(i, encoded)
+                        bar.update(1)
             except BaseException:
                 bar.leave = False  # erase the bar: the error is the one line left on the terminal
                 raise
-        shards = [r for r in results if r is not None]
+        shards = shard_set.close()
         records = [{"shard": s["file"], **rec} for s in shards for rec in s["records"]]
         if not records:
             raise DataError(f"{out}: the {len(entries)} entries gave no sample (data.source={cfg.source!r}). "
@@ -227,6 +193,7 @@ def write_tfrecords(cfg: DataConfig, output_dir: str | Path | None = None, overw
                     "records": records}
         _install(out, tmp, shards, manifest)
     except BaseException:
+        shard_set.abandon()
         shutil.rmtree(tmp, ignore_errors=True)
         if created:
             with contextlib.suppress(OSError):

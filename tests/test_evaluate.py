@@ -98,3 +98,14 @@ def test_evaluate_errors_are_one_line(trained, tmp_path, capsys):
     assert "fold 2 not trained" in capsys.readouterr().err
     assert cli.main(["evaluate", "--run", str(run_dir), "--data", str(tmp_path / "missing")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_out_of_fold_means_per_fold(tmp_path):
+    from tfseg.evaluate import _write
+
+    rows = [{"fold": k, "id": f"i{k}{j}", "dice": d, "iou": d / 2, "pixel_accuracy": 1.0}
+            for k, ds in ((0, (0.5, 0.7)), (1, (0.9, 0.9))) for j, d in enumerate(ds)]
+    result = _write(tmp_path, rows, None, 0.5, "oof")
+    assert result["folds"]["0"]["dice"] == pytest.approx(0.6) and result["folds"]["1"]["dice"] == 0.9
+    assert result["mean"]["dice"] == pytest.approx(0.75) and "best_threshold" not in result
+    assert json.loads((tmp_path / "evaluation.json").read_text())["folds"]["1"]["iou"] == 0.45

@@ -250,6 +250,10 @@ def _write(out: Path, rows: list[dict], sweep: Sweep | None, threshold: float, l
     names = [k for k in rows[0] if k not in ("fold", "id")]
     result = {"data": label, "images": len(rows), "threshold": threshold,
               "mean": {n: float(np.mean([r[n] for r in rows])) for n in names}}
+    folds = sorted({str(r["fold"]) for r in rows})
+    if len(folds) > 1:  # out-of-fold: the means of each fold too (cross-validation spread)
+        result["folds"] = {f: {n: float(np.mean([r[n] for r in rows if str(r["fold"]) == f])) for n in names}
+                           for f in folds}
     if sweep is not None:
         atomic_write_text(out / "sweep.csv", _csv(sweep.rows()))
         best = sweep.best()

@@ -58,7 +58,7 @@ def make_tiff(path: Path, size: int, tile: int = 512) -> None:
 
     def tiles():
         rng = np.random.default_rng(1)
-        for y in range(0, size, tile):
+        for _y in range(0, size, tile):
             for x in range(0, size, tile):
                 if x >= 2 * size // 3:
                     t = rng.integers(235, 245, (tile, tile, 1), dtype=np.uint8).repeat(3, axis=2)
@@ -144,7 +144,8 @@ def run_size(size: int, args, variants: list[str], tmp: Path) -> None:
             env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode != 0:
-                print(f"  {variant}: failed ({out.stderr.strip().splitlines()[-1] if out.stderr else out.returncode})")
+                why = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode
+                print(f"  {variant}: failed ({why})")
                 break
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         if results:
@@ -155,8 +156,8 @@ def run_size(size: int, args, variants: list[str], tmp: Path) -> None:
             med["tiles"] = results[0]["tiles"]
             rows[variant] = med
     bare = rows.get("bare", {}).get("tiles_s")
-    print(f"| variant | median s | image Mpx/s | model tiles | tiles/s | tiles/s vs bare | RSS ready MB | "
-          f"peak RSS MB |")
+    print("| variant | median s | image Mpx/s | model tiles | tiles/s | tiles/s vs bare | RSS ready MB | "
+          "peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|")
     for v, r in rows.items():
         ratio = f"{r['tiles_s'] / bare:.2f}" if bare and r["tiles_s"] else "-"

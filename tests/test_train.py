@@ -211,3 +211,17 @@ def test_mixed_precision_training_step(tmp_path, policy):
         assert 0.0 <= logs[-1]["dice_coe"] <= 1.0
     finally:
         set_mixed_precision(None)
+
+
+def test_time_limit_stops_after_the_epoch_that_passes_it():
+    from tfseg.callbacks import TimeLimit
+
+    now = [0.0]
+    limit = TimeLimit(minutes=1.0, clock=lambda: now[0])
+    inp = keras.Input((2,))
+    model = keras.Model(inp, keras.layers.Dense(1)(inp))
+    model.compile("sgd", "mse")
+    tick = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: now.__setitem__(0, now[0] + 25.0))
+    x = np.ones((4, 2), "float32")
+    hist = model.fit(x, x[:, :1], epochs=10, verbose=0, callbacks=[tick, limit])
+    assert len(hist.history["loss"]) == 3 and limit.stopped_epoch == 2  # 25, 50, 75 s >= 60 s

@@ -197,3 +197,27 @@ class ImageSummary(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self._writer is not None:
             self._writer.close()
+
+
+class TimeLimit(keras.callbacks.Callback):
+    """Stop after the epoch during which ``minutes`` of training have passed (benchmarks with a
+    fixed time budget; the epoch in progress finishes and is validated and checkpointed)."""
+
+    def __init__(self, minutes: float, clock=None):
+        super().__init__()
+        import time
+
+        self.seconds = float(minutes) * 60.0
+        self.clock = clock or time.monotonic
+        self.start = None
+        self.stopped_epoch: int | None = None
+
+    def on_train_begin(self, logs=None):
+        self.start = self.clock()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.clock() - self.start >= self.seconds:
+            self.stopped_epoch = epoch
+            self.model.stop_training = True
+            print(f"tfseg train: time limit of {self.seconds / 60:g} minutes reached after epoch {epoch + 1}",
+                  flush=True)

@@ -182,6 +182,8 @@ class TrainConfig:
                         choices=["auto", "default", "mirrored", "multiworker", "tpu"])
     backup_steps: int = opt(0, "BackupAndRestore: 0 = back up at the end of every epoch; N = every N training "
                                "steps as well (long epochs on preemptible TPU/Colab machines).", min=0)
+    time_limit_minutes: Optional[float] = opt(None, "Stop training (after the current epoch) once this many "
+                                                     "minutes of fit have passed; null = no limit.", min=0.0)
 
 
 @dataclass(frozen=True)

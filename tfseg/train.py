@@ -149,7 +149,7 @@ def make_callbacks(cfg: Config, fold_dir: Path, steps_per_epoch: int, sample=Non
     """The fold's callbacks, in the order they must run. Returns (callbacks, nan_guard, best)."""
     import keras
 
-    from tfseg.callbacks import BestCheckpoint, HistoryCSV, ImageSummary, NanGuard, Warmup
+    from tfseg.callbacks import BestCheckpoint, HistoryCSV, ImageSummary, NanGuard, TimeLimit, Warmup
     from tfseg.schedules import uses_plateau, warmup_steps
 
     t = cfg.train
@@ -166,6 +166,8 @@ def make_callbacks(cfg: Config, fold_dir: Path, steps_per_epoch: int, sample=Non
         callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=t.reduce_lr_factor,
                                                            patience=t.reduce_lr_patience, min_lr=t.min_lr,
                                                            mode="min", verbose=1))
+    if t.time_limit_minutes is not None:
+        callbacks.append(TimeLimit(t.time_limit_minutes))
     if t.early_stopping_patience > 0:
         callbacks.append(keras.callbacks.EarlyStopping(monitor=t.monitor, mode=t.monitor_mode,
                                                        patience=t.early_stopping_patience,

@@ -20,19 +20,25 @@ decided without decoding images. The full description is in ``tfrecords/README.m
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-
-import tensorflow as tf
+from typing import TYPE_CHECKING
 
 from tfseg.data.sample import Sample
 from tfseg.data.tfrecord_encode import EncodedSample, check_sample, encode_sample
 from tfseg.errors import DataError
 
-__all__ = ["FEATURES", "MANIFEST", "EncodedSample", "check_sample", "cli_tfrecords", "cli_verify",
-           "count_records", "decode_example", "encode_example", "example_bytes", "parse_index",
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+# TensorFlow is imported inside the functions that need it, so that `tfseg tfrecords` checks its
+# config (and fails on a bad key with one clean line) before the slow, noisy TensorFlow import.
+
+__all__ = ["MANIFEST", "EncodedSample", "check_sample", "cli_tfrecords", "cli_verify",
+           "count_records", "decode_example", "encode_example", "example_bytes", "features", "parse_index",
            "read_manifest", "record_index", "shard_files", "shard_name", "shard_prefix", "verify_dir",
            "write_tfrecords"]
 
@@ -40,19 +46,24 @@ MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
 SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<shard>\d+)-(?P<count>\d+)\.tfrec$")
 
-FEATURES = {
-    "image": tf.io.FixedLenFeature([], tf.string),
-    "mask": tf.io.FixedLenFeature([], tf.string),
-    "id": tf.io.FixedLenFeature([], tf.string),
-    "group": tf.io.FixedLenFeature([], tf.string, default_value=""),
-    "label": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
-    "height": tf.io.FixedLenFeature([], tf.int64),
-    "width": tf.io.FixedLenFeature([], tf.int64),
-    "channels": tf.io.FixedLenFeature([], tf.int64),
-    "image_format": tf.io.FixedLenFeature([], tf.string, default_value=""),
-}
-# The cheap part of a record: what folds need, without the image bytes being decoded.
-INDEX_FEATURES = {k: FEATURES[k] for k in ("id", "group", "label")}
+
+
+@functools.cache
+def features() -> dict:
+    """The ``tf.io.parse_single_example`` spec of a record: every feature, with defaults."""
+    import tensorflow as tf
+
+    return {
+        "image": tf.io.FixedLenFeature([], tf.string),
+        "mask": tf.io.FixedLenFeature([], tf.string),
+        "id": tf.io.FixedLenFeature([], tf.string),
+        "group": tf.io.FixedLenFeature([], tf.string, default_value=""),
+        "label": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+        "height": tf.io.FixedLenFeature([], tf.int64),
+        "width": tf.io.FixedLenFeature([], tf.int64),
+        "channels": tf.io.FixedLenFeature([], tf.int64),
+        "image_format": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,15 +72,19 @@ INDEX_FEATURES = {k: FEATURES[k] for k in ("id", "group", "label")}
 
 
 def _bytes(value: bytes) -> tf.train.Feature:
+    import tensorflow as tf
+
     return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
 
 
 def _int(value: int) -> tf.train.Feature:
+    import tensorflow as tf
+
     return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
 
 
 def example_bytes(rec: EncodedSample) -> bytes:
-    """Serialize an encoded sample as a ``tf.train.Example`` with the features of :data:`FEATURES`."""
+    """Serialize an encoded sample as a ``tf.train.Example`` with the features of :func:`features`."""
     feature = {
         "image": _bytes(rec.image),
         "mask": _bytes(rec.mask),
@@ -81,6 +96,8 @@ def example_bytes(rec: EncodedSample) -> bytes:
         "channels": _int(rec.channels),
         "image_format": _bytes(rec.image_format.encode("ascii")),
     }
+    import tensorflow as tf
+
     example = tf.train.Example(features=tf.train.Features(feature=feature))
     return example.SerializeToString(deterministic=True)
 
@@ -113,7 +130,9 @@ def decode_example(serialized: tf.Tensor, channels: int = 3) -> dict[str, tf.Ten
         dict with ``image`` uint8 [H, W, channels], ``mask`` uint8 [H, W, 1] (class indices),
         ``id`` and ``group`` tf.string, ``label``, ``height``, ``width``, ``channels`` int64.
     """
-    ex = tf.io.parse_single_example(serialized, FEATURES)
+    import tensorflow as tf
+
+    ex = tf.io.parse_single_example(serialized, features())
     image = tf.io.decode_image(ex["image"], channels=channels, expand_animations=False)
     image.set_shape([None, None, channels or None])
     mask = tf.io.decode_png(ex["mask"], channels=1)
@@ -124,7 +143,10 @@ def decode_example(serialized: tf.Tensor, channels: int = 3) -> dict[str, tf.Ten
 
 def parse_index(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
     """Parse only ``id``, ``group`` (tf.string) and ``label`` (int64) of a record: no image decoding."""
-    return tf.io.parse_single_example(serialized, INDEX_FEATURES)
+    import tensorflow as tf
+
+    spec = features()
+    return tf.io.parse_single_example(serialized, {k: spec[k] for k in ("id", "group", "label")})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,6 +176,8 @@ def shard_files(directory: str | Path) -> list[str]:
     Raises:
         DataError: the folder does not exist.
     """
+    import tensorflow as tf
+
     directory = str(directory).rstrip("/")
     if not tf.io.gfile.isdir(directory):
         raise DataError(f"{directory}: TFRecord folder not found. Expected the output of `tfseg tfrecords`.")
@@ -182,6 +206,8 @@ def read_manifest(directory: str | Path) -> dict | None:
     Raises:
         DataError: the manifest exists but is not valid JSON of the expected shape.
     """
+    import tensorflow as tf
+
     path = f"{str(directory).rstrip('/')}/{MANIFEST}"
     if not tf.io.gfile.exists(path):
         return None
@@ -209,6 +235,8 @@ def record_index(directory: str | Path) -> list[dict]:
     files = shard_files(directory)
     if not files:
         raise DataError(f"{directory}: no .tfrec shards. Expected the output of `tfseg tfrecords`.")
+    import tensorflow as tf
+
     records = []
     for path in files:
         try:
@@ -244,14 +272,24 @@ def verify_dir(directory: str | Path) -> dict:
 
 
 def cli_tfrecords(args) -> int:
-    """``tfseg tfrecords --config C [--set k=v] [--output DIR] [--overwrite]``."""
+    """``tfseg tfrecords --config C [--set k=v] [--output DIR] [--overwrite]``.
+
+    Loads the config first (a bad key fails before TensorFlow is imported), writes the shards,
+    dumps the resolved config beside them as ``config.yaml`` and prints a one-line summary.
+    """
+    from tfseg.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
     from tfseg.data import tfrecord_writer
 
-    return tfrecord_writer.cli_tfrecords(args)
+    return tfrecord_writer.cli_write(cfg, args)
 
 
 def cli_verify(args) -> int:
     """``tfseg verify DIR``: print a one-line summary, exit 0; a bad shard exits 2 naming it."""
+    directory = str(args.dir)
+    if "://" not in directory and not Path(directory).is_dir():
+        raise DataError(f"{directory}: TFRecord folder not found. Expected the output of `tfseg tfrecords`.")
     from tfseg.data import tfrecord_verify
 
     return tfrecord_verify.cli_verify(args)

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from tfseg.data.tfrecord import FEATURES, SHARD_RE, _first_line, read_manifest, shard_files
+from tfseg.data.tfrecord import SHARD_RE, _first_line, features, read_manifest, shard_files
 from tfseg.errors import DataError
 
 
 def _inspect(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
     """Decode one record at its stored channels; return its features, decoded shapes, mask histogram."""
-    ex = tf.io.parse_single_example(serialized, FEATURES)
+    ex = tf.io.parse_single_example(serialized, features())
     image = tf.io.decode_image(ex["image"], channels=0, expand_animations=False)
     mask = tf.io.decode_image(ex["mask"], channels=0, expand_animations=False)
     hist = tf.math.bincount(tf.reshape(tf.cast(mask, tf.int32), [-1]), minlength=256, maxlength=256)

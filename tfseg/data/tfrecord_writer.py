@@ -214,11 +214,10 @@ def _check_unique_ids(records: list[dict], out: Path) -> None:
         seen[rec["id"]] = rec["shard"]
 
 
-def cli_tfrecords(args) -> int:
-    """``tfseg tfrecords``: write the shards, dump the resolved config beside them, print a summary."""
-    from tfseg.config import dump_config, load_config
+def cli_write(cfg, args) -> int:
+    """``tfseg tfrecords`` once its config is loaded: write, dump the config beside the shards, print."""
+    from tfseg.config import dump_config
 
-    cfg = load_config(args.config, args.overrides)
     out = Path(args.output or cfg.data.tfrecord_dir)
     summary = write_tfrecords(cfg.data, out, overwrite=args.overwrite)
     dump_config(cfg, out / "config.yaml")

@@ -222,7 +222,8 @@ def build_encoder(
 
     Returns:
         ``keras.Model`` taking float32 [B, H, W, C] in 0..255 and returning one tensor per stride
-        s, shaped [B, H/s, W/s, F_s] (a list even for one stride).
+        s, shaped [B, H/s, W/s, F_s]: a list when called on symbolic inputs (also for one
+        stride); called eagerly with one stride, Keras returns the lone tensor.
 
     Raises:
         ModelError: unknown encoder or stride, too small or unfixed size for a non-exact

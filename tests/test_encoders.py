@@ -1,0 +1,154 @@
+"""The encoder table, pretrained weights with channel adaptation, and freezing.
+
+Weights files are made in the test (a ``weights=None`` keras.applications model's weights, saved);
+the ImageNet download is made to fail so the offline message is checked without a network.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from tfseg.errors import ModelError
+from tfseg.models.common import freeze_encoder, unfreeze_encoder
+from tfseg.models.encoders import ENCODERS, adapt_constants, build_encoder, encoder_names, get_encoder_spec
+from tfseg.models.unet import Unet
+from tfseg.models.weights import adapt_first_kernel
+
+
+def _np(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def _images(n, size, channels, seed=0):
+    return np.random.default_rng(seed).uniform(0, 255, (n, size, size, channels)).astype("float32")
+
+
+def _saved_weights(tmp_path, ctor: str) -> tuple[str, keras.Model]:
+    keras.utils.set_random_seed(1)
+    model = getattr(keras.applications, ctor)(include_top=False, weights=None, input_shape=(None, None, 3))
+    path = str(tmp_path / f"{ctor}.weights.h5")
+    model.save_weights(path)
+    return path, model
+
+
+def test_table_lists_the_issue_encoders_and_real_constructors():
+    names = set(encoder_names())
+    wanted = {f"efficientnetb{i}" for i in range(8)} | {"efficientnetv2b0", "efficientnetv2s", "mobilenetv2",
+                                                        "vgg16", "vgg19", "densenet121", "densenet169",
+                                                        "densenet201", "inceptionv3"}
+    wanted |= {f"resnet{d}{v}" for d in (50, 101, 152) for v in ("", "v2")}
+    assert wanted <= names
+    for name, spec in ENCODERS.items():
+        assert hasattr(keras.applications, spec.constructor), name
+        assert spec.strides[0] == 32 and set(spec.features) >= {2, 4, 8, 16}, name
+
+
+def test_unknown_backbone_names_the_nearest():
+    with pytest.raises(ModelError, match=r"backbone='efficientnet-b5' \(did you mean 'efficientnetb5'\?\)"):
+        get_encoder_spec("efficientnet-b5")
+
+
+def test_bad_stride_and_unfixed_size_are_clear_errors():
+    with pytest.raises(ModelError, match="no features at stride 1; it has strides"):
+        build_encoder("mobilenetv2", (64, 64, 3), strides=(32, 1))
+    with pytest.raises(ModelError, match="inceptionv3 needs a fixed input size"):
+        build_encoder("inceptionv3", (None, None, 3))
+    with pytest.raises(ModelError, match="too small; the smallest size that works is 75"):
+        build_encoder("inceptionv3", (64, 64, 3))
+
+
+def test_adapt_first_kernel_follows_smp_rule():
+    k = np.random.default_rng(0).normal(size=(3, 3, 3, 5)).astype("float32")
+    np.testing.assert_allclose(adapt_first_kernel(k, 1), k.sum(2, keepdims=True), rtol=1e-6)
+    np.testing.assert_array_equal(adapt_first_kernel(k, 3), k)
+    np.testing.assert_array_equal(adapt_first_kernel(k, 3, bgr=True), k[:, :, ::-1])
+    k4 = adapt_first_kernel(k, 4)
+    np.testing.assert_allclose(k4, np.concatenate([k, k[:, :, :1]], axis=2) * 0.75, rtol=1e-6)
+    assert adapt_first_kernel(k, 2).shape == (3, 3, 2, 5)
+    assert adapt_constants([1, 2, 6], 1) == [3.0]
+    assert adapt_constants([1, 2, 6], 5) == [1.0, 2.0, 6.0, 1.0, 2.0]
+
+
+def test_weights_file_loads_and_gray_encoder_equals_rgb_on_gray_images(tmp_path):
+    path, source = _saved_weights(tmp_path, "MobileNetV2")
+    rgb = build_encoder("mobilenetv2", (32, 32, 3), weights=path, strides=(32, 4))
+    conv = rgb.get_layer("Conv1").get_weights()[0]
+    np.testing.assert_array_equal(conv, source.get_layer("Conv1").get_weights()[0])
+    np.testing.assert_array_equal(rgb.get_layer("block_16_project").get_weights()[0],
+                                  source.get_layer("block_16_project").get_weights()[0])
+
+    gray = build_encoder("mobilenetv2", (32, 32, 1), weights=path, strides=(32, 4))
+    kernel = gray.get_layer("Conv1").get_weights()[0]
+    np.testing.assert_allclose(kernel, conv.sum(2, keepdims=True), rtol=1e-6)
+    g = _images(2, 32, 1)
+    for a, b in zip(gray(g), rgb(np.repeat(g, 3, axis=-1))):
+        np.testing.assert_allclose(_np(a), _np(b), rtol=1e-4, atol=1e-4)
+
+
+def test_caffe_encoder_takes_rgb_and_equals_keras_on_its_preprocessed_bgr(tmp_path):
+    path, source = _saved_weights(tmp_path, "VGG16")
+    encoder = build_encoder("vgg16", (32, 32, 3), weights=path, strides=(32,))
+    x = _images(2, 32, 3)
+    expected = source(keras.applications.vgg16.preprocess_input(x.copy()))
+    out = encoder(x)  # Keras returns a lone output eagerly as a tensor, symbolically as a list
+    out = out[0] if isinstance(out, list) else out
+    np.testing.assert_allclose(_np(out), _np(expected), rtol=1e-4, atol=1e-3)
+
+
+def test_missing_weights_file_and_offline_imagenet_are_clear_errors(tmp_path, monkeypatch):
+    with pytest.raises(ModelError, match=r"encoder_weights='.*nope.h5': no such file"):
+        build_encoder("vgg16", (32, 32, 3), weights=str(tmp_path / "nope.h5"))
+
+    from keras.src.utils import file_utils
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure on https://storage.googleapis.com/...: None -- [Errno -3]")
+
+    monkeypatch.setattr(file_utils, "get_file", offline)
+    with pytest.raises(ModelError, match=r"could not download ImageNet weights for vgg16 \(offline\?\); pass "
+                                         r"encoder_weights=<path"):
+        build_encoder("vgg16", (32, 32, 3), weights="imagenet")
+
+
+def test_efficientnet_normalization_is_set_for_any_channels_and_survives_saving(tmp_path):
+    encoder = build_encoder("efficientnetb0", (32, 32, 1), strides=(32,))
+    norm = next(layer for layer in encoder.layers if isinstance(layer, keras.layers.Normalization))
+    np.testing.assert_allclose(_np(norm.mean).ravel(), [np.mean([0.485, 0.456, 0.406])], rtol=1e-5)
+    model = keras.Sequential([keras.Input((32, 32, 1)), encoder])
+    x = _images(1, 32, 1)
+    before = _np(model(x))
+    model.save(tmp_path / "e.keras")
+    np.testing.assert_allclose(_np(keras.models.load_model(tmp_path / "e.keras")(x)), before, atol=1e-6)
+    assert before.shape == (1, 1, 1, 1280)
+
+
+def test_freeze_keeps_encoder_batchnorm_still_and_survives_load(tmp_path):
+    model = Unet("mobilenetv2", input_shape=(32, 32, 3), classes=1, encoder_weights=None, encoder_freeze=True,
+                 decoder_filters=(8, 8, 8, 8, 8))
+    encoder = model.get_layer("encoder")
+    assert not encoder.trainable and not encoder.trainable_weights
+    n_frozen = len(model.trainable_weights)
+    bn = encoder.get_layer("bn_Conv1")
+    mean_before = _np(bn.moving_mean).copy()
+    model.compile(optimizer="adam", loss="binary_crossentropy", run_eagerly=True)
+    model.train_on_batch(_images(2, 32, 3), np.ones((2, 32, 32, 1), "float32"))
+    np.testing.assert_array_equal(_np(bn.moving_mean), mean_before)  # inference mode while frozen
+
+    unfreeze_encoder(model)
+    assert encoder.trainable and len(model.trainable_weights) > n_frozen
+    model.save(tmp_path / "u.keras")
+    loaded = keras.models.load_model(tmp_path / "u.keras", compile=False)
+    freeze_encoder(loaded)
+    assert len(loaded.trainable_weights) == n_frozen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", encoder_names())
+def test_every_encoder_gives_features_at_its_strides(name):
+    spec = get_encoder_spec(name)
+    size = 96
+    encoder = build_encoder(name, (size, size, 1), strides=spec.strides)
+    for stride, out in zip(spec.strides, encoder.outputs):
+        assert tuple(out.shape[1:3]) == (size // stride, size // stride), (name, stride)

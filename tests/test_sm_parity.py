@@ -1,0 +1,124 @@
+"""Parity with segmentation_models 1.0.1: same trainable parameters and output shape.
+
+Parameter counts do not depend on the spatial size, so models are built small. The sm side runs
+in a subprocess with ``SM_FRAMEWORK=tf.keras`` so that importing segmentation_models cannot
+change this process. The issue's reference figures (sm.Unet at 512x512, ``encoder_weights=None``)
+are checked directly against tfseg's ``unet``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from tfseg.config import ModelConfig
+from tfseg.models import build_model
+
+# sm.Unet(name, input_shape=(512, 512, 3), classes=1, encoder_weights=None): trainable, total.
+SM_UNET_REFERENCE = {
+    "efficientnetb0": (10_071_501, 10_115_501),
+    "mobilenetv2": (8_011_345, 8_047_441),
+    "vgg16": (23_748_241, 23_752_273),
+    "efficientnetb5": (37_293_953, 37_468_673),
+}
+# keras.applications' EfficientNet has a Normalization layer (mean 3 + variance 3 + count 1).
+KERAS_EFFICIENTNET_EXTRA = 7
+
+SM_TWINS = {"Unet": "unet", "FPN": "fpn", "Linknet": "linknet", "PSPNet": "pspnet"}
+SHARED_BACKBONES = ("efficientnetb0", "efficientnetb5", "mobilenetv2", "vgg16", "resnet50")
+
+
+def _trainable(model) -> int:
+    return int(sum(np.prod(w.shape) for w in model.trainable_weights))
+
+
+def _tfseg(arch: str, backbone: str, size: int):
+    cfg = ModelConfig(arch=arch, backbone=backbone, input_shape=(size, size, 3), classes=1,
+                      activation="sigmoid", encoder_weights=None)
+    return build_model(cfg)
+
+
+def _size(sm_arch: str) -> int:
+    return 96 if sm_arch == "PSPNet" else 64  # PSPNet: a multiple of 6 * downsample_factor (8)
+
+
+@pytest.mark.parametrize("backbone", ["efficientnetb0", "mobilenetv2", "vgg16"])
+def test_unet_matches_sm_reference_counts(backbone):
+    model = _tfseg("unet", backbone, 64)
+    trainable, total = SM_UNET_REFERENCE[backbone]
+    extra = KERAS_EFFICIENTNET_EXTRA if backbone.startswith("efficientnet") else 0
+    assert _trainable(model) == trainable
+    assert model.count_params() == total + extra
+
+
+@pytest.mark.slow
+def test_unet_efficientnetb5_matches_sm_reference_counts():
+    model = _tfseg("unet", "efficientnetb5", 64)
+    trainable, total = SM_UNET_REFERENCE["efficientnetb5"]
+    assert _trainable(model) == trainable
+    assert model.count_params() == total + KERAS_EFFICIENTNET_EXTRA
+
+
+SM_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import segmentation_models as sm
+    out = {}
+    for arch, backbone, size in json.loads(sys.argv[1]):
+        m = getattr(sm, arch)(backbone, input_shape=(size, size, 3), classes=1, encoder_weights=None)
+        out[f"{arch}/{backbone}"] = {
+            "trainable": int(sum(np.prod(w.shape) for w in m.trainable_weights)),
+            "shape": list(m.output_shape[1:]),
+        }
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def _sm_counts(cases) -> dict:
+    env = {**os.environ, "SM_FRAMEWORK": "tf.keras", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("TF_USE_LEGACY_KERAS", None)
+    proc = subprocess.run([sys.executable, "-c", SM_SCRIPT, json.dumps(cases)], env=env, capture_output=True,
+                          text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
+    return json.loads(line[len("RESULT"):])
+
+
+def _compare(sm_arch: str, backbones) -> None:
+    cases = [(sm_arch, b, _size(sm_arch)) for b in backbones]
+    sm_counts = _sm_counts(cases)
+    for _, backbone, size in cases:
+        model = _tfseg(SM_TWINS[sm_arch], backbone, size)
+        ref = sm_counts[f"{sm_arch}/{backbone}"]
+        assert (_trainable(model), list(model.output_shape[1:])) == (ref["trainable"], ref["shape"]), \
+            f"{sm_arch} {backbone}"
+
+
+@pytest.mark.slow
+def test_sm_unet_mobilenetv2_same_trainable_params_and_shape():
+    _compare("Unet", ["mobilenetv2"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sm_arch", sorted(SM_TWINS))
+def test_sm_twins_same_trainable_params_and_shape(sm_arch):
+    backbones = [b for b in SHARED_BACKBONES if b != "resnet50"]
+    _compare(sm_arch, backbones)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sm_arch", sorted(SM_TWINS))
+def test_sm_resnet50_differs_by_design(sm_arch):
+    """sm's resnet50 is classification_models' pre-activation ResNet; tfseg's is keras.applications'
+    ResNet50 (v1). The counts differ; the output shape does not."""
+    size = _size(sm_arch)
+    ref = _sm_counts([(sm_arch, "resnet50", size)])[f"{sm_arch}/resnet50"]
+    model = _tfseg(SM_TWINS[sm_arch], "resnet50", size)
+    assert list(model.output_shape[1:]) == ref["shape"]
+    assert _trainable(model) != ref["trainable"]

@@ -233,6 +233,9 @@ def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2) -> dict:
     ensure_tfrecords(cfg)
     split = fold_split(cfg.data.tfrecord_dir, t.folds, fold, t.seed)
     steps = t.steps_per_epoch or max(1, split.n_train // global_batch)
+    # The whole validation fold each epoch; counted from the manifest, so Keras does not run the
+    # (group-filtered, unknown-length) dataset dry and warn that the input "ran out of data".
+    val_steps = t.validation_steps or (math.ceil(split.n_val / global_batch) if dist.workers == 1 else None)
     # 4. model under the strategy scope
     with dist.scope():
         model, _ = build_compiled_model(cfg, steps)
@@ -263,7 +266,7 @@ def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2) -> dict:
     # 7. fit
     start = time.perf_counter()
     model.fit(train_ds, epochs=t.epochs, steps_per_epoch=steps, validation_data=val_ds,
-              validation_steps=t.validation_steps, callbacks=callbacks, verbose=verbose)
+              validation_steps=val_steps, callbacks=callbacks, verbose=verbose)
     if nan_guard.where is not None:
         epoch, batch, value = nan_guard.where
         raise RunError(f"fold {fold}: the training loss became {value} at epoch {epoch + 1}, batch {batch}; "

@@ -1,0 +1,180 @@
+"""Training images/s: tfseg's ``unet`` (Keras 3) against ``sm.Unet`` (segmentation_models on tf_keras).
+
+Each variant runs in its own process (built one after another, so the time to the first step is
+measured on an otherwise idle benchmark), then the rounds are interleaved: every round runs
+``--steps`` training steps in each process in turn, rotating the order. The figures are the
+median images/s over the rounds after ``--warmup`` steps, and the time from process start to the
+end of the first training step (import + build + compile + trace + one step).
+
+All variants train the same U-Net on the same random batch (images uint8-valued floats, masks
+from a fixed pattern) with Adam(1e-3) and binary cross-entropy, ``encoder_weights=None``.
+
+Variants:
+    sm            sm.Unet on tf_keras (TF_USE_LEGACY_KERAS=1): Keras 2, fused BatchNorm.
+    sm-unfused    the same with tf_keras' BatchNormalization forced to fused=False.
+    sm-keras3     sm.Unet on Keras 3 (SM_FRAMEWORK=tf.keras without the legacy switch).
+    tfseg         tfseg.models.unet.Unet on Keras 3 (TensorFlow backend), plain graph mode.
+    tfseg-xla     the same compiled with jit_compile=True.
+
+Usage:
+    python3 bench/train_step.py --size 256 --batch 8 --rounds 5 --steps 3 \
+        --variants sm,tfseg,tfseg-xla
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+T0 = time.perf_counter()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(variant: str) -> dict:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ROOT}
+    env.pop("TF_USE_LEGACY_KERAS", None)
+    if variant.startswith("sm"):
+        env["SM_FRAMEWORK"] = "tf.keras"
+        if variant != "sm-keras3":
+            env["TF_USE_LEGACY_KERAS"] = "1"
+    return env
+
+
+def _data(size: int, batch: int):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (batch, size, size, 3)).astype("float32")
+    yy, xx = np.mgrid[:size, :size]
+    y = np.broadcast_to(((xx + yy) % 64 < 32)[None, ..., None], (batch, size, size, 1)).astype("float32")
+    return x, y
+
+
+def _build(variant: str, size: int):
+    """Return (model, input preprocessing for numpy images in 0..255)."""
+    if variant.startswith("sm"):
+        if variant == "sm-unfused":
+            import tf_keras
+
+            bn_init = tf_keras.layers.BatchNormalization.__init__
+
+            def unfused(self, *args, **kwargs):
+                kwargs["fused"] = False
+                bn_init(self, *args, **kwargs)
+
+            tf_keras.layers.BatchNormalization.__init__ = unfused
+        import segmentation_models as sm
+
+        model = sm.Unet("efficientnetb0", input_shape=(size, size, 3), classes=1, encoder_weights=None)
+        return model, sm.get_preprocessing("efficientnetb0")
+    from tfseg.models.unet import Unet
+
+    model = Unet("efficientnetb0", input_shape=(size, size, 3), classes=1, encoder_weights=None)
+    return model, lambda x: x  # tfseg normalizes inside the model
+
+
+def worker(args) -> None:
+    """Build, compile, take the first step, warm up, then run rounds on request from stdin."""
+    import numpy as np
+
+    variant = args.worker
+    model, prep = _build(variant, args.size)
+    keras = sys.modules[type(model).__module__.split(".")[0]]
+    x, y = _data(args.size, args.batch)
+    x = prep(x.copy()).astype("float32")
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy",
+                  **({"jit_compile": True} if variant.endswith("-xla") else {}))
+    loss = float(np.asarray(model.train_on_batch(x, y)).ravel()[0])
+    first = time.perf_counter() - T0
+    for _ in range(args.warmup):
+        model.train_on_batch(x, y)
+    print("@@" + json.dumps({"ready": variant, "first_step_s": first, "loss0": loss,
+                      "keras": keras.__version__, "params": int(model.count_params())}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            model.train_on_batch(x, y)
+        dt = time.perf_counter() - t
+        print("@@" + json.dumps({"img_s": args.steps * args.batch / dt}), flush=True)
+
+
+def _machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
+    return f"{cpu}, {os.cpu_count()} cores visible, load average {load[0]:.2f}"
+
+
+def _reply(proc) -> dict | None:
+    """The next ``@@{json}`` line of a worker (libraries print other lines to stdout)."""
+    for line in proc.stdout:
+        if line.startswith("@@"):
+            return json.loads(line[2:])
+    return None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="training steps per round")
+    parser.add_argument("--warmup", type=int, default=2, help="steps after the first, untimed")
+    parser.add_argument("--variants", default="sm,tfseg,tfseg-xla")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return 0
+
+    print("command:", " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]))
+    print("machine:", _machine())
+    variants = args.variants.split(",")
+    procs, ready = {}, {}
+    base = [sys.executable, os.path.abspath(__file__), "--size", str(args.size), "--batch", str(args.batch),
+            "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    for v in variants:  # one at a time, so that first-step times do not share the CPU
+        p = subprocess.Popen([*base, "--worker", v], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env=_env(v), cwd=ROOT)
+        reply = _reply(p)
+        if reply is None:
+            raise SystemExit(f"variant {v} failed to start (exit {p.wait()})")
+        procs[v], ready[v] = p, reply
+        print(f"  {v}: first step after {ready[v]['first_step_s']:.1f} s (keras {ready[v]['keras']}, "
+              f"{ready[v]['params']:,} params)", flush=True)
+    speeds = {v: [] for v in variants}
+    for r in range(args.rounds):
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        for v in order:
+            procs[v].stdin.write("run\n")
+            procs[v].stdin.flush()
+            speeds[v].append(_reply(procs[v])["img_s"])
+    for p in procs.values():
+        p.stdin.close()
+        p.wait()
+    print("machine after:", _machine())
+    ref = statistics.median(speeds[variants[0]])
+    print(f"\n{'variant':<12} {'first step s':>12} {'median img/s':>13} {'min':>6} {'max':>6} "
+          f"{'vs ' + variants[0]:>10}")
+    for v in variants:
+        med = statistics.median(speeds[v])
+        print(f"{v:<12} {ready[v]['first_step_s']:>12.1f} {med:>13.2f} {min(speeds[v]):>6.2f} "
+              f"{max(speeds[v]):>6.2f} {med / ref:>9.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,8 +12,9 @@ from a fresh iterator (start-up included):
                   saturation, hue: the HuBMAP notebooks' set)
     tf_affine     the same + shift_scale_rotate (p 0.5), for reference
 
-Prints the command, the machine (CPU model, cores, load average), per variant the median images/s
-and every round, and the ratios the targets are about (tf_decode / plain, tf_augment / plain,
+Prints the command, the machine (CPU model, cores, load average), per variant the median images/s,
+the median CPU time per image (all threads of this process: robust when other programs share the
+cores) and every round, and the ratios the targets are about (tf_decode / plain, tf_augment / plain,
 tf_augment / tf_decode).
 
     python3 bench/input_pipeline.py [--images 128] [--rounds 5] [--batch 16] [--epochs 3]
@@ -120,16 +121,17 @@ def plain_loader(pairs, batch: int, seed: int):
             yield np.stack(images), np.stack(masks)
 
 
-def time_variant(make_iter, n_batches: int) -> float:
-    """Seconds to take ``n_batches`` from a fresh iterator (start-up included)."""
-    start = time.perf_counter()
+def time_variant(make_iter, n_batches: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) to take ``n_batches`` from a fresh
+    iterator, start-up included. CPU time barely depends on what else the machine runs."""
+    start, cpu = time.perf_counter(), time.process_time()
     it = make_iter()
     for _ in range(n_batches):
         image, mask = next(it)
         np.asarray(image[0, 0, 0])  # make sure the batch is really there
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     del it
-    return seconds
+    return seconds, cpu
 
 
 def main(argv=None) -> int:
@@ -168,20 +170,27 @@ def main(argv=None) -> int:
         for make in variants.values():  # warm-up: trace the graphs, fill the OS file cache
             time_variant(make, 2)
         rates = {name: [] for name in variants}
+        cpu_ms = {name: [] for name in variants}
         for _ in range(args.rounds):
             for name, make in variants.items():
-                rates[name].append(n_images / time_variant(make, n_batches))
+                wall, cpu = time_variant(make, n_batches)
+                rates[name].append(n_images / wall)
+                cpu_ms[name].append(1000.0 * cpu / n_images)
     med = {name: statistics.median(r) for name, r in rates.items()}
     print(f"load average at end:   {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"\n{'variant':<12} {'median img/s':>12}   rounds")
+    print(f"\n{'variant':<12} {'median img/s':>12} {'CPU ms/img':>11}   img/s of each round")
     for name, r in rates.items():
-        print(f"{name:<12} {med[name]:>12.1f}   {' '.join(f'{x:.1f}' for x in r)}")
+        print(f"{name:<12} {med[name]:>12.1f} {statistics.median(cpu_ms[name]):>11.2f}   "
+              f"{' '.join(f'{x:.1f}' for x in r)}")
     print()
     print(f"tf_decode  / plain     = {med['tf_decode'] / med['plain']:.2f}x")
     print(f"tf_augment / plain     = {med['tf_augment'] / med['plain']:.2f}x   (target >= 2x)")
     print(f"tf_augment / tf_decode = {med['tf_augment'] / med['tf_decode']:.2f}   "
           f"(augmentation cost {100 * (1 - med['tf_augment'] / med['tf_decode']):.0f}%, target <= 30%)")
     print(f"tf_affine  / tf_decode = {med['tf_affine'] / med['tf_decode']:.2f}")
+    cpu = {name: statistics.median(v) for name, v in cpu_ms.items()}
+    print(f"CPU time per image: tf_decode / plain = {cpu['tf_decode'] / cpu['plain']:.2f}, "
+          f"tf_augment / tf_decode = {cpu['tf_augment'] / cpu['tf_decode']:.2f}")
     return 0
 
 

@@ -145,6 +145,9 @@ def test_fit_none_mask_crop_and_cache(isbi_files):
         image, mask = batches(ds, 1)[0]
         assert image.shape == (5, 48, 48, 1) and mask.shape == (5, 20, 20, 1)
         np.testing.assert_array_equal(mask[..., 0], (image[:, 14:34, 14:34, 0] > 128).astype(np.float32))
+    same, plain = (make_dataset(isbi_files, batch_size=5, training=False, fit=fit, image_size=(48, 48),
+                                channels=1, deterministic=True) for fit in ("resize", "none"))
+    np.testing.assert_array_equal(batches(same, 1)[0][0], batches(plain, 1)[0][0])  # already the size
     wrong = make_dataset(isbi_files, batch_size=5, training=False, fit="none", image_size=(32, 32),
                          channels=1)
     with pytest.raises(tf.errors.InvalidArgumentError, match="data.fit=none"):
@@ -165,6 +168,9 @@ def test_errors_come_before_any_data(isbi_files, tmp_path):
     with pytest.raises(ConfigError, match=r"augment\.ops\[0\]: Received: name='flip'"):
         make_dataset(isbi_files, batch_size=2, training=True, image_size=(8, 8),
                      augment_ops=[{"name": "flip"}])
+    with pytest.raises(ConfigError, match=r"augment\.ops\[0\]\.p=2"):  # checked for validation too
+        make_dataset(isbi_files, batch_size=2, training=False, image_size=(8, 8),
+                     augment_ops=[{"name": "rot90", "p": 2}])
     with pytest.raises(ConfigError, match="saturation needs RGB"):
         make_dataset(isbi_files, batch_size=2, training=True, image_size=(8, 8), channels=1,
                      augment_ops=[{"name": "saturation"}])

@@ -163,8 +163,7 @@ def register_linear(name: str, checks: Mapping[str, Callable], needs_mean: bool 
 
 def apply_color_map(image, matrix, bias):
     """clip(image @ matrix + bias) for image float32 [H, W, C], matrix [C, C], bias [C]: one pass."""
-    channels = image.shape[-1] or tf.shape(image)[-1]
-    out = tf.reshape(tf.reshape(image, [-1, channels]) @ matrix + bias, tf.shape(image))
+    out = tf.einsum("hwc,cd->hwd", image, matrix) + bias
     out.set_shape(image.shape)
     return _clip(out)
 

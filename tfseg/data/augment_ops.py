@@ -43,13 +43,20 @@ def flip_up_down(image, mask, seed):
     return tf.reverse(image, axis=[0]), tf.reverse(mask, axis=[0])
 
 
+def _rot90(x, k):
+    """x [H, W, C] turned counter-clockwise by k x 90 degrees, k an int32 tensor in {1, 2, 3}."""
+    return tf.switch_case(k - 1, [lambda: tf.transpose(tf.reverse(x, [1]), [1, 0, 2]),
+                                  lambda: tf.reverse(x, [0, 1]),
+                                  lambda: tf.reverse(tf.transpose(x, [1, 0, 2]), [1])])
+
+
 @register("rot90", "geometric", exact=True)
 def rot90(image, mask, seed):
     """Rotate both by k x 90 degrees, k uniform in {1, 2, 3}; non-square inputs only by 180."""
     k = tf.random.stateless_uniform([], seed, minval=1, maxval=4, dtype=tf.int32)
     shape = tf.shape(image)
     k = tf.where(tf.equal(shape[0], shape[1]), k, 2)
-    out_image, out_mask = tf.image.rot90(image, k), tf.image.rot90(mask, k)
+    out_image, out_mask = _rot90(image, k), _rot90(mask, k)
     out_image.set_shape(image.shape)  # k is 2 unless H == W, so the shape is kept
     out_mask.set_shape(mask.shape)
     return out_image, out_mask

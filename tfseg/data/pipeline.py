@@ -94,16 +94,22 @@ def _keep_groups(ds: tf.data.Dataset, groups: Collection[str]) -> tf.data.Datase
     return ds.filter(lambda s: table.lookup(tfrecord.parse_index(s)["group"]) > 0)
 
 
+def _resize(image, mask, size):
+    """Image bilinear (back to uint8), mask nearest, to ``size`` [h, w]."""
+    image = tf.image.resize(image, size, method="bilinear", antialias=False)
+    image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    return image, tf.image.resize(mask, size, method="nearest")
+
+
 def _decode_and_fit(channels: int, image_size, fit: str, training: bool):
     """Record -> (image uint8 [h, w, C], mask uint8 [h, w, 1], id), fitted unless a random crop."""
 
     def decode(serialized):
         ex = tfrecord.decode_example(serialized, channels)
         image, mask = ex["image"], ex["mask"]
-        if fit == "resize":
-            image = tf.image.resize(image, image_size, method="bilinear", antialias=False)
-            image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-            mask = tf.image.resize(mask, image_size, method="nearest")
+        if fit == "resize":  # records already at image_size (tiles written at training size) pass as they are
+            same = tf.reduce_all(tf.equal(tf.shape(image)[:2], tf.constant(image_size, tf.int32)))
+            image, mask = tf.cond(same, lambda: (image, mask), lambda: _resize(image, mask, image_size))
         elif fit == "random_crop" and not training:  # validation: the central window, padded if small
             image, mask = pad_to(image, mask, image_size)
             offset = (tf.shape(image)[:2] - tf.constant(image_size)) // 2
@@ -174,7 +180,7 @@ def make_dataset(files: Sequence[str], *, batch_size: int, training: bool,
     files = _check_args(files, batch_size, image_size, fit, mask_crop, groups)
     image_size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
     mask_crop = None if mask_crop is None else (int(mask_crop[0]), int(mask_crop[1]))
-    steps = check_ops(augment_ops, channels) if training else []
+    steps = check_ops(augment_ops, channels)  # always checked, used only when training
     augment = compose(steps)
 
     ds = _read_records(files, training, seed, deterministic)
@@ -192,7 +198,7 @@ def make_dataset(files: Sequence[str], *, batch_size: int, training: bool,
     elif repeat not in (None, False) and repeat != 1:
         ds = ds.repeat(int(repeat))
     finish = _finish(classes, mask_crop, with_ids)
-    if training and (steps or fit == "random_crop"):
+    if training and (any(s.p > 0 for s in steps) or fit == "random_crop"):
         ds = _augmented(ds, augment, fit, image_size, seed, deterministic, finish)
     else:
         ds = ds.map(finish, num_parallel_calls=AUTOTUNE, deterministic=deterministic)

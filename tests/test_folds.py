@@ -7,6 +7,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.model_selection import KFold
 
 from tfseg.config import DataConfig
@@ -61,6 +63,22 @@ def test_stratified_folds_keep_the_label_balance():
     gaps_plain = [worst_gap(assign_folds(groups, 5, s)) for s in range(5)]
     assert max(gaps_strat) < 0.05
     assert np.mean(gaps_strat) < np.mean(gaps_plain)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 14), st.integers(-1, 2)), min_size=4, max_size=40),
+       st.integers(2, 4), st.integers(0, 2**31 - 1))
+def test_any_records_every_group_gets_one_fold_in_range(records, k, seed):
+    groups = [f"g{g}" for g, _ in records]
+    labels = [lab for _, lab in records]
+    if len(set(groups)) < k:
+        with pytest.raises(DataError, match="groups cannot make"):
+            assign_folds(groups, k, seed, labels)
+        return
+    folds = assign_folds(groups, k, seed, labels)
+    assert sorted(folds) == sorted(set(groups))
+    assert set(folds.values()) <= set(range(k)) and len(set(folds.values())) == k  # no empty fold
+    assert assign_folds(groups, k, seed, labels) == folds
 
 
 def test_labels_without_information_fall_back_to_group_kfold():

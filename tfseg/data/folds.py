@@ -13,6 +13,8 @@ Two ways, both seeded by ``train.seed``:
 
 from __future__ import annotations
 
+import collections
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,8 +60,9 @@ def assign_folds(groups: Sequence[str], k: int, seed: int,
         k: number of folds, at least 2 and at most the number of distinct groups.
         seed: seed of the shuffle; the same inputs and seed give the same assignment.
         labels: optional label of each record (``-1`` = none). When at least two distinct labels
-            other than -1 occur, folds are stratified (``StratifiedGroupKFold``); otherwise groups
-            are shuffled and split into folds of about equal size (``GroupKFold``).
+            other than -1 occur (and one has at least ``k`` records), folds are stratified
+            (``StratifiedGroupKFold``); otherwise, or when stratifying would leave a fold empty,
+            groups are shuffled and split into folds of about equal size (``GroupKFold``).
 
     Returns:
         ``{group: fold}`` for every distinct group, folds in ``[0, k)``.
@@ -75,21 +78,32 @@ def assign_folds(groups: Sequence[str], k: int, seed: int,
                         f"Expected at least {k} distinct groups.")
     if labels is not None and len(labels) != len(groups):
         raise DataError(f"{len(labels)} labels for {len(groups)} records. Expected one label per record.")
-    stratify = labels is not None and len({int(v) for v in labels} - {-1}) > 1
+    counts = collections.Counter(int(v) for v in labels) if labels is not None else {}
+    # Stratify when there are two real labels and at least one is common enough to spread over k folds.
+    stratify = len(set(counts) - {-1}) > 1 and max(counts.values()) >= k
     # The assignment must not depend on the order records were listed in: sort them first.
     order = sorted(range(len(groups)), key=lambda i: (groups[i], int(labels[i]) if stratify else 0))
     g = np.array([groups[i] for i in order])
     x = np.zeros((len(g), 1))
     if stratify:
         y = np.array([int(labels[i]) for i in order])
-        splits = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(x, y, g)
-    else:
-        splits = GroupKFold(n_splits=k, shuffle=True, random_state=seed).split(x, None, g)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+            splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+            folds = _folds_of(splitter.split(x, y, g), g)
+        if len(set(folds.values())) == k:
+            return {group: folds[group] for group in distinct}
+        # too few groups to stratify without leaving a fold empty: plain grouped folds
+    folds = _folds_of(GroupKFold(n_splits=k, shuffle=True, random_state=seed).split(x, None, g), g)
+    return {group: folds[group] for group in distinct}
+
+
+def _folds_of(splits, g: np.ndarray) -> dict[str, int]:
     fold_of: dict[str, int] = {}
     for fold, (_, val_idx) in enumerate(splits):
         for i in val_idx:
             fold_of[str(g[i])] = fold
-    return {group: fold_of[group] for group in distinct}
+    return fold_of
 
 
 def fold_split(tfrecord_dir: str | Path, k: int, fold: int, seed: int, stratify: bool = True) -> FoldSplit:

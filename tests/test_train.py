@@ -225,3 +225,34 @@ def test_time_limit_stops_after_the_epoch_that_passes_it():
     x = np.ones((4, 2), "float32")
     hist = model.fit(x, x[:, :1], epochs=10, verbose=0, callbacks=[tick, limit])
     assert len(hist.history["loss"]) == 3 and limit.stopped_epoch == 2  # 25, 50, 75 s >= 60 s
+
+
+def test_image_summary_panels_show_image_truth_prediction(tmp_path):
+    from tfseg.callbacks import ImageSummary
+
+    inp = keras.Input((24, 24, 1))
+    scaled = keras.layers.Rescaling(1 / 255)(inp)
+    model = keras.Model(inp, keras.layers.Conv2D(1, 1, activation="sigmoid")(scaled))
+    images = np.zeros((2, 24, 24, 1), "float32")
+    images[:, 6:18, 6:18] = 255.0
+    masks = (images > 0).astype("float32")
+    summary = ImageSummary(tmp_path / "tb", images, masks, classes=1)
+    summary.set_model(model)
+    batch = summary.render(epoch=0)
+    assert batch.dtype == np.uint8 and batch.shape[0] == 2 and batch.shape[-1] == 3
+    assert batch.shape[2] > 3 * batch.shape[1]  # a row of four pictures
+    assert batch.std() > 0
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("tensorboard") is None,
+                    reason="the tensorboard package is not installed (TensorFlow 2.21 does not bring it)")
+def test_image_summary_writes_tensorboard_events(tmp_path):
+    from tfseg.callbacks import ImageSummary
+
+    inp = keras.Input((16, 16, 1))
+    model = keras.Model(inp, keras.layers.Conv2D(1, 1, activation="sigmoid")(inp))
+    summary = ImageSummary(tmp_path / "tb", np.ones((1, 16, 16, 1), "float32"), np.ones((1, 16, 16, 1)), 1)
+    summary.set_model(model)
+    summary.on_epoch_end(0)
+    summary.on_train_end()
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))

@@ -167,13 +167,10 @@ class ImageSummary(keras.callbacks.Callback):
         self.threshold = threshold
         self._writer = None
 
-    def on_epoch_end(self, epoch, logs=None):
-        import tensorflow as tf
-
+    def render(self, epoch: int) -> np.ndarray:
+        """The panels of this epoch: uint8 [N, h, w, 3], one row picture per validation image."""
         from tfseg import viz
 
-        if self._writer is None:
-            self._writer = tf.summary.create_file_writer(self.logdir)
         probs = np.asarray(self.model.predict_on_batch(self.images))
         panels = []
         for image, mask, prob in zip(self.images, self.masks, probs):
@@ -184,14 +181,20 @@ class ImageSummary(keras.callbacks.Callback):
             if pred.shape != image.shape[:2]:  # smaller output (valid convolutions): crop the image
                 dy, dx = (image.shape[0] - pred.shape[0]) // 2, (image.shape[1] - pred.shape[1]) // 2
                 image = image[dy:dy + pred.shape[0], dx:dx + pred.shape[1]]
-            picture = viz.panel(np.clip(image, 0, 255).astype(np.uint8), pred, mask[..., 0].astype(np.uint8),
-                                title=f"epoch {epoch + 1}")
-            panels.append(picture)
+            panels.append(viz.panel(np.clip(image, 0, 255).astype(np.uint8), pred,
+                                    mask[..., 0].astype(np.uint8), title=f"epoch {epoch + 1}"))
         height = min(p.shape[0] for p in panels)
         width = min(p.shape[1] for p in panels)
-        batch = np.stack([p[:height, :width] for p in panels])
+        return np.stack([p[:height, :width] for p in panels])
+
+    def on_epoch_end(self, epoch, logs=None):
+        import tensorflow as tf
+
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.logdir)
         with self._writer.as_default():
-            tf.summary.image("validation/panels", batch, step=epoch, max_outputs=len(panels))
+            tf.summary.image("validation/panels", self.render(epoch), step=epoch,
+                             max_outputs=len(self.images))
         self._writer.flush()
 
     def on_train_end(self, logs=None):

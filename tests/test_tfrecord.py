@@ -279,6 +279,12 @@ def test_verify_checks_manifest_ids_and_classes(shard_dir):
     (shard_dir / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=r"mask value 2 outside classes=2"):
         T.verify_dir(shard_dir)
+    (shard_dir / "manifest.json").write_text('{"shards": [')
+    with pytest.raises(DataError, match=r"manifest.json: unreadable manifest \(JSONDecodeError\)"):
+        T.verify_dir(shard_dir)
+    (shard_dir / "manifest.json").write_text('{"records": []}')
+    with pytest.raises(DataError, match=r"manifest lacks 'shards' or 'records'"):
+        T.record_index(shard_dir)
 
 
 def test_cli_verify_exit_codes(shard_dir, capsys):

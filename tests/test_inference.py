@@ -299,3 +299,25 @@ def test_huge_tiff_is_read_by_windows(tmp_path, monkeypatch):
     tifffile.imwrite(tmp_path / "two.tif", rgb[..., :2].copy(), tile=(64, 64), planarconfig="contig")
     with pytest.raises(DataError, match="two.tif"):
         predict_cli.open_image(tmp_path / "two.tif", 3)
+
+
+def test_cli_predict_tfrecord_shard_uses_ids_and_truth(tmp_path):
+    import tensorflow as tf
+
+    from tfseg.cli import main
+    from tfseg.data.sample import Sample
+    from tfseg.data.tfrecord import encode_example
+
+    run, _ = make_run(tmp_path, folds=(0,))
+    img = isbi((96, 80))
+    mask = (np.asarray(Image.open(shared_path("isbi2012_em_membrane", "masks", "0.png")))[:96, :80] > 127)
+    shard = tmp_path / "isbi-000-2.tfrec"
+    with tf.io.TFRecordWriter(str(shard)) as w:
+        for i in (3, 7):
+            w.write(encode_example(Sample(f"slice{i}", "g", img, mask.astype(np.uint8)), image_format="png"))
+    out = tmp_path / "preds"
+    assert main(["predict", "--run", str(run), "--input", str(shard), "--output", str(out),
+                 "--overlays", str(tmp_path / "ov")]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["slice3.png", "slice7.png"]
+    assert np.asarray(Image.open(out / "slice3.png")).shape == (96, 80)
+    assert sorted(p.name for p in (tmp_path / "ov").iterdir()) == ["slice3.png", "slice7.png"]

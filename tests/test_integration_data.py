@@ -46,7 +46,7 @@ def one_batch(cfg, files, groups=None):
 def test_recipe_loads_and_its_data_section_is_right(name, monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = load_config(f"configs/{name}.yaml")
-    assert cfg.data.tfrecord_dir == f"tfrecords/{'kvasir' if name == 'kvasir' else name}"
+    assert cfg.data.tfrecord_dir == f"tfrecords/{name}"
     assert cfg.model.input_shape == (*cfg.data.image_size, cfg.data.channels)
     assert all(s % 32 == 0 for s in cfg.data.image_size)
     check_ops(cfg.augment.ops, cfg.data.channels)

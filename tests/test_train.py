@@ -256,3 +256,22 @@ def test_image_summary_writes_tensorboard_events(tmp_path):
     summary.on_epoch_end(0)
     summary.on_train_end()
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_last_keras_keeps_the_last_weights_when_early_stopping_restores_the_best(tmp_path):
+    from tfseg.callbacks import SaveLast
+
+    inp = keras.Input((2,))
+    model = keras.Model(inp, keras.layers.Dense(1)(inp))
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    final = {}
+    keep = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: final.update(w=model.get_weights()))
+    restore = keras.callbacks.EarlyStopping(monitor="loss", mode="max", patience=10,
+                                            restore_best_weights=True)
+    x = np.ones((8, 2), "float32")
+    save_last = SaveLast(tmp_path / "last.keras")
+    model.fit(x, 3 * x[:, :1], epochs=3, verbose=0, callbacks=[keep, save_last, restore])
+    last = keras.models.load_model(tmp_path / "last.keras")
+    for saved, expected, restored in zip(last.get_weights(), final["w"], model.get_weights()):
+        np.testing.assert_allclose(saved, expected)
+        assert not np.allclose(saved, restored)  # the model itself went back to epoch 1

@@ -224,3 +224,22 @@ class TimeLimit(keras.callbacks.Callback):
             self.model.stop_training = True
             print(f"tfseg train: time limit of {self.seconds / 60:g} minutes reached after epoch {epoch + 1}",
                   flush=True)
+
+
+class SaveLast(keras.callbacks.Callback):
+    """Save the model as the run ended (``last.keras``, atomic) unless the loss went NaN.
+
+    Place it before ``EarlyStopping(restore_best_weights=True)``, whose ``on_train_end`` puts the
+    best weights back: ``last.keras`` keeps the last epoch's weights, ``best.keras`` the best.
+    """
+
+    def __init__(self, path: str | os.PathLike, nan_guard: NanGuard | None = None):
+        super().__init__()
+        self.path = Path(path)
+        self.nan_guard = nan_guard
+
+    def on_train_end(self, logs=None):
+        if self.nan_guard is not None and self.nan_guard.where is not None:
+            return
+        with atomic_path(self.path) as tmp:
+            self.model.save(tmp)

@@ -8,7 +8,7 @@ One fold, top to bottom (:func:`train_fold`):
     4. build the model, its loss, optimizer and metrics under ``strategy.scope()``
     5. build the datasets (global batch = per-replica batch x replicas; mask crop for models
        whose output is smaller than their input)
-    6. callbacks: BackupAndRestore, history CSV, best checkpoint, EarlyStopping,
+    6. callbacks: BackupAndRestore, history CSV, best and last checkpoints, EarlyStopping,
        ReduceLROnPlateau, warm-up, TerminateOnNaN, TensorBoard scalars and image panels
     7. fit
     8. write the fold's outputs and the run's ``summary.json``
@@ -34,7 +34,7 @@ from pathlib import Path
 
 from tfseg.config import Config, dump_config, load_config
 from tfseg.errors import ConfigError, RunError
-from tfseg.files import atomic_path, atomic_write_text
+from tfseg.files import atomic_write_text
 
 LOSS_MONITORS = ("loss", "val_loss")
 
@@ -149,7 +149,15 @@ def make_callbacks(cfg: Config, fold_dir: Path, steps_per_epoch: int, sample=Non
     """The fold's callbacks, in the order they must run. Returns (callbacks, nan_guard, best)."""
     import keras
 
-    from tfseg.callbacks import BestCheckpoint, HistoryCSV, ImageSummary, NanGuard, TimeLimit, Warmup
+    from tfseg.callbacks import (
+        BestCheckpoint,
+        HistoryCSV,
+        ImageSummary,
+        NanGuard,
+        SaveLast,
+        TimeLimit,
+        Warmup,
+    )
     from tfseg.schedules import uses_plateau, warmup_steps
 
     t = cfg.train
@@ -158,7 +166,8 @@ def make_callbacks(cfg: Config, fold_dir: Path, steps_per_epoch: int, sample=Non
     nan_guard = NanGuard()
     best = BestCheckpoint(fold_dir / "best.keras", t.monitor, t.monitor_mode, history)
     callbacks = [keras.callbacks.BackupAndRestore(str(fold_dir / "backup"), save_freq=save_freq),
-                 HistoryCSV(history), best, nan_guard, keras.callbacks.TerminateOnNaN()]
+                 HistoryCSV(history), best, nan_guard, keras.callbacks.TerminateOnNaN(),
+                 SaveLast(fold_dir / "last.keras", nan_guard)]
     warm = warmup_steps(t, steps_per_epoch)
     if t.schedule not in ("cosine", "polynomial") and warm > 0:
         callbacks.append(Warmup(t.lr, warm))
@@ -271,9 +280,7 @@ def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2) -> dict:
         epoch, batch, value = nan_guard.where
         raise RunError(f"fold {fold}: the training loss became {value} at epoch {epoch + 1}, batch {batch}; "
                        f"training stopped. Lower train.lr (now {t.lr}) or check the data and loss")
-    # 8. outputs
-    with atomic_path(fold_dir / "last.keras") as tmp:
-        model.save(tmp)
+    # 8. outputs (best.keras and last.keras were written by their callbacks)
     result = {"best": best.best, "best_epoch": best.best_epoch + 1, "epochs": _epochs_done(fold_dir),
               "n_train": split.n_train, "n_val": split.n_val,
               "seconds": round(time.perf_counter() - start, 1), "fold_dir": str(fold_dir)}

@@ -135,10 +135,14 @@ def run_size(size: int, args, variants: list[str], tmp: Path) -> None:
     make_tiff(tiff, size, args.tile)
     print(f"\n{size}x{size}x3 TIFF ({tiff.stat().st_size / 1e6:.0f} MB, written in "
           f"{time.perf_counter() - t0:.0f} s); float32 size of the image {size * size * 12 / 1e9:.2f} GB")
-    rows = {}
-    for variant in variants:
-        results = []
-        for _ in range(args.rounds):
+    # Rounds are interleaved (bare, tiled, ..., bare, tiled, ...) so that a change in the
+    # machine's load during the run hits every variant alike.
+    results: dict[str, list[dict]] = {v: [] for v in variants}
+    failed: set[str] = set()
+    for _ in range(args.rounds):
+        for variant in variants:
+            if variant in failed:
+                continue
             cmd = [sys.executable, __file__, "--child", variant, "--tiff", str(tiff), "--size", str(size),
                    "--tile", str(args.tile), "--batch", str(args.batch)]
             env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -146,14 +150,17 @@ def run_size(size: int, args, variants: list[str], tmp: Path) -> None:
             if out.returncode != 0:
                 why = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode
                 print(f"  {variant}: failed ({why})")
-                break
-            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        if results:
-            med = {k: statistics.median(r[k] for r in results) for k in ("seconds", "mpx_s", "peak_rss_mb",
-                                                                          "rss_ready_mb")}
-            tiles_s = [r["tiles_s"] for r in results if r["tiles_s"]]
+                failed.add(variant)
+                continue
+            results[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    rows = {}
+    for variant, res in results.items():
+        if res:
+            med = {k: statistics.median(r[k] for r in res) for k in ("seconds", "mpx_s", "peak_rss_mb",
+                                                                      "rss_ready_mb")}
+            tiles_s = [r["tiles_s"] for r in res if r["tiles_s"]]
             med["tiles_s"] = statistics.median(tiles_s) if tiles_s else None
-            med["tiles"] = results[0]["tiles"]
+            med["tiles"] = res[0]["tiles"]
             rows[variant] = med
     bare = rows.get("bare", {}).get("tiles_s")
     print("| variant | median s | image Mpx/s | model tiles | tiles/s | tiles/s vs bare | RSS ready MB | "

@@ -296,6 +296,9 @@ def test_huge_tiff_is_read_by_windows(tmp_path, monkeypatch):
     assert not isinstance(win, np.ndarray) and win.shape == (200, 300, 3)
     pred = Predictor([models[0]], InferConfig(tile_size=64, overlap=0.5, accumulator="float32"))
     np.testing.assert_allclose(pred.predict(win), pred.predict(rgb), atol=1e-6)
+    for step in (1, 3, 7):  # overlay thumbnails of a windowed image = plain subsampling
+        thumb = predict_cli._overlay_image(predict_cli.Item("big.tif", win), step)
+        np.testing.assert_array_equal(thumb, rgb[::step, ::step])
     tifffile.imwrite(tmp_path / "two.tif", rgb[..., :2].copy(), tile=(64, 64), planarconfig="contig")
     with pytest.raises(DataError, match="two.tif"):
         predict_cli.open_image(tmp_path / "two.tif", 3)

@@ -120,8 +120,9 @@ def _overlay_image(item: Item, step: int) -> np.ndarray:
     if isinstance(img, np.ndarray):
         return img[::step, ::step]
     h, w, _ = img.shape
-    rows = [np.asarray(img[y:min(y + step, h), 0:w])[0, ::step] for y in range(0, h, step)]
-    return np.stack(rows)
+    band = step * max(1, 512 // step)  # read whole bands (one TIFF tile row each), keep every step-th row
+    parts = [np.asarray(img[y:min(y + band, h), 0:w])[::step, ::step] for y in range(0, h, band)]
+    return np.concatenate(parts)
 
 
 def run_predict(args) -> int:

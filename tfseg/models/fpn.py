@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import keras
+
 from tfseg.config import ModelConfig
 from tfseg.errors import ModelError
 from tfseg.models import ARCHS
@@ -138,7 +139,7 @@ def build_fpn(cfg: ModelConfig) -> keras.Model:
     _check(opts)
     spec = get_encoder_spec(cfg.backbone)
     shape = check_input_shape(tuple(cfg.input_shape or (None, None, 3)), SIZE_MULTIPLE, ARCH,
-                              min_size=max(SIZE_MULTIPLE, spec.min_size))
+                              min_size=-(-spec.min_size // SIZE_MULTIPLE) * SIZE_MULTIPLE)
     filters = opts["pyramid_block_filters"]
     seg_filters = opts["segmentation_filters"] or filters // 2
     use_bn = opts["pyramid_use_batchnorm"]

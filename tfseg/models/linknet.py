@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import keras
+
 from tfseg.config import ModelConfig
 from tfseg.errors import ModelError
 from tfseg.models import ARCHS
@@ -119,7 +120,7 @@ def build_linknet(cfg: ModelConfig) -> keras.Model:
     read_options(ARCH, cfg.options, DEFAULT_OPTIONS)
     spec = get_encoder_spec(cfg.backbone)
     shape = check_input_shape(tuple(cfg.input_shape or (None, None, 3)), SIZE_MULTIPLE, ARCH,
-                              min_size=max(SIZE_MULTIPLE, spec.min_size))
+                              min_size=-(-spec.min_size // SIZE_MULTIPLE) * SIZE_MULTIPLE)
     if cfg.decoder_block_type not in ("upsampling", "transpose"):
         raise ModelError(f"linknet: decoder_block_type={cfg.decoder_block_type!r}; expected one of "
                          "['transpose', 'upsampling']")

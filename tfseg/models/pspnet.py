@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import keras
+
 from tfseg.config import ModelConfig
 from tfseg.errors import ModelError
 from tfseg.models import ARCHS
@@ -107,7 +108,8 @@ def build_pspnet(cfg: ModelConfig) -> keras.Model:
     factor = opts["downsample_factor"]
     spec = get_encoder_spec(cfg.backbone)
     shape = tuple(cfg.input_shape or (None, None, 3))
-    shape = check_input_shape(shape, 6 * factor, ARCH, min_size=max(6 * factor, spec.min_size))
+    multiple = 6 * factor
+    shape = check_input_shape(shape, multiple, ARCH, min_size=-(-spec.min_size // multiple) * multiple)
     if shape[0] is None or shape[1] is None:
         raise ModelError(f"pspnet: input_shape={list(shape)} needs a fixed height and width (the pooling "
                          f"windows depend on them), multiples of 6 * downsample_factor = {6 * factor}")

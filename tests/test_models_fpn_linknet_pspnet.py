@@ -1,0 +1,469 @@
+"""FPN, Linknet and PSPNet: parity with segmentation_models, options, sizes, sm-style calls, training.
+
+Parity: ``sm.FPN``, ``sm.Linknet`` and ``sm.PSPNet`` and tfseg's twins, called with the same
+arguments, have the same trainable parameter count and output shape. segmentation_models runs in
+a subprocess (``SM_FRAMEWORK=tf.keras``) so that its imports (efficientnet, classification_models,
+keras_applications) never touch this process; it runs while this process builds tfseg's twins.
+
+resnet50 is the one exception to equal totals: segmentation_models takes its ResNet50 from
+classification_models (convolutions without bias, a ``bn_data`` input BatchNorm), tfseg from
+keras.applications (convolutions with bias), so the encoders differ (23,500,483 vs 23,534,592
+trainable at full depth). For resnet50 the test asserts equal decoders (trainable parameters
+outside the encoder) instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import shared_path
+from tfseg.config import ModelConfig
+from tfseg.errors import ModelError
+from tfseg.models import build_model
+from tfseg.models.fpn import FPN
+from tfseg.models.linknet import Linknet
+from tfseg.models.pspnet import PSPNet
+
+TWINS = {"FPN": FPN, "Linknet": Linknet, "PSPNet": PSPNet}
+DEFAULT_SHAPES = (("FPN", (64, 64, 3)), ("Linknet", (64, 64, 3)), ("PSPNet", (96, 96, 3)))
+DIFFERENT_ENCODERS = {"resnet50"}  # see the module docstring
+
+# (case id, sm function, backbone, keyword arguments): the same call goes to sm and to tfseg.
+FAST_CASES = [
+    (f"{arch}-{backbone}", arch, backbone, {"input_shape": shape})
+    for backbone in ("efficientnetb0", "mobilenetv2", "vgg16", "resnet50")
+    for arch, shape in DEFAULT_SHAPES
+] + [
+    (
+        "FPN-sum-nobn-dropout",
+        "FPN",
+        "mobilenetv2",
+        {
+            "input_shape": (64, 64, 3),
+            "pyramid_aggregation": "sum",
+            "pyramid_block_filters": 128,
+            "pyramid_use_batchnorm": False,
+            "pyramid_dropout": 0.2,
+        },
+    ),
+    (
+        "Linknet-transpose",
+        "Linknet",
+        "mobilenetv2",
+        {"input_shape": (64, 64, 3), "decoder_block_type": "transpose"},
+    ),
+    (
+        "PSPNet-4-max-nobn",
+        "PSPNet",
+        "mobilenetv2",
+        {
+            "input_shape": (48, 48, 3),
+            "downsample_factor": 4,
+            "psp_pooling_type": "max",
+            "psp_conv_filters": 256,
+            "psp_use_batchnorm": False,
+            "psp_dropout": 0.1,
+        },
+    ),
+]
+SLOW_CASES = [
+    (f"{arch}-efficientnetb5", arch, "efficientnetb5", {"input_shape": shape})
+    for arch, shape in DEFAULT_SHAPES
+] + [
+    (
+        "Linknet-vgg16-nobn-8",
+        "Linknet",
+        "vgg16",
+        {
+            "input_shape": (64, 64, 3),
+            "decoder_use_batchnorm": False,
+            "decoder_filters": (None, None, None, None, 8),
+        },
+    ),
+    (
+        "PSPNet-16-efficientnetb0",
+        "PSPNet",
+        "efficientnetb0",
+        {"input_shape": (96, 96, 3), "downsample_factor": 16},
+    ),
+    ("PSPNet-16-resnet50", "PSPNet", "resnet50", {"input_shape": (96, 96, 3), "downsample_factor": 16}),
+]
+
+_SM_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    os.environ["SM_FRAMEWORK"] = "tf.keras"
+    import segmentation_models as sm
+    from tensorflow import keras
+    submodules = dict(backend=keras.backend, layers=keras.layers, models=keras.models, utils=keras.utils)
+
+    def count(weights):
+        return sum(int(w.shape.num_elements()) for w in weights)
+
+    out = {}
+    for case_id, arch, backbone, kwargs, with_encoder in json.loads(sys.argv[1]):
+        kwargs["input_shape"] = tuple(kwargs["input_shape"])
+        if "decoder_filters" in kwargs:
+            kwargs["decoder_filters"] = tuple(kwargs["decoder_filters"])
+        model = getattr(sm, arch)(backbone, classes=3, activation="softmax", encoder_weights=None, **kwargs)
+        result = {"trainable": count(model.trainable_weights), "shape": list(model.output_shape)}
+        if with_encoder:  # trainable weights of the backbone's layers inside the model
+            backbone_model = sm.Backbones.get_backbone(backbone, input_shape=kwargs["input_shape"],
+                                                       weights=None, include_top=False, **submodules)
+            names = {layer.name for layer in backbone_model.layers}
+            result["encoder"] = count([w for layer in model.layers if layer.name in names
+                                       for w in layer.trainable_weights])
+        out[case_id] = result
+        keras.backend.clear_session()
+    print("SM_RESULT " + json.dumps(out))
+""")
+
+
+def start_sm(cases) -> subprocess.Popen:
+    """Start segmentation_models on ``cases`` in a subprocess; :func:`sm_results` collects it."""
+    if importlib.util.find_spec("segmentation_models") is None:
+        pytest.skip("segmentation_models is not installed (it is in the dev extra)")
+    env = {**os.environ, "SM_FRAMEWORK": "tf.keras", "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("TF_USE_LEGACY_KERAS", None)
+    payload = [[cid, arch, bb, kw, bb in DIFFERENT_ENCODERS] for cid, arch, bb, kw in cases]
+    return subprocess.Popen(
+        [sys.executable, "-c", _SM_SCRIPT, json.dumps(payload)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def sm_results(proc: subprocess.Popen) -> dict:
+    stdout, stderr = proc.communicate(timeout=900)
+    lines = [line for line in stdout.splitlines() if line.startswith("SM_RESULT ")]
+    assert proc.returncode == 0 and lines, stderr[-3000:]
+    return json.loads(lines[-1][len("SM_RESULT ") :])
+
+
+def count(weights) -> int:
+    return sum(int(np.prod(w.shape)) for w in weights)
+
+
+def check_parity(cases) -> None:
+    proc = start_sm(cases)
+    ours = {}
+    try:
+        for case_id, arch, backbone, kwargs in cases:
+            model = TWINS[arch](backbone, classes=3, activation="softmax", encoder_weights=None, **kwargs)
+            ours[case_id] = (
+                count(model.trainable_weights),
+                list(model.output_shape),
+                count(model.get_layer("encoder").trainable_weights),
+            )
+            keras.backend.clear_session()
+    finally:
+        reference = sm_results(proc)
+    for case_id, _, backbone, _ in cases:
+        trainable, shape, encoder = ours[case_id]
+        ref = reference[case_id]
+        assert shape == ref["shape"], case_id
+        if backbone in DIFFERENT_ENCODERS:
+            assert trainable - encoder == ref["trainable"] - ref["encoder"], f"{case_id}: decoders differ"
+            assert encoder != ref["encoder"], f"{case_id}: the encoders are equal now; assert the totals"
+        else:
+            assert trainable == ref["trainable"], case_id
+
+
+def test_same_trainable_parameters_and_output_shape_as_segmentation_models():
+    check_parity(FAST_CASES)
+
+
+@pytest.mark.slow
+def test_same_trainable_parameters_as_segmentation_models_efficientnetb5_and_variants():
+    check_parity(SLOW_CASES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Options and sizes: errors before anything is built
+# ---------------------------------------------------------------------------------------------
+
+
+def cfg(arch: str, size=(64, 64, 3), **kwargs) -> ModelConfig:
+    return ModelConfig(
+        arch=arch, backbone="mobilenetv2", input_shape=size, classes=1, encoder_weights=None, **kwargs
+    )
+
+
+@pytest.mark.parametrize(
+    "arch,key,match",
+    [
+        (
+            "fpn",
+            "pyramid_filters",
+            r"fpn: unknown option 'pyramid_filters' \(did you mean 'pyramid_block_filters'",
+        ),
+        ("pspnet", "pooling_type", r"pspnet: unknown option 'pooling_type'.*'psp_pooling_type'"),
+        (
+            "linknet",
+            "decoder_filters",
+            r"linknet: unknown option 'decoder_filters'; linknet takes no options",
+        ),
+    ],
+)
+def test_unknown_option_names_it_and_lists_the_valid_ones(arch, key, match):
+    with pytest.raises(ModelError, match=match):
+        build_model(cfg(arch, options={key: 1}))
+
+
+@pytest.mark.parametrize(
+    "arch,options,match",
+    [
+        (
+            "fpn",
+            {"pyramid_aggregation": "mean"},
+            r"pyramid_aggregation='mean'; expected one of \['concat', 'sum'\]",
+        ),
+        ("fpn", {"pyramid_block_filters": 0}, "pyramid_block_filters=0; expected a positive integer"),
+        ("fpn", {"upsampling": 8}, "upsampling=8; expected 2 or 4"),
+        ("fpn", {"pyramid_dropout": 1.5}, r"pyramid_dropout=1.5; expected a rate in \[0, 1\)"),
+        ("pspnet", {"downsample_factor": 32}, r"downsample_factor=32; expected one of \[4, 8, 16\]"),
+        ("pspnet", {"psp_pooling_type": "min"}, r"psp_pooling_type='min'; expected one of \['avg', 'max'\]"),
+    ],
+)
+def test_bad_option_values_are_model_errors(arch, options, match):
+    with pytest.raises(ModelError, match=match):
+        build_model(cfg(arch, size=(96, 96, 3), options=options))
+
+
+def test_linknet_bad_decoder_settings():
+    with pytest.raises(ModelError, match="decoder_block_type='deconv'"):
+        build_model(cfg("linknet", decoder_block_type="deconv"))
+    with pytest.raises(ModelError, match="has 6 entries; expected 1 to 5"):
+        build_model(cfg("linknet", decoder_filters=(16,) * 6))
+
+
+@pytest.mark.parametrize(
+    "arch,size,options,match",
+    [
+        (
+            "fpn",
+            (100, 64, 3),
+            {},
+            "fpn: input height 100 is not divisible by 32; the nearest sizes that work are 96 and 128",
+        ),
+        ("linknet", (64, 70, 1), {}, "linknet: input width 70 .* 64 and 96"),
+        (
+            "pspnet",
+            (64, 64, 3),
+            {},
+            "pspnet: input height 64 is not divisible by 48; the nearest sizes that work are 48 and 96",
+        ),
+        (
+            "pspnet",
+            (96, 100, 3),
+            {"downsample_factor": 16},
+            "width 100 is not divisible by 96; .* 96 and 192",
+        ),
+        (
+            "pspnet",
+            (24, 24, 3),
+            {"downsample_factor": 4},
+            "height 24 is too small; the smallest size that works is 48",
+        ),
+        (
+            "pspnet",
+            (None, None, 3),
+            {},
+            r"pspnet: input_shape=\[None, None, 3\] needs a fixed height and width",
+        ),
+    ],
+)
+def test_input_size_is_checked_up_front_with_the_sizes_that_work(arch, size, options, match):
+    with pytest.raises(ModelError, match=match):
+        build_model(cfg(arch, size=size, options=options))
+
+
+def test_sm_style_calls_reject_other_encoder_features():
+    with pytest.raises(ModelError, match="encoder_features=.*'default'"):
+        FPN(
+            "mobilenetv2",
+            input_shape=(64, 64, 3),
+            encoder_weights=None,
+            encoder_features=["block_1_expand_relu"],
+        )
+    with pytest.raises(ModelError, match="unknown backbone|backbone='mobilenet_v2'"):
+        Linknet("mobilenet_v2", input_shape=(64, 64, 3), encoder_weights=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Built models
+# ---------------------------------------------------------------------------------------------
+
+
+def isbi_batch(size: int, n: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` real ISBI 2012 crops: float32 images [n, size, size, 1] in 0..255 and masks in {0, 1}."""
+    root = shared_path("isbi2012_em_membrane")
+    images, masks = [], []
+    for i in range(n):
+        image = np.asarray(Image.open(root / "images" / f"{i}.png").convert("L"), dtype="float32")
+        mask = np.asarray(Image.open(root / "masks" / f"{i}.png").convert("L")) > 127
+        y0, x0 = 100 + 37 * i, 200 - 23 * i
+        images.append(image[y0 : y0 + size, x0 : x0 + size, None])
+        masks.append(mask[y0 : y0 + size, x0 : x0 + size, None].astype("float32"))
+    return np.stack(images), np.stack(masks)
+
+
+def test_sm_style_call_equals_build_model_and_loads_weights(tmp_path):
+    options = {"downsample_factor": 4, "psp_conv_filters": 32, "psp_pooling_type": "max"}
+    from_cfg = build_model(
+        ModelConfig(
+            arch="pspnet",
+            backbone="mobilenetv2",
+            input_shape=(48, 48, 1),
+            classes=2,
+            activation="softmax",
+            encoder_weights=None,
+            options=options,
+        )
+    )
+    path = tmp_path / "pspnet.weights.h5"
+    from_cfg.save_weights(path)
+    ported = PSPNet(
+        "mobilenetv2", input_shape=(48, 48, 1), classes=2, encoder_weights=None, weights=str(path), **options
+    )
+    assert [layer.name for layer in ported.layers] == [layer.name for layer in from_cfg.layers]
+    assert count(ported.weights) == count(from_cfg.weights)
+    x, _ = isbi_batch(48)
+    np.testing.assert_allclose(ported.predict(x, verbose=0), from_cfg.predict(x, verbose=0), atol=1e-6)
+    # Only the encoder up to the cut (stride 4 = block_3_expand_relu) is in the model, as in sm.
+    encoder = ported.get_layer("encoder")
+    names = {layer.name for layer in encoder.layers}
+    assert "block_3_expand_relu" in names and "block_4_expand" not in names and "out_relu" not in names
+
+
+def test_encoder_freeze_leaves_only_the_decoder_trainable():
+    model = FPN(
+        "mobilenetv2",
+        input_shape=(64, 64, 3),
+        classes=1,
+        activation="sigmoid",
+        encoder_weights=None,
+        encoder_freeze=True,
+        pyramid_block_filters=32,
+    )
+    assert not model.get_layer("encoder").trainable
+    decoder = [
+        w
+        for layer in model.layers
+        if layer.name not in ("encoder", "image")
+        for w in layer.weights
+        if "moving" not in w.path
+    ]
+    assert count(model.trainable_weights) == count(decoder) > 0
+
+
+def test_fpn_upsampling_4_drops_the_stride_2_level_and_keeps_full_resolution():
+    model = FPN(
+        "mobilenetv2",
+        input_shape=(64, 96, 3),
+        classes=2,
+        encoder_weights=None,
+        pyramid_block_filters=32,
+        pyramid_aggregation="sum",
+        upsampling=4,
+    )
+    names = {layer.name for layer in model.layers}
+    assert {"fpn_stage_p3_add", "segm_stage3a_conv"} <= names and "fpn_stage_p2_add" not in names
+    assert model.get_layer("final_upsampling").get_config()["size"] == (4, 4)
+    assert model.output_shape == (None, 64, 96, 2)
+
+
+VARIANTS = {
+    "fpn-sum-dropout": (
+        64,
+        lambda: FPN(
+            "mobilenetv2",
+            input_shape=(64, 64, 1),
+            classes=1,
+            activation="sigmoid",
+            encoder_weights=None,
+            pyramid_block_filters=32,
+            pyramid_aggregation="sum",
+            pyramid_dropout=0.1,
+        ),
+    ),
+    "linknet-transpose": (
+        64,
+        lambda: Linknet(
+            "mobilenetv2",
+            input_shape=(64, 64, 1),
+            encoder_weights=None,
+            decoder_block_type="transpose",
+            decoder_filters=(None, None, None, None, 8),
+        ),
+    ),
+    "pspnet-max-4": (
+        48,
+        lambda: PSPNet(
+            "mobilenetv2",
+            input_shape=(48, 48, 1),
+            classes=1,
+            activation="sigmoid",
+            encoder_weights=None,
+            downsample_factor=4,
+            psp_conv_filters=32,
+            psp_pooling_type="max",
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variants_train_on_real_isbi_crops(variant):
+    size, build = VARIANTS[variant]
+    x, y = isbi_batch(size)
+    keras.utils.set_random_seed(0)
+    model = build()
+    assert model.output_shape == (None, size, size, 1)
+    # Eagerly: tracing the train step costs ~30 s of CPU per model here, eager steps ~1 s; the shared
+    # contract (tests/test_models_contract.py) trains the compiled default models.
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy", run_eagerly=True)
+    first = float(model.train_on_batch(x, y))
+    for _ in range(3):
+        last = float(model.train_on_batch(x, y))
+    assert np.isfinite(first) and last < first, f"loss {first:.4f} -> {last:.4f}"
+
+
+def test_builds_and_predicts_on_the_jax_backend():
+    if importlib.util.find_spec("jax") is None:
+        pytest.skip("jax is not installed: the JAX backend cannot be checked here")
+    script = textwrap.dedent("""
+        import numpy as np
+        from tfseg.models.fpn import FPN
+        from tfseg.models.linknet import Linknet
+        from tfseg.models.pspnet import PSPNet
+        x = np.zeros((1, 48, 48, 3), "float32")
+        for model in (FPN("mobilenetv2", input_shape=(64, 64, 3), encoder_weights=None, classes=2),
+                      Linknet("mobilenetv2", input_shape=(64, 64, 3), encoder_weights=None),
+                      PSPNet("mobilenetv2", input_shape=(48, 48, 3), encoder_weights=None, classes=2)):
+            size = model.input_shape[1]
+            out = np.asarray(model.predict(np.zeros((1, size, size, 3), "float32"), verbose=0))
+            assert out.shape[:3] == (1, size, size) and np.isfinite(out).all()
+        print("JAX_OK")
+    """)
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert "JAX_OK" in proc.stdout, proc.stderr[-3000:]

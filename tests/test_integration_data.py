@@ -112,6 +112,14 @@ def test_carvana_kaggle_layout_to_a_batch(tmp_path, capsys):
         fold_split(out, 2, 0, 42)
     train, val = kfold_files(shard_files(out), 2, 0, 42)
     assert len(train) == len(val) == 1
+    # the folder is not written twice unless asked; --output picks another folder (and prefix)
+    code, _, err = run_cli(capsys, "tfrecords", "--config", tmp_path / "carvana.yaml")
+    assert code == 2 and "already holds 2 shards" in err and "--overwrite" in err
+    code, _, err = run_cli(capsys, "tfrecords", "--config", tmp_path / "carvana.yaml", "--overwrite",
+                           "--output", tmp_path / "shards" / "cars", "--set", "data.shards=3")
+    assert code == 0, err
+    assert [Path(f).name for f in shard_files(tmp_path / "shards" / "cars")] == [
+        "cars-000-2.tfrec", "cars-001-1.tfrec", "cars-002-1.tfrec"]
 
 
 def test_camvid_multiclass_to_a_batch(tmp_path, capsys, monkeypatch):

@@ -148,37 +148,6 @@ def test_mirrored_over_two_cpu_devices_matches_single_device():
         assert mirrored["scores"][name] == pytest.approx(single["scores"][name], rel=1e-4, abs=1e-5)
 
 
-WORKER_SCRIPT = textwrap.dedent("""
-    import json, os
-    import numpy as np
-    import tensorflow as tf
-    import keras
-    from tfseg.distribute import setup_distribution
-    from tfseg.losses import build_loss
-    from tfseg.metrics import build_metrics
-
-    dist = setup_distribution("multiworker")
-    rng = np.random.default_rng(0)
-    x = rng.uniform(0, 255, (32, 16, 16, 1)).astype("float32")
-    y = (x > 127).astype("float32")
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(4 * dist.replicas)
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    ds = ds.with_options(options)
-    with dist.scope():
-        inp = keras.Input((16, 16, 1))
-        h = keras.layers.Rescaling(1 / 255)(inp)
-        out = keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid")(h)
-        model = keras.Model(inp, out)
-        model.compile("adam", loss=build_loss({"bce": 1.0}), metrics=build_metrics(["dice_coe"]))
-    from tfseg.distribute import prebuild
-    prebuild(model, ds)
-    hist = model.fit(ds, epochs=1, steps_per_epoch=4, verbose=0)
-    print("RESULT " + json.dumps({"kind": dist.kind, "replicas": dist.replicas, "chief": dist.is_chief,
-                                  "loss": hist.history["loss"][-1]}))
-""")
-
-
 def _free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     for s in socks:
@@ -190,7 +159,14 @@ def _free_ports(n: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_multiworker_two_processes_train_one_epoch_together():
+def test_multiworker_two_processes_train_one_epoch_together(tmp_path):
+    """The real ``tfseg train`` in two worker processes on 127.0.0.1 (TF_CONFIG), bounded, cleaned up."""
+    from tests.test_train import tiny_config
+    from tfseg.config import load_config
+    from tfseg.data.tfrecord import write_tfrecords
+
+    params = tiny_config(tmp_path, epochs=1, strategy="multiworker")
+    write_tfrecords(load_config(params).data, progress=False)  # before the workers, not by both
     workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
     procs = []
     try:
@@ -198,20 +174,22 @@ def test_multiworker_two_processes_train_one_epoch_together():
             tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
             env = {**os.environ, "TF_CONFIG": json.dumps(tf_config), "TF_CPP_MIN_LOG_LEVEL": "2",
                    "CUDA_VISIBLE_DEVICES": ""}
-            procs.append(subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT], cwd=ROOT, env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        outputs = [p.communicate(timeout=300) for p in procs]
+            procs.append(subprocess.Popen([sys.executable, "-m", "tfseg", "train", "--config", str(params),
+                                           "--fold", "0"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    results = []
-    for proc, (out, err) in zip(procs, outputs):
-        assert proc.returncode == 0, err[-3000:]
-        line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
-        results.append(json.loads(line[len("RESULT "):]))
-    assert [r["kind"] for r in results] == ["multiworker", "multiworker"]
-    assert [r["replicas"] for r in results] == [2, 2]
-    assert [r["chief"] for r in results] == [True, False]
-    assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-5)  # one all-reduced model
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, out[-3000:]
+        assert "(multiworker, 2 replica(s))" in out
+    losses = [[ln.split(" - loss: ")[1].split(" ")[0] for ln in out.splitlines() if " - loss: " in ln]
+              for out in outputs]
+    assert losses[0] and losses[0] == losses[1]  # one all-reduced model
+    fold_dir = tmp_path / "runs" / "tiny" / "fold0"
+    assert (fold_dir / "best.keras").is_file() and (fold_dir / "history.csv").is_file()
+    assert json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())["folds"]["0"]["epochs"] == 1
+    assert len(list(fold_dir.glob(".worker-*"))) == 1  # the other worker wrote beside the chief

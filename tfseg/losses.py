@@ -281,6 +281,24 @@ def normalize_spec(spec: Mapping) -> dict[str, dict]:
     return out
 
 
+def check_loss(spec: Mapping, classes: int, class_weights: Sequence[float] | None = None) -> dict[str, dict]:
+    """Validate a loss spec without building anything (no TensorFlow state): the normalized terms.
+
+    Raises:
+        ConfigError: unknown term or parameter, bad weight, class weights of the wrong length,
+            sparse categorical cross-entropy on a binary model.
+    """
+    terms = normalize_spec(spec)
+    expected = 2 if int(classes) == 1 else int(classes)
+    if class_weights and len(class_weights) != expected:
+        raise ConfigError(f"train.class_weights: expected {expected} weights for classes={classes}, "
+                          f"got {len(class_weights)}")
+    if int(classes) == 1 and "sparse_categorical_crossentropy" in terms:
+        raise ConfigError("train.loss: sparse_categorical_crossentropy needs classes > 1; use bce for a "
+                          "binary model")
+    return terms
+
+
 def _add_term(out: dict, name: str, weight: float, params: dict) -> None:
     import inspect
 
@@ -309,18 +327,11 @@ class SegLoss(keras.losses.Loss):
 
     def __init__(self, terms: Mapping, classes: int = 1, from_logits: bool = False,
                  class_weights: Sequence[float] | None = None, name: str = "seg_loss", **kwargs):
+        self.terms = check_loss(terms, classes, class_weights)
         super().__init__(name=name, **kwargs)
-        self.terms = normalize_spec(terms)
         self.classes = int(classes)
         self.from_logits = bool(from_logits)
         self.class_weights = [float(w) for w in class_weights] if class_weights else None
-        expected = 2 if self.classes == 1 else self.classes
-        if self.class_weights is not None and len(self.class_weights) != expected:
-            raise ConfigError(f"train.class_weights: expected {expected} weights for classes={self.classes}, "
-                              f"got {len(self.class_weights)}")
-        if self.classes == 1 and "sparse_categorical_crossentropy" in self.terms:
-            raise ConfigError("train.loss: sparse_categorical_crossentropy needs classes > 1; use bce for a "
-                              "binary model")
 
     def call(self, y_true, y_pred):
         prepared = prepare(y_true, y_pred, self.classes, self.from_logits)

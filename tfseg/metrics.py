@@ -196,6 +196,30 @@ def metric_names() -> list[str]:
     return sorted(METRICS) + ["dice_class<k>", "iou_class<k>"]
 
 
+def check_metric_names(names: Sequence[str], classes: int = 1) -> list[str]:
+    """Validate ``train.metrics`` without creating any metric (no TensorFlow state).
+
+    Returns:
+        The names Keras will log (``val_`` + name for validation).
+
+    Raises:
+        ConfigError: unknown name (listing the valid ones) or a class outside [0, classes).
+    """
+    for name in names:
+        for prefix in ("iou_class", "dice_class"):
+            if name.startswith(prefix) and name[len(prefix):].isdigit():
+                class_id = int(name[len(prefix):])
+                if class_id >= max(int(classes), 1):
+                    raise ConfigError(f"metric {name}: class_id {class_id} is outside [0, {classes})")
+                break
+        else:
+            if name not in METRICS:
+                from tfseg.registry import unknown_name_message
+
+                raise ConfigError("train.metrics: " + unknown_name_message("metric", name, metric_names()))
+    return list(names)
+
+
 def build_metric(name: str, classes: int = 1, from_logits: bool = False, threshold: float = 0.5):
     """One metric by name: see :data:`METRICS`; ``iou_class2`` is the IoU of class 2 alone.
 

@@ -50,12 +50,14 @@ def check_invariants(cfg: Config) -> None:
     Raises:
         ConfigError: unknown loss or metric, a monitor that no metric produces, a bad batch.
     """
-    from tfseg.losses import build_loss
-    from tfseg.metrics import build_metrics
+    from tfseg.losses import check_loss
+    from tfseg.metrics import check_metric_names
 
+    # No TensorFlow state may be created before the strategy (MultiWorkerMirroredStrategy must
+    # configure the collective ops at program start-up): check names, build nothing.
     classes = cfg.model.classes or cfg.data.classes
-    build_loss(cfg.train.loss, classes=classes, class_weights=cfg.train.class_weights)
-    metrics = [m.name for m in build_metrics(cfg.train.metrics, classes=classes)]
+    check_loss(cfg.train.loss, classes, cfg.train.class_weights)
+    metrics = check_metric_names(cfg.train.metrics, classes)
     valid = [*LOSS_MONITORS, *metrics, *(f"val_{m}" for m in metrics)]
     if cfg.train.monitor not in valid:
         from tfseg.registry import unknown_name_message
@@ -138,6 +140,15 @@ def mask_crop_for(model) -> tuple[int, int] | None:
     if None in (ih, iw, oh, ow) or (ih, iw) == (oh, ow):
         return None
     return int(oh), int(ow)
+
+
+def shard_by_data(ds):
+    """The dataset with the DATA auto-shard policy: each worker keeps every n-th batch element."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -255,6 +266,8 @@ def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2) -> dict:
                                    global_batch=global_batch, mask_crop=crop, num_workers=workers)
     val_ds = dataset_from_config(cfg, split.val_files, training=False, groups=split.val_groups,
                                  global_batch=global_batch, mask_crop=crop, num_workers=workers)
+    if dist.workers > 1:  # FILE sharding cannot walk past the pipeline's seed stream: shard by DATA
+        train_ds, val_ds = shard_by_data(train_ds), shard_by_data(val_ds)
     prebuild(model, train_ds)
     sample = None
     if t.tensorboard and dist.kind != "multiworker" and tensorboard_available():
@@ -287,7 +300,8 @@ def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2) -> dict:
     if dist.is_chief:
         _plot(fold_dir, t.monitor, t.monitor_mode)
         update_summary(out_dir, cfg, fold, result)
-    keras.backend.clear_session()
+    if dist.kind == "default":  # free the fold's graph; a distributed strategy keeps its state
+        keras.backend.clear_session()
     return result
 
 
@@ -334,8 +348,12 @@ def run(cfg: Config, folds: str | int = 0) -> dict:
     out_dir = run_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out_dir / "config.yaml")
+    from tfseg.distribute import set_mixed_precision, setup_distribution
+
+    set_mixed_precision(cfg.train.mixed_precision)
+    dist = setup_distribution(cfg.train.strategy)  # once per process (multi-worker needs that)
     for fold in fold_list:
-        result = train_fold(cfg, fold)
+        result = train_fold(cfg, fold, dist)
         print(f"tfseg train: fold {fold}: best {cfg.train.monitor} = {result['best']:.4f} at epoch "
               f"{result['best_epoch']} of {result['epochs']}", flush=True)
     path = out_dir / "summary.json"

@@ -40,3 +40,23 @@ def test_bad_config_key_exits_2_without_traceback(tmp_path, project_root):
     assert "Traceback" not in res.stderr
     assert "unknown key 'data.sorce' (did you mean 'data.source'?)" in res.stderr
     assert res.stderr.strip().count("\n") == 0
+
+
+def test_error_after_tensorflow_starts_is_still_one_line(tmp_path, project_root):
+    """TensorFlow's C++ start-up lines are kept off stderr, so the user sees only the error."""
+    res = subprocess.run([sys.executable, "-m", "tfseg", "verify", str(tmp_path)], capture_output=True,
+                         text=True, cwd=project_root, timeout=300)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        f"tfseg verify: error: {tmp_path}: no .tfrec shards. Expected the output of `tfseg tfrecords`."]
+
+
+def test_atomic_write_leaves_normal_permissions(tmp_path):
+    import os
+
+    from tfseg.files import atomic_write_text
+
+    umask = os.umask(0)
+    os.umask(umask)
+    path = atomic_write_text(tmp_path / "a.txt", "x")
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask

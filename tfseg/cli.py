@@ -120,6 +120,32 @@ def load_handler(command: str):
     return getattr(importlib.import_module(module_name), func)
 
 
+def quiet_tensorflow_import() -> None:
+    """Import TensorFlow and Keras, and initialise the devices, without the C++ start-up chatter.
+
+    TensorFlow 2.21 prints oneDNN/CUDA lines from C++ before its logging is configured, which
+    ``TF_CPP_MIN_LOG_LEVEL`` cannot silence; so a one-line user error would follow a screen of
+    log lines. Standard error is redirected to /dev/null while TensorFlow starts. Set
+    ``TF_CPP_MIN_LOG_LEVEL=0`` to see those lines (e.g. to debug a GPU set-up).
+    """
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2") == "0" or "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import keras  # noqa: F401
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+    except ImportError:
+        pass  # the command itself reports a missing dependency
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tfseg`` console script. Returns the exit code."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -129,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command != "verify" or os.path.isdir(args.dir):
+            quiet_tensorflow_import()
         return int(load_handler(args.command)(args) or 0)
     except TfsegError as err:
         print(f"tfseg {args.command}: error: {err}", file=sys.stderr)

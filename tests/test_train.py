@@ -275,3 +275,13 @@ def test_last_keras_keeps_the_last_weights_when_early_stopping_restores_the_best
     for saved, expected, restored in zip(last.get_weights(), final["w"], model.get_weights()):
         np.testing.assert_allclose(saved, expected)
         assert not np.allclose(saved, restored)  # the model itself went back to epoch 1
+
+
+def test_summary_of_a_fold_without_a_finite_score_stays_valid_json(tmp_path):
+    from tfseg.train import update_summary
+
+    base = {"best_epoch": 0, "epochs": 1, "n_train": 8, "n_val": 4, "seconds": 1.0}
+    summary = update_summary(tmp_path, load_config(None), 0, {"best": None, **base})
+    assert summary["cv_mean"] is None and summary["folds"]["0"]["best"] is None
+    summary = update_summary(tmp_path, load_config(None), 1, {"best": 0.5, **base})
+    assert summary["cv_mean"] == 0.5 and json.loads((tmp_path / "summary.json").read_text()) == summary

@@ -294,7 +294,8 @@ def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2) -> dict:
         raise RunError(f"fold {fold}: the training loss became {value} at epoch {epoch + 1}, batch {batch}; "
                        f"training stopped. Lower train.lr (now {t.lr}) or check the data and loss")
     # 8. outputs (best.keras and last.keras were written by their callbacks)
-    result = {"best": best.best, "best_epoch": best.best_epoch + 1, "epochs": _epochs_done(fold_dir),
+    best_value = best.best if math.isfinite(best.best) else None  # None: the monitor never had a value
+    result = {"best": best_value, "best_epoch": best.best_epoch + 1, "epochs": _epochs_done(fold_dir),
               "n_train": split.n_train, "n_val": split.n_val,
               "seconds": round(time.perf_counter() - start, 1), "fold_dir": str(fold_dir)}
     if dist.is_chief:
@@ -354,7 +355,8 @@ def run(cfg: Config, folds: str | int = 0) -> dict:
     dist = setup_distribution(cfg.train.strategy)  # once per process (multi-worker needs that)
     for fold in fold_list:
         result = train_fold(cfg, fold, dist)
-        print(f"tfseg train: fold {fold}: best {cfg.train.monitor} = {result['best']:.4f} at epoch "
+        value = "none" if result["best"] is None else f"{result['best']:.4f}"
+        print(f"tfseg train: fold {fold}: best {cfg.train.monitor} = {value} at epoch "
               f"{result['best_epoch']} of {result['epochs']}", flush=True)
     path = out_dir / "summary.json"
     summary = json.loads(path.read_text()) if path.is_file() else {}

@@ -16,7 +16,8 @@ Variants:
     tfseg         tfseg.models.unet.Unet on Keras 3 (TensorFlow backend), plain graph mode.
     tfseg-xla     the same compiled with jit_compile=True.
 
-Usage:
+Usage (``--bn-micro`` times one BatchNormalization layer, Keras 3 against tf_keras fused/unfused):
+    python3 bench/train_step.py --bn-micro --size 256 --batch 8 --rounds 5
     python3 bench/train_step.py --size 256 --batch 8 --rounds 5 --steps 3 \
         --variants sm,tfseg,tfseg-xla
 """
@@ -106,6 +107,82 @@ def worker(args) -> None:
         print("@@" + json.dumps({"img_s": args.steps * args.batch / dt}), flush=True)
 
 
+def bn_micro(args) -> None:
+    """Forward + backward of one BatchNormalization (training mode) on a stride-4 EfficientNet-B0
+    sized activation, Keras 3 vs tf_keras (fused and not), in tf.function, interleaved rounds."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    import tf_keras
+
+    shape = (args.batch, args.size // 4, args.size // 4, 144)
+    x = tf.constant(np.random.default_rng(0).normal(size=shape).astype("float32"))
+    layers = {
+        "keras3": keras.layers.BatchNormalization(),
+        "tf_keras-fused": tf_keras.layers.BatchNormalization(fused=True),
+        "tf_keras-unfused": tf_keras.layers.BatchNormalization(fused=False),
+    }
+    @keras.ops.custom_gradient
+    def bn_manual(x, gamma, beta):
+        """Training-mode BN in keras.ops with the closed-form backward (candidate for tfseg)."""
+        axes = (0, 1, 2)
+        mean = keras.ops.mean(x, axis=axes)
+        xc = x - mean
+        var = keras.ops.mean(keras.ops.square(xc), axis=axes)
+        inv = keras.ops.rsqrt(var + 1e-3)
+        xhat = xc * inv
+        y = xhat * gamma + beta
+
+        def grad(*args, upstream=None):
+            dy = args[0] if upstream is None else upstream
+            dbeta = keras.ops.sum(dy, axis=axes)
+            dgamma = keras.ops.sum(dy * xhat, axis=axes)
+            n = float(np.prod(x.shape[:3]))
+            dx = (gamma * inv / n) * (n * dy - dbeta - xhat * dgamma)
+            return dx, dgamma, dbeta
+
+        return y, grad
+
+    steps = {}
+    for name, layer in layers.items():
+        layer(x, training=True)
+
+        def step(layer=layer):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True)
+                loss = tf.reduce_sum(y * y)
+            return tape.gradient(loss, [x, *layer.trainable_weights])
+
+        steps[name] = tf.function(step)
+        steps[name + "-xla"] = tf.function(step, jit_compile=True)
+    gamma, beta = tf.ones(shape[-1:]), tf.zeros(shape[-1:])
+
+    def manual_step():
+        with tf.GradientTape() as tape:
+            tape.watch([x, gamma, beta])
+            y = bn_manual(x, gamma, beta)
+            loss = tf.reduce_sum(y * y)
+        return tape.gradient(loss, [x, gamma, beta])
+
+    steps["keras.ops-custom-gradient"] = tf.function(manual_step)
+    times = {k: [] for k in steps}
+    for fn in steps.values():
+        fn()
+    for _ in range(args.rounds):
+        for name, fn in steps.items():
+            t = time.perf_counter()
+            for _ in range(20):
+                fn()
+            times[name].append((time.perf_counter() - t) / 20 * 1e3)
+    ref = statistics.median(times["tf_keras-fused"])
+    print(f"\nBatchNormalization forward+backward on {list(shape)} float32, ms per call (median of "
+          f"{args.rounds} rounds x 20 calls):")
+    for name, t in times.items():
+        med = statistics.median(t)
+        print(f"  {name:<22} {med:8.2f} ms   {med / ref:5.2f}x tf_keras-fused")
+
+
 def _machine() -> str:
     cpu = platform.processor() or "unknown CPU"
     try:
@@ -134,6 +211,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3, help="training steps per round")
     parser.add_argument("--warmup", type=int, default=2, help="steps after the first, untimed")
     parser.add_argument("--variants", default="sm,tfseg,tfseg-xla")
+    parser.add_argument("--bn-micro", action="store_true", help="time one BatchNormalization layer instead")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -142,6 +220,9 @@ def main() -> int:
 
     print("command:", " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]))
     print("machine:", _machine())
+    if args.bn_micro:
+        bn_micro(args)
+        return 0
     variants = args.variants.split(",")
     procs, ready = {}, {}
     base = [sys.executable, os.path.abspath(__file__), "--size", str(args.size), "--batch", str(args.batch),

@@ -324,3 +324,48 @@ def test_cli_predict_tfrecord_shard_uses_ids_and_truth(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["slice3.png", "slice7.png"]
     assert np.asarray(Image.open(out / "slice3.png")).shape == (96, 80)
     assert sorted(p.name for p in (tmp_path / "ov").iterdir()) == ["slice3.png", "slice7.png"]
+
+
+def test_prefetch_keeps_order_raises_and_stops_early():
+    assert list(tp.prefetch(iter(range(50)), depth=2)) == list(range(50))
+
+    def broken():
+        yield 1
+        raise DataError("tile 2 unreadable")
+
+    got = []
+    with pytest.raises(DataError, match="tile 2 unreadable"):
+        for item in tp.prefetch(broken()):
+            got.append(item)
+    assert got == [1]
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    gen = tp.prefetch(endless(), depth=2)
+    assert next(gen) == 0
+    gen.close()  # the reader thread stops instead of running on
+    n = len(produced)
+    import time
+    time.sleep(0.3)
+    assert len(produced) == n <= 5
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_prefetch_and_plain_reading_agree(skip):
+    img = np.asarray(Image.open(shared_path("kvasir_seg", "images", "cju0qkwl35piu0993l0dewei2.jpg")
+                                ).convert("RGB"))[:300, :260]
+    spec = tp.TileSpec(64, 64, 1, 3)
+
+    def f(x):
+        return pointwise(x)
+
+    kw = dict(overlap=0.5, batch_size=3, skip_background=skip)
+    a = tp.predict_tiled(f, img, spec, prefetch_tiles=True, **kw)
+    b = tp.predict_tiled(f, img, spec, prefetch_tiles=False, **kw)
+    np.testing.assert_array_equal(a, b)

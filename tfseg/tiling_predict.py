@@ -25,6 +25,8 @@ prediction.
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -127,6 +129,51 @@ def is_background(tile: np.ndarray, saturation: float = 40.0, min_fraction: floa
     return float(sub.max() - sub.min()) < 8.0
 
 
+def prefetch(items: Iterator, depth: int = 2) -> Iterator:
+    """Run the iterator ``items`` in a background thread, ``depth`` items ahead of the consumer.
+
+    Errors raised by ``items`` are raised again in the consumer; when the consumer stops early
+    the thread stops too. TensorFlow and NumPy release the GIL in their kernels, so reading
+    tiles overlaps the model's work.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def worker() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put((None, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((None, done))
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            q.put((err, None))
+
+    thread = threading.Thread(target=worker, name="tfseg-tile-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            err, item = q.get()
+            if err is not None:
+                raise err
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)
+
+
 @dataclass(frozen=True)
 class TileSpec:
     """Sizes the model imposes: ``in_size`` read per tile, ``out_size`` predicted per tile."""
@@ -143,7 +190,7 @@ class TileSpec:
 
 def iter_bands(predict: Callable[[np.ndarray], np.ndarray], image, spec: TileSpec, *, overlap: float = 0.5,
                blend: str = "gaussian", sigma_scale: float = 0.125, batch_size: int = 8, downscale: int = 1,
-               skip_background: bool = False, progress: bool = False
+               skip_background: bool = False, progress: bool = False, prefetch_tiles: bool = True
                ) -> Iterator[tuple[int, np.ndarray]]:
     """Predict ``image`` tile by tile and yield finished bands of rows, top to bottom.
 
@@ -159,6 +206,8 @@ def iter_bands(predict: Callable[[np.ndarray], np.ndarray], image, spec: TileSpe
         skip_background: tiles that :func:`is_background` calls background are not predicted;
             they count as probability 0 with their full weight.
         progress: show a tqdm bar counting tiles.
+        prefetch_tiles: read the next batch of tiles in a background thread while the model
+            predicts this one (:func:`prefetch`).
 
     Yields:
         (y0, probs): probs float32 [h, W, K] are the final probabilities of image rows
@@ -206,15 +255,31 @@ def iter_bands(predict: Callable[[np.ndarray], np.ndarray], image, spec: TileSpe
         acc[-shift:], wsum[-shift:] = 0.0, 0.0
         top = y
 
-    # Tiles are read straight into one fixed-size batch buffer; `pending` keeps grid order.
-    buf = np.zeros((batch_size, spec.in_size, spec.in_size, C), np.float32)
+    def batches() -> Iterator[tuple[np.ndarray, int, list]]:
+        # Fixed-size batches of tiles read straight into their buffer, with the grid positions
+        # of the batch's tiles (and of the skipped tiles between them) in grid order.
+        buf = np.zeros((batch_size, spec.in_size, spec.in_size, C), np.float32)
+        pending: list = []
+        n_real = 0
+        for y in ys:
+            for x in xs:
+                t = read_window(image, y - m, x - m, spec.in_size, spec.in_size, d, out=buf[n_real])
+                slot = None if skip_background and is_background(t) else n_real
+                pending.append((y, x, slot))
+                n_real += slot is not None
+                if n_real == batch_size:
+                    yield buf, n_real, pending
+                    buf = np.zeros_like(buf)
+                    pending, n_real = [], 0
+        if pending:
+            buf[n_real:] = 0.0  # the padding of a last, partial batch
+            yield buf, n_real, pending
 
-    def drain(pending: list, n_real: int) -> Iterator[tuple[int, np.ndarray]]:
-        # Predict the real tiles of `pending` as one fixed-size batch, then add every tile in
-        # grid order (a batch may span two rows of tiles; rows are flushed between them).
+    def drain(buf: np.ndarray, n_real: int, pending: list) -> Iterator[tuple[int, np.ndarray]]:
+        # Predict one batch, then add every tile in grid order (a batch may span two rows of
+        # tiles; the rows above a new row of tiles are flushed before it is added).
         pred = None
         if n_real:
-            buf[n_real:] = 0.0  # the padding of a last, partial batch
             pred = np.asarray(predict(buf), dtype=np.float32)
             if pred.shape[1:] != (T, T, K):
                 raise DataError(f"model returned tiles of shape {pred.shape[1:]}. Expected {(T, T, K)}.")
@@ -228,19 +293,9 @@ def iter_bands(predict: Callable[[np.ndarray], np.ndarray], image, spec: TileSpe
         if bar is not None:
             bar.update(len(pending))
 
-    pending: list = []
-    n_real = 0
-    for y in ys:
-        for x in xs:
-            t = read_window(image, y - m, x - m, spec.in_size, spec.in_size, d, out=buf[n_real])
-            slot = None if skip_background and is_background(t) else n_real
-            pending.append((y, x, slot))
-            n_real += slot is not None
-            if n_real == batch_size:
-                yield from drain(pending, n_real)
-                pending, n_real = [], 0
-    if pending:
-        yield from drain(pending, n_real)
+    # Reading the next batch (I/O, decoding, casts) overlaps the model's call on this one.
+    for batch in (prefetch(batches(), depth=2) if prefetch_tiles else batches()):
+        yield from drain(*batch)
     yield from emit(h - top)
     if bar is not None:
         bar.close()

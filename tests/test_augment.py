@@ -264,9 +264,9 @@ def test_fused_colour_ops_equal_the_ops_one_by_one():
     mask = np.zeros((12, 10, 1), np.uint8)
     seed = tf.constant([21, 4], tf.int64)
     fused, _ = compose(ops)(image, mask, seed)
-    seeds = augment._seeds(seed, 2 * len(ops))
+    seeds = augment._seeds(seed, len(ops) + 1)  # op k draws from seeds[k]
     one_by_one = tf.constant(image)
     for k, step in enumerate(check_ops(ops)):
-        one_by_one, _ = step.op.fn(one_by_one, mask, seeds[2 * k + 1], **step.params)
+        one_by_one, _ = step.op.fn(one_by_one, mask, seeds[k], **step.params)
     np.testing.assert_allclose(fused.numpy(), one_by_one.numpy(), atol=0.01)
     assert np.abs(fused.numpy() - image).mean() > 1.0

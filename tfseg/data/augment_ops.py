@@ -144,7 +144,8 @@ def brightness(seed, mean, channels, delta=0.2):
 
 @register_linear("contrast", {"range": _range(0, 10)}, needs_mean=True)
 def contrast(seed, mean, channels, range=(0.8, 1.2)):  # noqa: A002
-    """Scale each channel's distance from its mean by a factor in ``range`` (tf.image.adjust_contrast)."""
+    """Scale each channel's distance from its mean by a factor in ``range`` (as tf.image.adjust_contrast;
+    the mean is taken on every 4th row and column, see ``channel_mean``)."""
     f = _uniform(seed, *range)
     return f * tf.eye(channels), (1.0 - f) * mean
 

@@ -369,3 +369,30 @@ def test_prefetch_and_plain_reading_agree(skip):
     a = tp.predict_tiled(f, img, spec, prefetch_tiles=True, **kw)
     b = tp.predict_tiled(f, img, spec, prefetch_tiles=False, **kw)
     np.testing.assert_array_equal(a, b)
+
+
+def test_cli_streams_huge_tiff_mask_to_tiled_tiff(tmp_path, monkeypatch):
+    import tifffile
+
+    from tfseg import predict_cli
+    from tfseg.cli import main
+
+    run, models = make_run(tmp_path, folds=(0,), channels=3)
+    rgb = np.asarray(Image.open(shared_path("kvasir_seg", "images", "cju0qkwl35piu0993l0dewei2.jpg")
+                                ).convert("RGB"))[:300, :290]
+    tifffile.imwrite(tmp_path / "slide.tif", rgb, tile=(64, 64))
+    monkeypatch.setattr(predict_cli, "WINDOWED_PIXELS", 1000)
+    monkeypatch.setattr(predict_cli, "MASK_TILE", 128)  # partial last strip and tile column
+    monkeypatch.setattr(predict_cli, "OVERLAY_MAX_SIDE", 100)
+    out = tmp_path / "out"
+    assert main(["predict", "--run", str(run), "--input", str(tmp_path / "slide.tif"), "--output", str(out),
+                 "--overlays", str(tmp_path / "ov"), "--set", "infer.save_probabilities=true"]) == 0
+    mask = tifffile.imread(out / "slide.tif")
+    pred = Predictor([models[0]], InferConfig(tile_size=64, batch_size=2))
+    expect = pred.predict_mask(rgb)
+    np.testing.assert_array_equal(mask, expect * 255)
+    np.testing.assert_array_equal(np.load(out / "slide_prob.npy")[..., 0] > 0.5, expect == 1)
+    assert (tmp_path / "ov" / "slide.png").is_file()
+    bands = ((y, expect[y:y + 37]) for y in range(0, 300, 37))
+    thumb = predict_cli.write_mask_tiff(tmp_path / "m.tif", bands, 300, 290, 1, tile=128, thumb_step=3)
+    np.testing.assert_array_equal(thumb, expect[::3, ::3])

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from tfseg.config import Config, InferConfig
 from tfseg.errors import ConfigError, DataError, ModelError, RunError
-from tfseg.tiling_predict import TileSpec, predict_mask, predict_tiled
+from tfseg.tiling_predict import TileSpec, band_to_mask, iter_bands, predict_mask, predict_tiled
 from tfseg.tta import with_tta
 
 _FOLD_DIR = re.compile(r"^fold(\d+)$")
@@ -206,6 +206,20 @@ class Predictor:
         return predict_mask(self.predict_batch, _checked(image, self.spec), self.spec,
                             threshold=self.infer.threshold, out=out, probabilities=probabilities,
                             **self._kwargs(progress))
+
+
+    def mask_bands(self, image, *, probabilities: np.ndarray | None = None,
+                   progress: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+        """Stream the mask of an image: ``(y0, uint8 [h, W])`` bands, top to bottom.
+
+        Nothing full-size is kept (write the bands to a file as they come, e.g.
+        :func:`tfseg.predict_cli.write_mask_tiff`); ``probabilities`` [H, W, K] is filled too when given.
+        """
+        for y0, band in iter_bands(self.predict_batch, _checked(image, self.spec), self.spec,
+                                   **self._kwargs(progress)):
+            if probabilities is not None:
+                probabilities[y0:y0 + band.shape[0]] = band
+            yield y0, band_to_mask(band, self.infer.threshold)
 
 
 def _checked(image, spec: TileSpec):

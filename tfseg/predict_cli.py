@@ -28,6 +28,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
 TFRECORD_EXTENSIONS = (".tfrec", ".tfrecord", ".tfrecords")
 WINDOWED_PIXELS = 4096 * 4096
 OVERLAY_MAX_SIDE = 1024
+MASK_TILE = 256
 
 
 @dataclass
@@ -143,30 +144,85 @@ def run_predict(args) -> int:
             H, W, _ = item.image.shape
             huge = H * W > WINDOWED_PIXELS
             stem = Path(item.name).stem
+            step = max(1, -(-max(H, W) // OVERLAY_MAX_SIDE))
+            scale = 255 if binary else 1
             with contextlib.ExitStack() as stack:
                 probs = None
                 if not to_csv and cfg.infer.save_probabilities:
                     tmp = stack.enter_context(atomic_path(output / f"{stem}_prob.npy"))
                     probs = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
                                                       shape=(H, W, predictor.spec.classes))
-                mask = predictor.predict_mask(item.image, probabilities=probs,
-                                              progress=huge and sys.stderr.isatty())
+                progress = huge and sys.stderr.isatty()
+                if huge and not to_csv:  # never held whole: streamed into a tiled TIFF
+                    bands = predictor.mask_bands(item.image, probabilities=probs, progress=progress)
+                    thumb = write_mask_tiff(output / f"{stem}.tif", bands, H, W, scale, thumb_step=step)
+                else:
+                    mask = predictor.predict_mask(item.image, probabilities=probs, progress=progress)
+                    thumb = mask[::step, ::step]
                 if probs is not None:
                     probs.flush()
                     del probs
             if to_csv:
                 sub.write(image_id(item.name, cfg.submit.id_format), mask)
-            else:
-                _write_png(output / f"{stem}.png", mask * 255 if binary else mask)
+            elif not huge:
+                _write_png(output / f"{stem}.png", mask * scale)
             if args.overlays:
-                step = max(1, -(-max(H, W) // OVERLAY_MAX_SIDE))
                 truth = None if item.truth is None else item.truth[::step, ::step]
                 save_panel(Path(args.overlays) / f"{stem}.png", _overlay_image(item, step),
-                           mask[::step, ::step], truth, title=item.name)
+                           (thumb > 0).astype(np.uint8) if binary else thumb, truth, title=item.name)
             n += 1
     where = f"{output} ({n} rows)" if to_csv else f"{output}/ ({n} masks)"
     print(f"tfseg predict: {n} images, folds {predictor.folds}, tta {cfg.infer.tta} -> {where}")
     return 0
+
+
+def write_mask_tiff(path: Path, bands: Iterator[tuple[int, np.ndarray]], height: int, width: int,
+                    scale: int = 1, tile: int = MASK_TILE,
+                    thumb_step: int | None = None) -> np.ndarray | None:
+    """Write a mask that arrives as row bands into a tiled, zlib-compressed uint8 TIFF, streaming.
+
+    Only one strip of ``tile`` rows is held at a time (a 20000 x 20000 mask never is); the file
+    appears under its name only when complete.
+
+    Args:
+        path: the ``.tif`` to write.
+        bands: ``(y0, uint8 [h, width])`` in order, covering ``height`` rows (``Predictor.mask_bands``).
+        height, width: size of the mask.
+        scale: multiplier of the stored values (255 turns a 0/1 mask into a viewable one).
+        tile: TIFF tile side.
+        thumb_step: when given, also return every ``thumb_step``-th row and column (for overlays).
+
+    Returns:
+        The thumbnail uint8 [ceil(H/step), ceil(W/step)] (values scaled), or None.
+    """
+    import tifffile
+
+    thumb: list[np.ndarray] = []
+    wpad = -(-width // tile) * tile
+
+    def tiles():
+        strip = np.zeros((tile, wpad), np.uint8)
+        filled = 0
+        for y0, band in bands:
+            band = band.astype(np.uint8) * np.uint8(scale)
+            if thumb_step:
+                thumb.extend(band[(-y0) % thumb_step::thumb_step, ::thumb_step])
+            i = 0
+            while i < band.shape[0]:
+                k = min(tile - filled, band.shape[0] - i)
+                strip[filled:filled + k, :width] = band[i:i + k]
+                filled, i = filled + k, i + k
+                if filled == tile:
+                    yield from (strip[:, x:x + tile].copy() for x in range(0, width, tile))
+                    strip[:] = 0
+                    filled = 0
+        if filled:
+            yield from (strip[:, x:x + tile].copy() for x in range(0, width, tile))
+
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, tiles(), shape=(height, width), dtype=np.uint8, tile=(tile, tile),
+                         compression="zlib")
+    return np.stack(thumb) if thumb else None
 
 
 def _write_png(path: Path, mask: np.ndarray) -> None:

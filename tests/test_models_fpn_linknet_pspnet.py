@@ -467,3 +467,78 @@ def test_builds_and_predicts_on_the_jax_backend():
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     assert "JAX_OK" in proc.stdout, proc.stderr[-3000:]
+
+
+_SM_WEIGHTS_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    import numpy as np
+    os.environ["SM_FRAMEWORK"] = "tf.keras"
+    import segmentation_models as sm
+    from tensorflow import keras
+    keras.utils.set_random_seed(1)
+    arch, backbone, kwargs, image_path, out_path = json.loads(sys.argv[1])
+    kwargs["input_shape"] = tuple(kwargs["input_shape"])
+    model = getattr(sm, arch)(backbone, classes=2, activation="linear", encoder_weights=None, **kwargs)
+    image = np.load(image_path)
+    arrays = {"output": model.predict(sm.get_preprocessing(backbone)(image.copy()), verbose=0)}
+    head = model.layers[-2]  # Linknet's head convolution has no name in sm; tfseg calls it final_conv
+    for layer in model.layers:
+        name = "final_conv" if (layer is head and arch == "Linknet") else layer.name
+        for i, w in enumerate(layer.get_weights()):
+            arrays[f"{name}/{i}"] = w
+    np.savez(out_path, **arrays)
+    print("SM_DONE")
+""")
+
+
+def all_layers(model: keras.Model):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from all_layers(layer)
+        else:
+            yield layer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "arch,kwargs",
+    [
+        ("FPN", {"input_shape": (64, 64, 3)}),
+        ("Linknet", {"input_shape": (64, 64, 3)}),
+        ("PSPNet", {"input_shape": (96, 96, 3), "psp_pooling_type": "max"}),
+    ],
+)
+def test_same_predictions_as_segmentation_models_with_its_weights(arch, kwargs, tmp_path):
+    """sm's weights, copied layer by layer (same names), give tfseg's twin the same logits on a real
+    Kvasir image: tfseg normalizes inside, sm is fed ``sm.get_preprocessing(backbone)(image)``."""
+    if importlib.util.find_spec("segmentation_models") is None:
+        pytest.skip("segmentation_models is not installed (it is in the dev extra)")
+    size = kwargs["input_shape"][0]
+    path = sorted((shared_path("kvasir_seg") / "images").glob("*.jpg"))[0]
+    image = np.asarray(Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR), "float32")[None]
+    np.save(tmp_path / "image.npy", image)
+    env = {**os.environ, "SM_FRAMEWORK": "tf.keras", "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("TF_USE_LEGACY_KERAS", None)
+    payload = [arch, "mobilenetv2", kwargs, str(tmp_path / "image.npy"), str(tmp_path / "sm.npz")]
+    proc = subprocess.run(
+        [sys.executable, "-c", _SM_WEIGHTS_SCRIPT, json.dumps(payload)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert "SM_DONE" in proc.stdout, proc.stderr[-3000:]
+    arrays = np.load(tmp_path / "sm.npz")
+
+    model = TWINS[arch]("mobilenetv2", classes=2, activation="linear", encoder_weights=None, **kwargs)
+    copied = 0
+    for layer in all_layers(model):
+        if layer.weights:
+            layer.set_weights([arrays[f"{layer.name}/{i}"] for i in range(len(layer.weights))])
+            copied += 1
+    sm_names = {key.split("/")[0] for key in arrays.files if key != "output"}
+    assert copied == len(sm_names), "every sm layer with weights has its tfseg twin, by name"
+    logits = arrays["output"]  # compared as logits: a softmax near 0.5 would hide differences
+    assert logits.std() > 1e-3 * np.abs(logits).max() > 0, "sm's logits are too flat to compare"
+    np.testing.assert_allclose(model.predict(image, verbose=0), logits, rtol=1e-4,
+                               atol=1e-5 * np.abs(logits).max())

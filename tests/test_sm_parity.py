@@ -122,3 +122,33 @@ def test_sm_resnet50_differs_by_design(sm_arch):
     model = _tfseg(SM_TWINS[sm_arch], "resnet50", size)
     assert list(model.output_shape[1:]) == ref["shape"]
     assert _trainable(model) != ref["trainable"]
+
+
+def test_sm_bridge_rejects_unknown_sm_arch_without_importing_sm():
+    from tfseg.errors import ModelError
+
+    with pytest.raises(ModelError, match=r"arch='sm.Unett'. Expected one of \['sm.FPN', 'sm.Linknet', "):
+        build_model(ModelConfig(arch="sm.Unett", input_shape=(64, 64, 3), classes=1, encoder_weights=None))
+
+
+BRIDGE_SCRIPT = textwrap.dedent("""
+    import numpy as np
+    from tfseg.config import ModelConfig
+    from tfseg.models import build_model
+    m = build_model(ModelConfig(arch="sm.Unet", backbone="mobilenetv2", input_shape=(64, 64, 1), classes=2,
+                                activation="softmax", encoder_weights=None))
+    y = np.asarray(m(np.full((1, 64, 64, 1), 128.0, "float32")))
+    print("RESULT", m.layers[-1].name, y.dtype, y.shape, round(float(y.sum(-1).mean()), 4))
+""")
+
+
+@pytest.mark.slow
+def test_sm_bridge_builds_sm_unet_in_tfseg_contract():
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("TF_USE_LEGACY_KERAS", None)
+    env.pop("SM_FRAMEWORK", None)
+    proc = subprocess.run([sys.executable, "-c", BRIDGE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
+    assert line.split()[1:] == ["output", "float32", "(1,", "64,", "64,", "2)", "1.0"]

@@ -12,8 +12,9 @@ Options (``cfg.options``), with sm's names and defaults:
     pyramid_use_batchnorm: null = ``cfg.decoder_use_batchnorm``.
     pyramid_aggregation: ``concat`` (sm's default) or ``sum``.
     pyramid_dropout: null = ``cfg.dropout``; SpatialDropout2D rate on the aggregated pyramid.
-    upsampling: 2 (sm: the finest level is at stride 2) or 4 (the finest level at stride 4, one
-        level less, as in segmentation_models_pytorch; cheaper at high resolution).
+    upsampling: 2 (sm: pyramid levels at strides 16, 8, 4 and 2, then a 2x upsampling) or 4
+        (levels at strides 16, 8 and 4, then 4x, the final factor segmentation_models_pytorch's
+        FPN uses; no level at stride 2, so about 4x fewer FLOPs in the segmentation blocks).
 
 Input height and width must be multiples of 32.
 """

@@ -14,7 +14,7 @@ Options (``cfg.options``), with sm's names and defaults:
     pyramid_dropout: null = ``cfg.dropout``; SpatialDropout2D rate on the aggregated pyramid.
     upsampling: 2 (sm: pyramid levels at strides 16, 8, 4 and 2, then a 2x upsampling) or 4
         (levels at strides 16, 8 and 4, then 4x, the final factor segmentation_models_pytorch's
-        FPN uses; no level at stride 2, so about 4x fewer FLOPs in the segmentation blocks).
+        FPN uses; the segmentation blocks and ``final_stage`` then run at 1/4 resolution, not 1/2).
 
 Input height and width must be multiples of 32.
 """

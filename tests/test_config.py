@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import yaml
 
-from tfseg.config import (SECTIONS, Config, config_from_dict, config_reference, dump_config,
-                          load_config)
+from tfseg.config import SECTIONS, Config, config_from_dict, config_reference, dump_config, load_config
 from tfseg.errors import ConfigError
 
 
@@ -75,7 +76,7 @@ def test_model_and_data_classes_must_agree():
 
 def test_config_is_frozen():
     cfg = load_config(None)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.train.lr = 3.0  # type: ignore[misc]
 
 

@@ -75,7 +75,8 @@ class DataConfig:
     split: Optional[str] = opt(None, "Which list of `split_file` to read (e.g. `train`).")
     tfds_name: str = opt("oxford_iiit_pet", "tfds source: the TFDS dataset name.")
     tfds_split: str = opt("train", "tfds source: the TFDS split to read.")
-    tfds_data_dir: Optional[str] = opt(None, "tfds source: TFDS data_dir; null = TFDS's default (~/tensorflow_datasets).")
+    tfds_data_dir: Optional[str] = opt(None, "tfds source: TFDS data_dir; null = TFDS's default "
+                                             "(~/tensorflow_datasets).")
     classes: int = opt(3, "Number of classes: 1 = binary (mask values 0/1), N > 1 = class indices 0..N-1.",
                        min=1)
     channels: int = opt(3, "Image channels after decoding: 1 (gray) or 3 (RGB).", choices=[1, 3])

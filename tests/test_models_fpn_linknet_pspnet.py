@@ -347,6 +347,20 @@ def test_sm_style_call_equals_build_model_and_loads_weights(tmp_path):
     assert "block_3_expand_relu" in names and "block_4_expand" not in names and "out_relu" not in names
 
 
+def test_options_come_from_the_params_file(project_root):
+    from tfseg.config import load_config
+
+    overrides = ["model.arch=pspnet", "model.backbone=mobilenetv2", "model.encoder_weights=null",
+                 "model.options={downsample_factor: 16, psp_pooling_type: max, psp_conv_filters: 32}",
+                 "data.image_size=[96, 96]", "data.channels=1", "data.classes=1"]
+    model = build_model(load_config(project_root / "params.yaml", overrides=overrides).model)
+    assert model.input_shape == (None, 96, 96, 1) and model.output_shape == (None, 96, 96, 1)
+    assert isinstance(model.get_layer("psp_level1_pooling"), keras.layers.MaxPooling2D)
+    assert model.get_layer("psp_level1_conv").filters == 32
+    names = {layer.name for layer in model.get_layer("encoder").layers}
+    assert "block_13_expand_relu" in names and "out_relu" not in names  # cut at stride 16
+
+
 def test_encoder_freeze_leaves_only_the_decoder_trainable():
     model = FPN(
         "mobilenetv2",

@@ -396,3 +396,24 @@ def test_cli_streams_huge_tiff_mask_to_tiled_tiff(tmp_path, monkeypatch):
     bands = ((y, expect[y:y + 37]) for y in range(0, 300, 37))
     thumb = predict_cli.write_mask_tiff(tmp_path / "m.tif", bands, 300, 290, 1, tile=128, thumb_step=3)
     np.testing.assert_array_equal(thumb, expect[::3, ::3])
+
+
+def test_multiclass_mask_is_the_argmax_of_the_full_prediction():
+    import keras
+
+    inp = keras.Input((None, None, 3))
+    x = keras.layers.Rescaling(1 / 255.0)(inp)
+    out = keras.layers.Conv2D(4, 1, activation="softmax", name="output")(x)
+    model = keras.Model(inp, out)
+    model.set_weights([np.random.default_rng(3).normal(0, 3, w.shape).astype(np.float32)
+                       for w in model.get_weights()])
+    rgb = np.asarray(Image.open(shared_path("camvid_sample", "train", "images").glob("*").__next__()
+                                ).convert("RGB"))[:200, :230]
+    pred = Predictor([model], InferConfig(tile_size=64, overlap=0.25, tta=8, accumulator="float32"))
+    assert pred.spec.classes == 4
+    full = model.predict_on_batch(rgb[None].astype(np.float32))[0]
+    probs = pred.predict(rgb)
+    np.testing.assert_allclose(probs, full, atol=1e-5)  # pointwise model: tiles and TTA change nothing
+    mask = pred.predict_mask(rgb)
+    assert mask.dtype == np.uint8 and mask.max() <= 3
+    assert (mask == full.argmax(-1)).mean() > 0.999  # ties between near-equal classes aside

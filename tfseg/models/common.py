@@ -52,8 +52,12 @@ def check_input_shape(input_shape: Sequence[int | None], multiple: int, arch: st
             raise ModelError(f"{arch}: input {label} {size} is too small; the smallest size that works is "
                              f"{min_size}")
         if size % multiple:
-            lower = max(multiple, size // multiple * multiple)
-            upper = (size // multiple + 1) * multiple
+            smallest = -(-(min_size or multiple) // multiple) * multiple  # smallest multiple >= min_size
+            lower = size // multiple * multiple
+            upper = max((size // multiple + 1) * multiple, smallest)
+            if lower < smallest:
+                raise ModelError(f"{arch}: input {label} {size} is not divisible by {multiple}; the nearest "
+                                 f"size that works is {upper}")
             raise ModelError(f"{arch}: input {label} {size} is not divisible by {multiple}; the nearest "
                              f"sizes that work are {lower} and {upper}")
     return h, w, int(c)

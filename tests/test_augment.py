@@ -270,3 +270,30 @@ def test_fused_colour_ops_equal_the_ops_one_by_one():
         one_by_one, _ = step.op.fn(one_by_one, mask, seeds[k], **step.params)
     np.testing.assert_allclose(fused.numpy(), one_by_one.numpy(), atol=0.01)
     assert np.abs(fused.numpy() - image).mean() > 1.0
+
+
+@pytest.mark.parametrize("size", [(6, 6), (4, 6)], ids=["square", "non_square"])
+def test_fused_flips_and_rot90_equal_the_ops_one_by_one(size):
+    """compose() chains a run of flips/rot90 into one symmetry (one transpose + one reverse at
+    most); with the same seeds and coins that is bit for bit the ops one after the other."""
+    ops = [{"name": "flip_left_right", "p": 0.5}, {"name": "rot90", "p": 0.5},
+           {"name": "flip_up_down", "p": 0.5}, {"name": "rot90", "p": 0.7},
+           {"name": "flip_left_right", "p": 0.5}]
+    steps = check_ops(ops)
+    image, mask = coordinate_pair(*size)
+    fused = compose(ops)
+    seen = set()
+    for s in range(40):
+        seed = tf.constant([s, 11], tf.int64)
+        out, out_mask = fused(image.astype(np.uint8), mask, seed)
+        seeds = augment._seeds(seed, len(ops) + 1)  # op k draws from seeds[k], coins from seeds[-1]
+        coins = tf.random.stateless_uniform([len(ops)], seeds[-1]).numpy() < [o["p"] for o in ops]
+        ref, ref_mask = tf.constant(image), tf.constant(mask)
+        for k, step in enumerate(steps):
+            if coins[k]:
+                ref, ref_mask = step.op.fn(ref, ref_mask, seeds[k])
+        np.testing.assert_array_equal(out.numpy(), ref.numpy())
+        np.testing.assert_array_equal(out_mask.numpy(), ref_mask.numpy())
+        assert out.dtype == tf.float32 and out_mask.dtype == tf.uint8
+        seen.add(out.numpy().tobytes())
+    assert len(seen) == (8 if size[0] == size[1] else 4)  # every symmetry that keeps the shape

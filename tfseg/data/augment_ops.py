@@ -22,6 +22,7 @@ from tfseg.data.augment import (
     _size,
     _uniform,
     register,
+    register_dihedral,
     register_linear,
 )
 from tfseg.data.geometry import affine_matrix, crop, crop_offsets, pad_to, remap, transform
@@ -31,35 +32,43 @@ from tfseg.data.geometry import affine_matrix, crop, crop_offsets, pad_to, remap
 # ------------------------------------------------------------------------------------------------
 
 
-@register("flip_left_right", "geometric", exact=True)
+# flip_left_right, flip_up_down and rot90 are the 8 symmetries of the square (the dihedral group).
+# Each is written as its action on a state (t, a, b) meaning "transpose if t, then reverse axis 0
+# if a and axis 1 if b"; compose() chains a run of them into one state and moves the pixels once
+# (apply_dihedral): at most one transpose and one reverse, however many such ops are listed.
+
+
+def _flip_left_right_state(seed, square, t, a, b):
+    return t, a, ~b
+
+
+def _flip_up_down_state(seed, square, t, a, b):
+    return t, ~a, b
+
+
+def _rot90_state(seed, square, t, a, b):
+    k = tf.random.stateless_uniform([], seed, minval=1, maxval=4, dtype=tf.int32)
+    k = tf.where(square, k, 2)  # non-square: only 180 degrees keeps the shape
+    # k=1: transpose(reverse(y, [1])); k=2: reverse(y, [0, 1]); k=3: reverse(transpose(y), [1]);
+    # a transpose swaps the reversed axes: transpose(R_ab(T^t x)) = R_ba(T^(t+1) x).
+    return (tf.where(k == 2, t, ~t), tf.where(k == 1, ~b, tf.where(k == 2, ~a, b)),
+            tf.where(k == 1, a, tf.where(k == 2, ~b, ~a)))
+
+
+@register_dihedral("flip_left_right", _flip_left_right_state)
 def flip_left_right(image, mask, seed):
     """Mirror image and mask horizontally (the op always flips; ``p`` decides whether it runs)."""
-    return tf.reverse(image, axis=[1]), tf.reverse(mask, axis=[1])
 
 
-@register("flip_up_down", "geometric", exact=True)
+@register_dihedral("flip_up_down", _flip_up_down_state)
 def flip_up_down(image, mask, seed):
     """Mirror image and mask vertically."""
-    return tf.reverse(image, axis=[0]), tf.reverse(mask, axis=[0])
 
 
-def _rot90(x, k):
-    """x [H, W, C] turned counter-clockwise by k x 90 degrees, k an int32 tensor in {1, 2, 3}."""
-    return tf.switch_case(k - 1, [lambda: tf.transpose(tf.reverse(x, [1]), [1, 0, 2]),
-                                  lambda: tf.reverse(x, [0, 1]),
-                                  lambda: tf.reverse(tf.transpose(x, [1, 0, 2]), [1])])
-
-
-@register("rot90", "geometric", exact=True)
+@register_dihedral("rot90", _rot90_state)
 def rot90(image, mask, seed):
-    """Rotate both by k x 90 degrees, k uniform in {1, 2, 3}; non-square inputs only by 180."""
-    k = tf.random.stateless_uniform([], seed, minval=1, maxval=4, dtype=tf.int32)
-    shape = tf.shape(image)
-    k = tf.where(tf.equal(shape[0], shape[1]), k, 2)
-    out_image, out_mask = _rot90(image, k), _rot90(mask, k)
-    out_image.set_shape(image.shape)  # k is 2 unless H == W, so the shape is kept
-    out_mask.set_shape(mask.shape)
-    return out_image, out_mask
+    """Rotate both counter-clockwise by k x 90 degrees, k uniform in {1, 2, 3}; non-square inputs
+    only by 180."""
 
 
 @register("shift_scale_rotate", "geometric",

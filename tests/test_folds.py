@@ -154,3 +154,18 @@ def test_fold_split_of_a_shard_folder(lgg_dir):
         fold_split(lgg_dir, 3, 3, seed=42)
     with pytest.raises(DataError, match="12 groups cannot make 13 folds"):
         fold_split(lgg_dir, 13, 0, seed=42)
+
+
+def test_rare_labels_with_unlabelled_majority_fall_back_to_grouped_folds():
+    """Labels too rare to stratify (each below k records), the rest unlabelled: no sklearn error."""
+    groups = [f"g{i}" for i in range(40)]
+    labels = [-1] * 36 + [3, 5, 7, 9]
+    folds = assign_folds(groups, 5, seed=0, labels=labels)
+    assert set(folds) == set(groups) and set(folds.values()) == set(range(5))
+
+
+def test_every_label_rarer_than_k_is_not_an_error():
+    groups = [f"pet{i}" for i in range(12)]
+    labels = list(range(12))  # e.g. a tiny Oxford Pet subset labelled by breed
+    folds = assign_folds(groups, 5, seed=1, labels=labels)
+    assert set(folds.values()) == set(range(5))

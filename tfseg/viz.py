@@ -1,6 +1,7 @@
 """Pictures: training curves and prediction panels (image, truth, prediction, contour overlay).
 
-Everything renders with matplotlib's Agg backend (no display needed) and every file is written
+Everything renders on matplotlib Figures with their own Agg canvas (no display needed, and the
+global pyplot backend is left alone, so notebooks keep showing plots inline); every file is written
 atomically (:func:`tfseg.files.atomic_path`). :func:`panel` returns a numpy RGB array, so the
 same picture goes to a PNG (:func:`save_panel`), to ``tfseg predict --overlays`` and to
 TensorBoard image summaries during training.
@@ -14,15 +15,13 @@ import math
 import os
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from tfseg.errors import DataError, RunError  # noqa: E402
-from tfseg.files import atomic_path  # noqa: E402
+from tfseg.errors import DataError, RunError
+from tfseg.files import atomic_path
 
 TRUTH_COLOR = (255, 40, 40)       # red: the reference contour
 PREDICTION_COLOR = (40, 255, 40)  # green: the predicted contour
@@ -97,7 +96,8 @@ def plot_curves(history_csv: str | os.PathLike, out_png: str | os.PathLike, moni
     metric = base if "loss" not in base else (metrics[0] if metrics else None)
 
     panels = [metric, "loss"] if metric else ["loss"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    fig = _new_figure((5.5 * len(panels), 4))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, name in zip(axes[0], panels):
         for col, style in ((name, "-"), (f"val_{name}", "--")):
             if col in hist:
@@ -206,7 +206,8 @@ def panel(image: np.ndarray, prediction: np.ndarray, truth: np.ndarray | None = 
                   overlay(rgb, pred, gt), None))
     aspect = rgb.shape[0] / max(rgb.shape[1], 1)
     width = 4.0
-    fig, axes = plt.subplots(1, len(cells), figsize=(width * len(cells), width * aspect + 0.6), squeeze=False)
+    fig = _new_figure((width * len(cells), width * aspect + 0.6))
+    axes = fig.subplots(1, len(cells), squeeze=False)
     for ax, (name, data, vmax) in zip(axes[0], cells):
         if vmax is None:
             ax.imshow(data)
@@ -262,21 +263,23 @@ def _mask2d(mask: np.ndarray, shape: tuple[int, int], name: str) -> np.ndarray:
     return m
 
 
-def _figure_to_array(fig, dpi: int) -> np.ndarray:
+def _new_figure(figsize: tuple[float, float]) -> Figure:
+    """A Figure drawn by its own Agg canvas: no pyplot state, nothing to close."""
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _figure_to_array(fig: Figure, dpi: int) -> np.ndarray:
     fig.set_dpi(dpi)
     fig.canvas.draw()
     rgba = np.asarray(fig.canvas.buffer_rgba())
-    out = np.array(rgba[..., :3])
-    plt.close(fig)
-    return out
+    return np.array(rgba[..., :3])
 
 
-def _save_figure(fig, out_png: str | os.PathLike, dpi: int = 100) -> Path:
+def _save_figure(fig: Figure, out_png: str | os.PathLike, dpi: int = 100) -> Path:
     buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=dpi)
-    finally:
-        plt.close(fig)
+    fig.savefig(buf, format="png", dpi=dpi)
     with atomic_path(out_png) as tmp:
         tmp.write_bytes(buf.getvalue())
     return Path(out_png)

@@ -80,7 +80,8 @@ def assign_folds(groups: Sequence[str], k: int, seed: int,
         raise DataError(f"{len(labels)} labels for {len(groups)} records. Expected one label per record.")
     counts = collections.Counter(int(v) for v in labels) if labels is not None else {}
     # Stratify when there are two real labels and at least one is common enough to spread over k folds.
-    stratify = len(set(counts) - {-1}) > 1 and max(counts.values()) >= k
+    real = [c for label, c in counts.items() if label != -1]
+    stratify = len(real) > 1 and max(real) >= k
     # The assignment must not depend on the order records were listed in: sort them first.
     order = sorted(range(len(groups)), key=lambda i: (groups[i], int(labels[i]) if stratify else 0))
     g = np.array([groups[i] for i in order])
@@ -90,7 +91,10 @@ def assign_folds(groups: Sequence[str], k: int, seed: int,
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
             splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-            folds = _folds_of(splitter.split(x, y, g), g)
+            try:
+                folds = _folds_of(splitter.split(x, y, g), g)
+            except ValueError:  # sklearn refuses a label spread it cannot stratify
+                folds = {}
         if len(set(folds.values())) == k:
             return {group: folds[group] for group in distinct}
         # too few groups to stratify without leaving a fold empty: plain grouped folds

@@ -297,3 +297,27 @@ def test_fused_flips_and_rot90_equal_the_ops_one_by_one(size):
         assert out.dtype == tf.float32 and out_mask.dtype == tf.uint8
         seen.add(out.numpy().tobytes())
     assert len(seen) == (8 if size[0] == size[1] else 4)  # every symmetry that keeps the shape
+
+
+def test_fused_colour_ops_with_coins_equal_the_ops_that_ran():
+    """With p < 1 each colour step runs where its coin says so (contrast's channel mean is only
+    computed when a contrast step runs); away from clipping, fused = the steps that ran, in order."""
+    ops = [{"name": "brightness", "p": 0.5, "delta": 0.05}, {"name": "contrast", "p": 0.5},
+           {"name": "saturation", "p": 0.5}, {"name": "contrast", "p": 0.5, "range": [0.9, 1.1]}]
+    steps = check_ops(ops)
+    image = np.random.default_rng(7).uniform(90, 160, (10, 12, 3)).astype(np.float32)
+    mask = np.zeros((10, 12, 1), np.uint8)
+    fused = tf.function(compose(ops))
+    patterns = set()
+    for s in range(16):
+        seed = tf.constant([s, 2], tf.int64)
+        out, _ = fused(image, mask, seed)
+        seeds = augment._seeds(seed, len(ops) + 1)
+        coins = tf.random.stateless_uniform([len(ops)], seeds[-1]).numpy() < 0.5
+        ref = tf.constant(image)
+        for k, step in enumerate(steps):
+            if coins[k]:
+                ref, _ = step.op.fn(ref, mask, seeds[k], **step.params)
+        np.testing.assert_allclose(out.numpy(), ref.numpy(), atol=0.01)
+        patterns.add((bool(coins[1]), bool(coins[3])))
+    assert len(patterns) == 4  # contrast steps both off, either one, both on

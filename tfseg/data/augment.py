@@ -378,7 +378,14 @@ def linear_color_map(image, steps: Sequence[Step], seeds, coins) -> tf.Tensor:
     channels = image.shape[-1] or tf.shape(image)[-1]
     eye = tf.eye(channels)
     matrix, bias = eye, tf.zeros([channels])
-    mean = channel_mean(image) if any(s.op.needs_mean for s in steps) else None
+    mean = None
+    uses_mean = [k for k, s in enumerate(steps) if s.op.needs_mean and s.p > 0.0]
+    if uses_mean:  # the mean only matters to steps that run: skip the reduction when none does
+        if all(steps[k].p >= 1.0 for k in uses_mean):
+            mean = channel_mean(image)
+        else:
+            mean = tf.cond(tf.reduce_any(tf.gather(coins, uses_mean)), lambda: channel_mean(image),
+                           lambda: tf.zeros([channels]))
     for k, step in enumerate(steps):
         if step.p <= 0.0:
             continue

@@ -12,10 +12,10 @@ install:  ## install tfseg and its development tools (editable)
 	$(PYTHON) -m pip install -e ".[dev]"
 
 test:  ## the fast test suite (what CI runs); slow tests are skipped
-	$(PYTHON) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -q
+	$(PYTHON) -m pytest -n $(PYTEST_WORKERS) --dist worksteal -q
 
 test-all:  ## every test, slow ones included
-	$(PYTHON) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -q -m "slow or not slow"
+	$(PYTHON) -m pytest -n $(PYTEST_WORKERS) --dist worksteal -q -m "slow or not slow"
 
 lint:
 	$(PYTHON) -m ruff check tfseg tests bench

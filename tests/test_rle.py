@@ -132,3 +132,18 @@ def test_encode_rejects_3d():
 def test_chunked_scan_equals_one_pass(mask, order, chunk):
     np.testing.assert_array_equal(rle.runs(mask, order, chunk_pixels=chunk), rle.runs(mask, order))
     assert rle.runs(mask, order).dtype == np.int64
+
+
+def test_parse_of_a_million_runs_allocates_little_beyond_the_result():
+    """HuBMAP masks carry millions of numbers: parsing must not build a Python list of tokens."""
+    import tracemalloc
+
+    text = " ".join(f"{i * 4 + 1} 2" for i in range(1_000_000))
+    tracemalloc.start()
+    try:
+        pairs = rle.parse(text)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert pairs.shape == (1_000_000, 2) and pairs[-1, 0] == 3_999_997
+    assert peak < 2.5 * pairs.nbytes  # the old list-of-str parse peaked at about 8x

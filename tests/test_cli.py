@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tfseg.cli import COMMANDS, main
 
 
@@ -60,3 +62,21 @@ def test_atomic_write_leaves_normal_permissions(tmp_path):
     os.umask(umask)
     path = atomic_write_text(tmp_path / "a.txt", "x")
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_main_job_offline_stops_at_once_and_leaves_nothing(tmp_path, project_root):
+    """The README's main command without the Pets data and without a network: one clear error line
+    that points to the local recipes, and no run or shard folder left behind."""
+    from tfseg.data import sources_tfds
+
+    if sources_tfds.is_online(sources_tfds.layout_for("oxford_iiit_pet").download_host):
+        pytest.skip("the download host answers: this machine is online, the offline path cannot run")
+    res = subprocess.run([sys.executable, "-m", "tfseg", "train", "--config", str(project_root / "params.yaml"),
+                          "--fold", "0", "--set", f"data.tfds_data_dir={tmp_path / 'tfds'}"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert res.returncode == 2, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("tfseg train: error: TFDS data set 'oxford_iiit_pet' is not in")
+    assert "offline" in last and "configs/isbi2012.yaml" in last
+    assert "Traceback" not in res.stderr and "WARNING" not in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no runs/, no tfrecords/, no tfds/

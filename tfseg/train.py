@@ -248,9 +248,9 @@ def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2) -> dict:
     fold_dir = out_dir / f"fold{fold}"
     if not dist.is_chief:  # the other workers of a multi-worker run write beside, not over, the chief
         fold_dir = fold_dir / f".worker-{os.getpid()}"
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    # 3. folds
+    # 3. folds (the records exist before any output folder does: a run that cannot start leaves nothing)
     ensure_tfrecords(cfg)
+    fold_dir.mkdir(parents=True, exist_ok=True)
     split = fold_split(cfg.data.tfrecord_dir, t.folds, fold, t.seed)
     steps = t.steps_per_epoch or max(1, split.n_train // global_batch)
     # The whole validation fold each epoch; counted from the manifest, so Keras does not run the
@@ -346,6 +346,7 @@ def run(cfg: Config, folds: str | int = 0) -> dict:
     """Train the folds ``folds`` (``all``, ``K`` or ``K,L``) in turn; returns the run's summary."""
     fold_list = parse_folds(folds, cfg.train.folds)
     check_invariants(cfg)
+    ensure_tfrecords(cfg)  # before the run folder exists, so a run that cannot start leaves nothing
     out_dir = run_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out_dir / "config.yaml")

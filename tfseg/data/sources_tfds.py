@@ -17,6 +17,7 @@ file is written.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -94,12 +95,18 @@ def prepared_builder(cfg: DataConfig):
     """
     tfds = import_tfds()
     data_dir = os.path.expanduser(cfg.tfds_data_dir) if cfg.tfds_data_dir else None
+    absl = logging.getLogger("absl")  # TFDS warns about each missing version folder while it looks
+    level = absl.level
+    absl.setLevel(logging.ERROR)
     try:
         builder = tfds.builder(cfg.tfds_name, data_dir=data_dir)
+        prepared = builder.is_prepared()
     except Exception as err:  # noqa: BLE001 - DatasetNotFoundError, bad config name...
         reason = str(err).splitlines()[0] if str(err) else err.__class__.__name__
         raise DataError(f"data.tfds_name={cfg.tfds_name!r}: {reason}") from None
-    if builder.is_prepared():
+    finally:
+        absl.setLevel(level)
+    if prepared:
         return builder
     where = Path(str(builder.data_path)).parent.parent
     host = layout_for(cfg.tfds_name).download_host

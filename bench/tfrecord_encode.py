@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from benchlib import machine
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -31,16 +32,6 @@ SETS = {  # name -> (image folder, mask folder, channels)
     "carvana 720x480 RGB": ("carvana_sample/images", "carvana_sample/masks", 3),
     "camvid 960x720 RGB": ("camvid_sample/train/images", "camvid_sample/train/masks", 3),
 }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def tf_png(a: np.ndarray) -> bytes:
@@ -90,7 +81,7 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=6)
     args = ap.parse_args()
     print("command:", "python3 " + " ".join(sys.argv))
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores; tensorflow {tf.__version__}, "
+    print(f"machine: {machine()}; tensorflow {tf.__version__}, "
           f"pillow {Image.__version__}")
     print(f"rounds {args.rounds}, median ms per image; decode = tf.io.decode_image\n")
     print("| data | what | TF ms | PIL ms | TF/PIL | TF KiB | PIL KiB | decode ms (TF bytes) |")

@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchlib import machine
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -29,16 +30,6 @@ sys.path.insert(0, str(ROOT))
 # Only TensorFlow-free imports at the top: "spawn" workers re-import this script.
 from tfseg.config import load_config  # noqa: E402
 from tfseg.data import sources  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def variants(kvasir_n: int):
@@ -63,7 +54,7 @@ def main() -> int:
 
     os.chdir(ROOT)  # the recipes' data paths are relative to the project root
     print("command:", "python3 " + " ".join(sys.argv))
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f})")
+    print(f"machine: {machine()}")
     print(f"rounds {args.rounds}, median seconds per variant, spawn start-up included\n")
     print("| data | workers | image | seconds | images/s | MiB | speed-up |")
     print("|---|---|---|---|---|---|---|")

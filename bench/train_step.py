@@ -27,11 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
+
+from benchlib import machine
 
 T0 = time.perf_counter()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -183,17 +184,6 @@ def bn_micro(args) -> None:
         print(f"  {name:<22} {med:8.2f} ms   {med / ref:5.2f}x tf_keras-fused")
 
 
-def _machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
-    return f"{cpu}, {os.cpu_count()} cores visible, load average {load[0]:.2f}"
-
-
 def _reply(proc) -> dict | None:
     """The next ``@@{json}`` line of a worker (libraries print other lines to stdout)."""
     for line in proc.stdout:
@@ -219,7 +209,7 @@ def main() -> int:
         return 0
 
     print("command:", " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]))
-    print("machine:", _machine())
+    print("machine:", machine())
     if args.bn_micro:
         bn_micro(args)
         return 0
@@ -246,7 +236,7 @@ def main() -> int:
     for p in procs.values():
         p.stdin.close()
         p.wait()
-    print("machine after:", _machine())
+    print("machine after:", machine())
     ref = statistics.median(speeds[variants[0]])
     print(f"\n{'variant':<12} {'first step s':>12} {'median img/s':>13} {'min':>6} {'max':>6} "
           f"{'vs ' + variants[0]:>10}")

@@ -53,6 +53,20 @@ def small_model(filters: int = 8):
     return model
 
 
+def build_bench_model(name: str, tile: int):
+    """``tiny``: small_model() (per-tile overhead at its most visible); ``unet_small``: tfseg's
+    smallest real architecture (the LGG post's U-Net), random weights."""
+    if name == "tiny":
+        return small_model()
+    import keras
+
+    from tfseg.config import ModelConfig
+    from tfseg.models import build_model
+
+    keras.utils.set_random_seed(0)
+    return build_model(ModelConfig(arch=name, input_shape=(tile, tile, 3), classes=1, encoder_weights=None))
+
+
 def make_tiff(path: Path, size: int, tile: int = 512) -> None:
     """Write a size x size x 3 tiled TIFF tile by tile (never held whole): tissue-like noise on
     the left two thirds, near-white unsaturated glass on the right third."""
@@ -79,7 +93,7 @@ def child(args) -> dict:
     from tfseg.inference import Predictor
     from tfseg.predict_cli import open_image
 
-    model = small_model()
+    model = build_bench_model(args.model, args.tile)
     t = args.tile
     warm = np.zeros((args.batch, t, t, 3), np.float32)
     model.predict_on_batch(warm)  # trace once, outside the timing
@@ -143,7 +157,7 @@ def run_size(size: int, args, variants: list[str], tmp: Path) -> None:
             if variant in failed:
                 continue
             cmd = [sys.executable, __file__, "--child", variant, "--tiff", str(tiff), "--size", str(size),
-                   "--tile", str(args.tile), "--batch", str(args.batch)]
+                   "--tile", str(args.tile), "--batch", str(args.batch), "--model", args.model]
             env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode != 0:
@@ -179,6 +193,8 @@ def main() -> None:
     p.add_argument("--huge-only", action="store_true", help="only the 20000 x 20000 case")
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--model", default="tiny", choices=["tiny", "unet_small"],
+                   help="tiny: 2 convs of 8 filters (overhead at its most visible); unet_small: tfseg's U-Net")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--variants", default="bare,tiled-o0,tiled-o0-tiff,tiled-o50,tiled-skip,whole")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -189,8 +205,8 @@ def main() -> None:
         return
     print("command: python3 " + " ".join([Path(__file__).relative_to(ROOT).as_posix(), *sys.argv[1:]]))
     print(f"machine: {machine()}")
-    print(f"tile {args.tile}, batch {args.batch}, rounds {args.rounds}, model: small_model() (2 convs of 8 "
-          f"filters), blend gaussian")
+    model = "small_model() (2 convs of 8 filters)" if args.model == "tiny" else f"tfseg {args.model}"
+    print(f"tile {args.tile}, batch {args.batch}, rounds {args.rounds}, model: {model}, blend gaussian")
     variants = args.variants.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         if not args.huge_only:

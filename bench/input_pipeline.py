@@ -8,6 +8,7 @@ from a fresh iterator (start-up included):
 
     plain         PIL decode + numpy random flips/rot90, one Python process (the usual notebook loader)
     tf_decode     tfseg make_dataset(training=True), no augmentation (interleave, decode, shuffle, batch)
+    tf_flips      the same + only the geometric part of the default set (flips, rot90; p 0.5 each)
     tf_augment    the same + the default augmentation set (flips, rot90, brightness, contrast,
                   saturation, hue: the HuBMAP notebooks' set)
     tf_affine     the same + shift_scale_rotate (p 0.5), for reference
@@ -49,6 +50,7 @@ DEFAULT = [{"name": "flip_left_right", "p": 0.5}, {"name": "flip_up_down", "p": 
            {"name": "rot90", "p": 0.5}, {"name": "brightness", "p": 0.5, "delta": 0.2},
            {"name": "contrast", "p": 0.5, "range": [0.8, 1.2]},
            {"name": "saturation", "p": 0.5, "range": [0.7, 1.3]}, {"name": "hue", "p": 0.5, "delta": 0.05}]
+FLIPS = DEFAULT[:3]
 AFFINE = [*DEFAULT, {"name": "shift_scale_rotate", "p": 0.5}]
 
 
@@ -166,7 +168,7 @@ def main(argv=None) -> int:
             return make
 
         variants = {"plain": lambda: plain_loader(pairs, args.batch, 0), "tf_decode": tf_variant([]),
-                    "tf_augment": tf_variant(DEFAULT), "tf_affine": tf_variant(AFFINE)}
+                    "tf_flips": tf_variant(FLIPS), "tf_augment": tf_variant(DEFAULT), "tf_affine": tf_variant(AFFINE)}
         for make in variants.values():  # warm-up: trace the graphs, fill the OS file cache
             time_variant(make, 2)
         rates = {name: [] for name in variants}
@@ -191,6 +193,10 @@ def main(argv=None) -> int:
     cpu = {name: statistics.median(v) for name, v in cpu_ms.items()}
     print(f"CPU time per image: tf_decode / plain = {cpu['tf_decode'] / cpu['plain']:.2f}, "
           f"tf_augment / tf_decode = {cpu['tf_augment'] / cpu['tf_decode']:.2f}")
+    print("augmentation CPU ms per image over tf_decode: "
+          f"flips+rot90 {cpu['tf_flips'] - cpu['tf_decode']:.2f}, "
+          f"default set {cpu['tf_augment'] - cpu['tf_decode']:.2f}, "
+          f"+ shift_scale_rotate {cpu['tf_affine'] - cpu['tf_decode']:.2f}")
     return 0
 
 

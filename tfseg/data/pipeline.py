@@ -3,9 +3,14 @@
 The steps, in order (each a named stage of :func:`make_dataset`)::
 
     files -> (training: shuffle files) -> interleave TFRecordDataset -> keep allowed groups
-          -> decode (tfrecord.decode_example) -> fit to image_size (resize | center crop | check)
-          -> cache? -> (training: shuffle, repeat, random crop, augment with per-example seeds)
-          -> float32 image, mask format, mask_crop -> batch -> prefetch(AUTOTUNE)
+          -> [cache: decode + fit, cache] -> (training: shuffle, repeat)
+          -> one map: [decode (tfrecord.decode_example) -> fit to image_size (resize | center crop |
+             check)] -> (training: random crop, augment with per-example seeds)
+             -> float32 image, mask format, mask_crop
+          -> batch -> prefetch(AUTOTUNE)
+
+Without ``cache`` the shuffle buffer holds serialized records and decoding happens in the same
+parallel map as the augmentation; with ``cache`` decoded examples are cached and shuffled.
 
 Yields ``(image float32 [B, H, W, C] 0..255, mask [B, H, W, 1])``; the mask is float32 0/1 for
 one class (sigmoid models) and int32 class indices otherwise. The model normalizes the image.
@@ -186,35 +191,39 @@ def make_dataset(files: Sequence[str], *, batch_size: int, training: bool,
     ds = _read_records(files, training, seed, deterministic)
     if groups is not None:
         ds = _keep_groups(ds, groups)
-    ds = ds.map(_decode_and_fit(channels, image_size, fit, training),
-                num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-    if cache:
+    decode = _decode_and_fit(channels, image_size, fit, training)
+    if cache:  # cache decoded examples; shuffle them
+        ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
         ds = ds.cache(cache if isinstance(cache, str) else "")
-    if training:
-        if shuffle_buffer > 1:
-            ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        decode = None
+    # Without a cache the shuffle holds the serialized records (JPEG/PNG bytes, ~15x smaller than
+    # the decoded pixels) and decode, augment and finish run in ONE parallel map: no decoded image
+    # goes through a buffer or a stage hand-over (measured in bench/input_pipeline.py).
+    if training and shuffle_buffer > 1:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if repeat is True or (repeat is None and training):
         ds = ds.repeat()
     elif repeat not in (None, False) and repeat != 1:
         ds = ds.repeat(int(repeat))
     finish = _finish(classes, mask_crop, with_ids)
     if training and (any(s.p > 0 for s in steps) or fit == "random_crop"):
-        ds = _augmented(ds, augment, fit, image_size, seed, deterministic, finish)
+        ds = _augmented(ds, decode, augment, fit, image_size, seed, deterministic, finish)
     else:
-        ds = ds.map(finish, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+        ds = ds.map(finish if decode is None else lambda record: finish(*decode(record)),
+                    num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     ds = ds.batch(batch_size, drop_remainder=training if drop_remainder is None else drop_remainder,
                   num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     ds = ds.prefetch(AUTOTUNE)
     return ds.with_options(_options(deterministic, len(files), num_workers))
 
 
-def _augmented(ds, augment, fit, image_size, seed, deterministic, finish):
-    """Zip a per-example seed stream in; random crop, augment and ``finish`` in one map (one
-    parallel stage instead of two: less per-example overhead)."""
+def _augmented(ds, decode, augment, fit, image_size, seed, deterministic, finish):
+    """Zip a per-example seed stream in; (decode unless cached,) random crop, augment and
+    ``finish`` in one map (one parallel stage instead of several: less per-example overhead)."""
     seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
 
     def apply(example, draw):
-        image, mask, ident = example
+        image, mask, ident = example if decode is None else decode(example)
         key = tf.stack([tf.constant(seed, tf.int64), draw])
         crop_seed, op_seed = tf.unstack(tf.random.experimental.stateless_split(key, 2))
         if fit == "random_crop":

@@ -31,6 +31,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from tfseg.data.geometry import apply_dihedral, is_square
 from tfseg.errors import ConfigError
 from tfseg.registry import Registry, unknown_name_message
 
@@ -177,49 +178,13 @@ def register_dihedral(name: str, state: Callable):
         def fn(image, mask, seed):
             image, mask = tf.convert_to_tensor(image), tf.convert_to_tensor(mask)
             no = tf.constant(False)
-            return apply_dihedral(image, mask, *state(seed, _is_square(image), no, no, no))
+            return apply_dihedral(image, mask, *state(seed, is_square(image), no, no, no))
 
         fn.__doc__ = doc_fn.__doc__
         AUGMENTS.register(name, AugmentOp(name, fn, "geometric", {}, exact=True, dihedral=state))
         return fn
 
     return decorator
-
-
-def _is_square(image) -> tf.Tensor:
-    h, w = image.shape[0], image.shape[1]
-    if h is not None and w is not None:
-        return tf.constant(h == w)
-    shape = tf.shape(image)
-    return tf.equal(shape[0], shape[1])
-
-
-def apply_dihedral(image, mask, t, a, b):
-    """Move image [H, W, C] and mask [H, W, 1] by "transpose if t, then reverse axis 0 if a and
-    axis 1 if b" (bool scalars; t only when H == W): one branch of 8, at most one transpose and
-    one reverse. The mask is moved as [H, W]: Eigen reverses a [H, W, 1] uint8 tensor about 7x
-    slower than the same bytes as [H, W]. Dtypes and static shapes are kept."""
-    flat_mask = tf.squeeze(mask, -1)
-
-    def branch(transpose: bool, axes: list[int]):
-        def go():
-            out = []
-            for x in (image, flat_mask):
-                if transpose:
-                    x = tf.transpose(x, [1, 0, 2] if x.shape.rank == 3 else [1, 0])
-                out.append(tf.reverse(x, axes) if axes else tf.identity(x))
-            return tuple(out)
-
-        return go
-
-    branches = [branch(tt, [ax for ax, on in ((0, aa), (1, bb)) if on])
-                for tt in (False, True) for aa in (False, True) for bb in (False, True)]
-    index = tf.cast(t, tf.int32) * 4 + tf.cast(a, tf.int32) * 2 + tf.cast(b, tf.int32)
-    out_image, out_mask = tf.switch_case(index, branches)
-    out_mask = tf.expand_dims(out_mask, -1)
-    out_image.set_shape(image.shape)  # t only for square images, so the shape is kept
-    out_mask.set_shape(mask.shape)
-    return out_image, out_mask
 
 
 def channel_mean(image) -> tf.Tensor:
@@ -419,7 +384,7 @@ def dihedral_map(image, mask, steps: Sequence[Step], seeds, coins):
     Returns:
         (image, mask), dtypes and shapes kept.
     """
-    square = _is_square(image)
+    square = is_square(image)
     t = a = b = tf.constant(False)
     for k, step in enumerate(steps):
         if step.p <= 0.0:

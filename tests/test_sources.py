@@ -12,6 +12,7 @@ import tifffile
 from PIL import Image
 
 from tests.conftest import shared_path
+from tests.kaggle_layouts import carvana_layout
 from tfseg import rle
 from tfseg.config import DataConfig
 from tfseg.data.readers import normalise_mask, read_image, read_mask
@@ -99,19 +100,9 @@ def test_dsb2018_uint16_image_and_instance_mask(tmp_path):
 
 
 def _carvana_tree(tmp_path, views: int = 4):
-    src = shared_path("carvana_sample")
-    (tmp_path / "train").mkdir()
-    (tmp_path / "train_masks").mkdir()
-    rows = ["img,rle_mask"]
-    truth = {}
-    for path in sorted((src / "images").glob("*.png"))[:views]:
-        Image.open(path).convert("RGB").save(tmp_path / "train" / f"{path.stem}.jpg", quality=95)
-        mask = (np.asarray(Image.open(src / "masks" / f"{path.stem}_mask.png")) > 127).astype(np.uint8)
-        gif = Image.fromarray(mask, mode="L").convert("P")
-        gif.putpalette([0, 0, 0, 255, 255, 255])
-        gif.save(tmp_path / "train_masks" / f"{path.stem}_mask.gif")
-        rows.append(f"{path.stem}.jpg,{rle.encode(mask, order='row')}")
-        truth[path.stem] = mask
+    """Kaggle's Carvana layout (tests.kaggle_layouts) plus its ``train_masks.csv`` of row-major RLE."""
+    truth = carvana_layout(tmp_path, views)
+    rows = ["img,rle_mask", *(f"{stem}.jpg,{rle.encode(mask, order='row')}" for stem, mask in truth.items())]
     (tmp_path / "train_masks.csv").write_text("\n".join(rows) + "\n")
     return truth
 

@@ -100,25 +100,15 @@ def set_trainable(layers, trainable: bool) -> None:
 
 
 def encoder_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    """Layers of ``model`` that belong to its encoder (those whose name starts with the encoder
-    prefix recorded by the builder in ``model.encoder_layer_names``, else none)."""
-    names = set(getattr(model, "_tfseg_encoder_layers", ()))
-    return [layer for layer in model.layers if layer.name in names]
-
-
-def mark_encoder(model: keras.Model, encoder_layer_names) -> keras.Model:
-    """Record which layers of ``model`` form its encoder, for :func:`freeze_encoder`."""
-    model._tfseg_encoder_layers = tuple(encoder_layer_names)
-    return model
+    """Layers of a tfseg model that form its encoder: the nested model named ``encoder`` (the
+    encoder table's) or layers named ``encoder_*`` (TernausNet's own VGG11). Derived from names,
+    so it holds for a model just built and for one reloaded with ``keras.models.load_model``."""
+    return [layer for layer in model.layers if layer.name == "encoder" or layer.name.startswith("encoder_")]
 
 
 def freeze_encoder(model: keras.Model) -> keras.Model:
     """Freeze the encoder of a tfseg model (decoder warm-up, the first stage of fine-tuning)."""
-    layers = encoder_layers(model)
-    if not layers:  # after load_model: the nested encoder model, or layers named encoder_*
-        layers = [layer for layer in model.layers
-                  if layer.name == "encoder" or layer.name.startswith("encoder_")]
-    set_trainable(layers, False)
+    set_trainable(encoder_layers(model), False)
     return model
 
 

@@ -32,7 +32,6 @@ from tfseg.models.blocks import conv3x3_bn_relu
 from tfseg.models.common import (
     check_input_shape,
     freeze_encoder,
-    mark_encoder,
     read_options,
     segmentation_head,
 )
@@ -155,7 +154,7 @@ def build_fpn(cfg: ModelConfig) -> keras.Model:
                     use_batchnorm=bool(use_bn), aggregation=opts["pyramid_aggregation"], dropout=dropout)
     x = keras.layers.UpSampling2D(opts["upsampling"], interpolation="bilinear", name="final_upsampling")(x)
     output = segmentation_head(x, int(cfg.classes or 1), cfg.activation, kernel_size=3, name="head_conv")
-    model = mark_encoder(keras.Model(image, output, name=f"fpn_{cfg.backbone}"), ["encoder"])
+    model = keras.Model(image, output, name=f"fpn_{cfg.backbone}")
     return freeze_encoder(model) if cfg.encoder_freeze else model
 
 

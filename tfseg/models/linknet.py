@@ -28,7 +28,6 @@ from tfseg.models.blocks import conv_bn_act
 from tfseg.models.common import (
     check_input_shape,
     freeze_encoder,
-    mark_encoder,
     read_options,
     segmentation_head,
 )
@@ -135,7 +134,7 @@ def build_linknet(cfg: ModelConfig) -> keras.Model:
     x = linknet_decoder(top, skips, filters, use_batchnorm=cfg.decoder_use_batchnorm,
                         block_type=cfg.decoder_block_type, center=ends_with_pooling(encoder))
     output = segmentation_head(x, int(cfg.classes or 1), cfg.activation, kernel_size=3, name="final_conv")
-    model = mark_encoder(keras.Model(image, output, name=f"linknet_{cfg.backbone}"), ["encoder"])
+    model = keras.Model(image, output, name=f"linknet_{cfg.backbone}")
     return freeze_encoder(model) if cfg.encoder_freeze else model
 
 

@@ -31,7 +31,7 @@ import keras
 from tfseg.config import ModelConfig
 from tfseg.errors import ModelError
 from tfseg.models import ARCHS
-from tfseg.models.common import check_input_shape, mark_encoder, read_options, segmentation_head
+from tfseg.models.common import check_input_shape, read_options, segmentation_head
 from tfseg.models.encoders import build_encoder
 
 ARCH = "pix2pix_unet"
@@ -106,4 +106,4 @@ def build_pix2pix_unet(cfg: ModelConfig) -> keras.Model:
         x = upsample(x, f, cfg.dropout, f"up{i}")
         x = keras.layers.Concatenate(name=f"up{i}_concat")([x, skip])
     outputs = segmentation_head(x, cfg.classes, cfg.activation, kernel_size=3, transpose_stride=2)
-    return mark_encoder(keras.Model(inputs, outputs, name=ARCH), ["encoder"])
+    return keras.Model(inputs, outputs, name=ARCH)

@@ -32,7 +32,6 @@ from tfseg.models.blocks import conv_bn_act
 from tfseg.models.common import (
     check_input_shape,
     freeze_encoder,
-    mark_encoder,
     read_options,
     resolve_activation,
 )
@@ -134,7 +133,7 @@ def build_pspnet(cfg: ModelConfig) -> keras.Model:
                                   name="final_upsampling")(x)
     output = keras.layers.Activation(resolve_activation(cfg.activation, classes), dtype="float32",
                                      name="output")(x)
-    model = mark_encoder(keras.Model(image, output, name=f"pspnet_{cfg.backbone}"), ["encoder"])
+    model = keras.Model(image, output, name=f"pspnet_{cfg.backbone}")
     return freeze_encoder(model) if cfg.encoder_freeze else model
 
 

@@ -44,13 +44,7 @@ import keras
 from tfseg.config import ModelConfig
 from tfseg.errors import ModelError
 from tfseg.models import ARCHS
-from tfseg.models.common import (
-    check_input_shape,
-    mark_encoder,
-    read_options,
-    segmentation_head,
-    set_trainable,
-)
+from tfseg.models.common import check_input_shape, freeze_encoder, read_options, segmentation_head
 from tfseg.models.encoders import TORCH, adapt_constants, build_encoder, get_encoder_spec
 
 # Convolutions per VGG11 block (torchvision ``cfgs["A"]``); VGG16 comes from the encoder table.
@@ -175,14 +169,12 @@ def _build(cfg: ModelConfig, arch: str, vgg: str) -> keras.Model:
     x = ternaus_decoder(features, top, vgg, nf, opts["is_deconv"])
     outputs = segmentation_head(x, cfg.classes, cfg.activation, kernel_size=1)
     model = keras.Model(inputs, outputs, name=arch)
-    encoder_names = [layer.name for layer in model.layers if layer.name.startswith("encoder")]
-    mark_encoder(model, encoder_names)
     if _torch_file(weights):
         from tfseg.models.torch_weights import load_torch_vgg_state_dict
 
         load_torch_vgg_state_dict(model, weights, arch=vgg, input_norm=input_norm)
     if cfg.encoder_freeze:
-        set_trainable([model.get_layer(n) for n in encoder_names], False)
+        freeze_encoder(model)
     return model
 
 

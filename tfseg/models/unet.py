@@ -30,7 +30,7 @@ from tfseg.config import ModelConfig
 from tfseg.errors import ModelError
 from tfseg.models import ARCHS
 from tfseg.models.blocks import DECODER_BLOCKS, conv3x3_bn_relu
-from tfseg.models.common import check_input_shape, freeze_encoder, mark_encoder, segmentation_head
+from tfseg.models.common import check_input_shape, freeze_encoder, segmentation_head
 from tfseg.models.encoders import build_encoder, get_encoder_spec
 
 ARCH = "unet"
@@ -101,7 +101,7 @@ def Unet(  # noqa: N802 - the segmentation_models name, so notebooks port by cha
         skip = skips[stage] if stage < len(skips) else None
         x = block(x, skip, int(filters), stage, decoder_use_batchnorm)
     output = segmentation_head(x, classes, activation, kernel_size=3, name="final_conv")
-    model = mark_encoder(keras.Model(image, output, name=f"unet_{backbone_name}"), ["encoder"])
+    model = keras.Model(image, output, name=f"unet_{backbone_name}")
     if encoder_freeze:
         freeze_encoder(model)
     if weights is not None:

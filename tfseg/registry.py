@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Generic, TypeVar
 
 from tfseg.errors import TfsegError
@@ -90,5 +90,3 @@ class Registry(Generic[T]):
     def items(self) -> list[tuple[str, T]]:
         return sorted(self._entries.items())
 
-
-BuilderFn = Callable[..., object]

@@ -57,8 +57,18 @@ def tiny_config(tmp_path: Path, n: int = 12, size: int = 32, **train) -> Path:
 def test_train_fold_writes_the_run_layout(tmp_path):
     from tfseg.train import run
 
+    class Seen(keras.callbacks.Callback):  # a user's callback (the pet notebook's DisplayCallback)
+        epochs: list = []
+
+        def on_epoch_end(self, epoch, logs=None):
+            Seen.epochs.append((epoch, "val_dice_coe" in logs, self.model.output_shape))
+
     cfg = load_config(tiny_config(tmp_path), ["train.schedule=cosine", "train.warmup_epochs=0.5"])
-    summary = run(cfg, "0")
+    with pytest.raises(ConfigError, match="callbacks: expected keras.callbacks.Callback objects, got function"):
+        run(cfg, "0", callbacks=[lambda: None])
+    assert not (tmp_path / "runs").exists()
+    summary = run(cfg, "0", callbacks=[Seen()])
+    assert Seen.epochs == [(0, True, (None, 32, 32, 1)), (1, True, (None, 32, 32, 1))]
     fold_dir = tmp_path / "runs" / "tiny" / "fold0"
     for name in ("config.yaml", "best.keras", "last.keras", "history.csv", "curves.png", "val_groups.json"):
         assert (fold_dir / name).is_file(), name

@@ -30,6 +30,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from tfseg.config import Config, dump_config, load_config
@@ -216,7 +217,7 @@ def tensorboard_available() -> bool:
 # ------------------------------------------------------------------------------------------------
 
 
-def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2) -> dict:
+def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2, callbacks: Sequence = ()) -> dict:
     """Train fold ``fold`` of ``cfg`` and write its outputs.
 
     Args:
@@ -224,6 +225,8 @@ def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2) -> dict:
         fold: which fold is held out, ``0 <= fold < train.folds``.
         dist: a :class:`tfseg.distribute.Distribution`; None chooses one from ``train.strategy``.
         verbose: Keras ``fit`` verbosity (2 = one line per epoch).
+        callbacks: more ``keras.callbacks.Callback`` objects (a notebook's display callback, say);
+            they run after tfseg's own, which see each epoch's logs first.
 
     Returns:
         ``{"best", "best_epoch", "epochs", "n_train", "n_val", "fold_dir"}``.
@@ -239,6 +242,7 @@ def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2) -> dict:
 
     # 1. invariants
     check_invariants(cfg)
+    callbacks = _check_callbacks(callbacks)
     t = cfg.train
     # 2. strategy
     set_mixed_precision(t.mixed_precision)
@@ -274,7 +278,7 @@ def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2) -> dict:
         images, masks = next(iter(val_ds.take(1)))
         sample = (images.numpy()[:3], masks.numpy()[:3])
     # 6. callbacks
-    callbacks, nan_guard, best = make_callbacks(cfg, fold_dir, steps, sample, write=dist.is_chief)
+    own, nan_guard, best = make_callbacks(cfg, fold_dir, steps, sample, write=dist.is_chief)
     if dist.is_chief:
         dump_config(cfg, fold_dir / "config.yaml")
         atomic_write_text(fold_dir / "val_groups.json", json.dumps({
@@ -288,7 +292,8 @@ def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2) -> dict:
     # 7. fit
     start = time.perf_counter()
     model.fit(train_ds, epochs=t.epochs, steps_per_epoch=steps, validation_data=val_ds,
-              validation_steps=val_steps, callbacks=callbacks, verbose=verbose)
+              validation_steps=val_steps, callbacks=[*own, *callbacks], verbose=verbose,
+              shuffle=False)  # the dataset shuffles; Keras would warn that it ignores shuffle=True
     if nan_guard.where is not None:
         epoch, batch, value = nan_guard.where
         raise RunError(f"fold {fold}: the training loss became {value} at epoch {epoch + 1}, batch {batch}; "
@@ -342,9 +347,13 @@ def update_summary(out_dir: Path, cfg: Config, fold: int, result: dict) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def run(cfg: Config, folds: str | int = 0) -> dict:
-    """Train the folds ``folds`` (``all``, ``K`` or ``K,L``) in turn; returns the run's summary."""
+def run(cfg: Config, folds: str | int = 0, callbacks: Sequence = ()) -> dict:
+    """Train the folds ``folds`` (``all``, ``K`` or ``K,L``) in turn; returns the run's summary.
+
+    ``callbacks`` are more Keras callbacks for every fold's ``fit`` (see :func:`train_fold`).
+    """
     fold_list = parse_folds(folds, cfg.train.folds)
+    callbacks = _check_callbacks(callbacks)
     check_invariants(cfg)
     ensure_tfrecords(cfg)  # before the run folder exists, so a run that cannot start leaves nothing
     out_dir = run_dir(cfg)
@@ -355,7 +364,7 @@ def run(cfg: Config, folds: str | int = 0) -> dict:
     set_mixed_precision(cfg.train.mixed_precision)
     dist = setup_distribution(cfg.train.strategy)  # once per process (multi-worker needs that)
     for fold in fold_list:
-        result = train_fold(cfg, fold, dist)
+        result = train_fold(cfg, fold, dist, callbacks=callbacks)
         value = "none" if result["best"] is None else f"{result['best']:.4f}"
         print(f"tfseg train: fold {fold}: best {cfg.train.monitor} = {value} at epoch "
               f"{result['best_epoch']} of {result['epochs']}", flush=True)
@@ -365,6 +374,16 @@ def run(cfg: Config, folds: str | int = 0) -> dict:
         print(f"tfseg train: {cfg.train.monitor} cv mean {summary['cv_mean']:.4f} +- {summary['cv_std']:.4f} "
               f"over {len(summary['folds'])} fold(s) -> {path}", flush=True)
     return summary
+
+
+def _check_callbacks(callbacks: Sequence) -> list:
+    import keras
+
+    callbacks = list(callbacks or ())
+    for c in callbacks:
+        if not isinstance(c, keras.callbacks.Callback):
+            raise ConfigError(f"callbacks: expected keras.callbacks.Callback objects, got {type(c).__name__}")
+    return callbacks
 
 
 def cli_train(args) -> int:

@@ -109,3 +109,40 @@ def test_out_of_fold_means_per_fold(tmp_path):
     assert result["folds"]["0"]["dice"] == pytest.approx(0.6) and result["folds"]["1"]["dice"] == 0.9
     assert result["mean"]["dice"] == pytest.approx(0.75) and "best_threshold" not in result
     assert json.loads((tmp_path / "evaluation.json").read_text())["folds"]["1"]["iou"] == 0.45
+
+
+def test_threshold_from_the_out_of_fold_sweep(trained, tmp_path, capsys):
+    import shutil
+
+    from PIL import Image
+
+    from tfseg.config import InferConfig
+    from tfseg.errors import RunError
+    from tfseg.inference import Predictor
+
+    tmp, run_dir = trained
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("evaluate"))
+    oof = ["--set", "infer.threshold_from=oof"]
+    # no sweep yet: one line that says which file is missing and which command writes it
+    assert cli.main(["evaluate", "--run", str(run), "--data", str(tmp / "data"), *oof]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "evaluate/oof/evaluation.json: not found" in err and "tfseg evaluate --run" in err
+    assert len(err.splitlines()) == 1
+    # the sweep on out-of-fold predictions, then the held-out folder scored at its best threshold
+    assert cli.main(["evaluate", "--run", str(run)]) == 0
+    best = json.loads((run / "evaluate" / "oof" / "evaluation.json").read_text())["best_threshold"]["threshold"]
+    assert cli.main(["evaluate", "--run", str(run), "--data", str(tmp / "data"), *oof]) == 0
+    assert json.loads((run / "evaluate" / "data" / "evaluation.json").read_text())["threshold"] == best
+    # predict: a sweep that picked 0.3 gives masks thresholded at 0.3, not at infer.threshold
+    sweep = run / "evaluate" / "oof" / "evaluation.json"
+    sweep.write_text(json.dumps({**json.loads(sweep.read_text()), "best_threshold": {"threshold": 0.3}}))
+    predictor = Predictor.from_run(run, "0", InferConfig(tile_size=32, threshold_from="oof"))
+    assert predictor.infer.threshold == 0.3
+    image = np.asarray(Image.open(tmp / "data" / "images" / "s00.png"))[..., None]
+    probs = predictor.predict(image)[..., 0].astype(np.float32)
+    assert ((probs > 0.3) != (probs > 0.5)).any()  # the two thresholds disagree somewhere
+    np.testing.assert_array_equal(predictor.predict_mask(image), (probs > 0.3).astype(np.uint8))
+    sweep.write_text(json.dumps({"data": "oof"}))  # a multiclass run's evaluation has no sweep
+    with pytest.raises(RunError, match="no best_threshold.threshold"):
+        Predictor.from_run(run, "0", InferConfig(tile_size=32, threshold_from="oof"))

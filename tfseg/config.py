@@ -202,6 +202,10 @@ class InferConfig:
     folds: str = opt("all", "Folds whose models are averaged: `all` or a comma list such as `0,2`.")
     threshold: float = opt(0.5, "Binary models: probability above which a pixel is foreground.",
                            min=0.0, max=1.0)
+    threshold_from: Optional[str] = opt(None, "Binary models: `oof` takes the threshold instead from the sweep "
+                                              "that `tfseg evaluate --run RUN` wrote on out-of-fold predictions "
+                                              "(RUN/evaluate/oof/evaluation.json); null = `threshold`.",
+                                        choices=[None, "oof"])
     downscale: int = opt(1, "Predict at 1/downscale of the input resolution, then upsample.", min=1)
     skip_background: bool = opt(False, "Skip tiles that a cheap saturation rule calls background.")
     accumulator: str = opt("float16", "Probability accumulator of huge images: float16, float32 (in memory) "

@@ -14,7 +14,8 @@ With external data and several folds, the folds' probabilities are averaged (the
 Outputs, in ``--output`` (default ``RUN/evaluate/<oof|data folder name>``):
 
 * ``per_image.csv``: fold, id, dice, iou, pixel_accuracy (binary: also ``dice_background``, the
-  Dice of class 0, e.g. ISBI's membranes) at ``infer.threshold``;
+  Dice of class 0, e.g. ISBI's membranes) at ``infer.threshold`` (with ``--data`` and
+  ``infer.threshold_from: oof``: at the best threshold of the run's out-of-fold sweep);
 * ``sweep.csv`` (binary models): mean Dice and IoU per image, and the global Dice, for thresholds
   0.1..0.9 (TernausNet picked 0.3 this way; pick it on out-of-fold predictions, never on the test);
 * ``evaluation.json``: the means, the number of images, the best threshold.
@@ -177,13 +178,14 @@ def evaluate_run(run: str | Path, folds: str = "all", data: str | Path | None = 
         RunError: missing run, fold or checkpoint. DataError: unreadable or empty data.
     """
     from tfseg.data.tfrecord import shard_files
-    from tfseg.inference import keras_predict_fn, load_model, load_run_config, select_folds
+    from tfseg.inference import keras_predict_fn, load_model, load_run_config, resolve_threshold, select_folds
     from tfseg.train import mask_crop_for
 
     run = Path(run)
     cfg = cfg or load_run_config(run)
     checkpoints = select_folds(run, folds)
-    threshold = cfg.infer.threshold
+    # held-out data is scored at the out-of-fold threshold when asked (infer.threshold_from: oof)
+    threshold = (cfg.infer if data is None else resolve_threshold(run, cfg.infer)).threshold
     models = {k: load_model(path) for k, path in checkpoints.items()}
     predicts = {k: keras_predict_fn(m) for k, m in models.items()}
     binary = int(next(iter(models.values())).output_shape[-1]) == 1

@@ -16,9 +16,11 @@ streaming submission ``*.csv`` / ``*.csv.gz`` (:mod:`tfseg.submission`).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +85,28 @@ def load_run_config(run_dir: str | os.PathLike, config: str | None = None, overr
     if not path.is_file():
         raise RunError(f"{path}: config not found. Expected the run's config.yaml (or pass --config).")
     return load_config(path, overrides)
+
+
+def resolve_threshold(run_dir: str | os.PathLike, infer: InferConfig) -> InferConfig:
+    """``infer`` with ``threshold`` taken from the run's out-of-fold sweep when ``threshold_from: oof``.
+
+    The sweep is ``RUN/evaluate/oof/evaluation.json``, written by ``tfseg evaluate --run RUN``: the
+    threshold with the best mean Dice on the folds' held-out images (never on the test data).
+    """
+    if infer.threshold_from != "oof":
+        return infer
+    path = Path(run_dir) / "evaluate" / "oof" / "evaluation.json"
+    if not path.is_file():
+        raise RunError(f"{path}: not found. infer.threshold_from=oof reads the sweep of `tfseg evaluate --run "
+                       f"{run_dir}`: run that first, or set infer.threshold")
+    try:
+        best = float(json.loads(path.read_text())["best_threshold"]["threshold"])
+    except (ValueError, KeyError, TypeError):
+        raise RunError(f"{path}: no best_threshold.threshold. Expected the out-of-fold evaluation of a binary "
+                       "run (multiclass runs have no threshold sweep)") from None
+    if not 0.0 <= best <= 1.0:
+        raise RunError(f"{path}: best_threshold.threshold is {best}; expected a probability in [0, 1]")
+    return replace(infer, threshold=best)
 
 
 def load_model(path: str | os.PathLike):
@@ -174,8 +198,10 @@ class Predictor:
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, folds: str | Sequence[int] = "all",
                  infer: InferConfig | None = None) -> Predictor:
-        """Load ``run_dir/fold<k>/best.keras`` for the requested folds."""
+        """Load ``run_dir/fold<k>/best.keras`` for the requested folds (``infer.threshold_from: oof``
+        reads the threshold of the run's out-of-fold sweep, :func:`resolve_threshold`)."""
         paths = select_folds(run_dir, folds)
+        infer = resolve_threshold(run_dir, infer or InferConfig())
         predictor = cls([load_model(p) for p in paths.values()], infer)
         predictor.folds = list(paths)
         return predictor

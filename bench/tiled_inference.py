@@ -11,6 +11,8 @@ Variants, each in a fresh subprocess (so ``ru_maxrss`` is that variant's own pea
 * ``tiled-skip``: overlap 0.5 with background tiles skipped (a third of the image is blank);
 * ``tiled-o0-tiff``: overlap 0, the mask streamed band by band into a tiled TIFF (what
   ``tfseg predict`` does for huge images) instead of a uint8 array in memory;
+* ``tiled-o0-csv``: overlap 0, the mask bands streamed into a column-major (HuBMAP) RLE
+  submission ``.csv.gz`` (what ``tfseg predict --output sub.csv.gz`` does for huge images);
 * ``whole``: ``tifffile.imread`` of the whole image and one untiled model call (8192 only).
 
 Reported: median seconds over ``--rounds``, image megapixels/s, model tiles/s and peak RSS.
@@ -113,15 +115,20 @@ def child(args) -> dict:
         img = tifffile.imread(args.tiff)
         mask = (model.predict_on_batch(img[None].astype(np.float32))[0, ..., 0] > 0.5).astype(np.uint8)
         tiles = 0
-    elif args.child == "tiled-o0-tiff":  # the CLI's path for huge images: mask streamed to a TIFF
+    elif args.child in ("tiled-o0-tiff", "tiled-o0-csv"):  # the CLI's paths for huge images: streamed
         from tfseg.predict_cli import write_mask_tiff
+        from tfseg.submission import SubmissionWriter
 
         pred = Predictor([model], InferConfig(tile_size=t, overlap=0.0, batch_size=args.batch))
         calls = []
         inner = pred.predict_batch
         pred.predict_batch = lambda x: (calls.append(len(x)), inner(x))[1]
         image = open_image(Path(args.tiff), 3)
-        write_mask_tiff(Path(args.tiff).with_suffix(".mask.tif"), pred.mask_bands(image), size, size, 255)
+        if args.child == "tiled-o0-tiff":
+            write_mask_tiff(Path(args.tiff).with_suffix(".mask.tif"), pred.mask_bands(image), size, size, 255)
+        else:
+            with SubmissionWriter(Path(args.tiff).with_suffix(".csv.gz"), "id", "predicted", "column") as sub:
+                sub.write_bands("huge", pred.mask_bands(image), size, size)
         tiles = sum(calls)
     else:
         overlap = 0.0 if args.child == "tiled-o0" else 0.5
@@ -196,7 +203,7 @@ def main() -> None:
     p.add_argument("--model", default="tiny", choices=["tiny", "unet_small"],
                    help="tiny: 2 convs of 8 filters (overhead at its most visible); unet_small: tfseg's U-Net")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--variants", default="bare,tiled-o0,tiled-o0-tiff,tiled-o50,tiled-skip,whole")
+    p.add_argument("--variants", default="bare,tiled-o0,tiled-o0-tiff,tiled-o0-csv,tiled-o50,tiled-skip,whole")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--tiff", help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -393,9 +393,25 @@ def test_cli_streams_huge_tiff_mask_to_tiled_tiff(tmp_path, monkeypatch):
     np.testing.assert_array_equal(mask, expect * 255)
     np.testing.assert_array_equal(np.load(out / "slide_prob.npy")[..., 0] > 0.5, expect == 1)
     assert (tmp_path / "ov" / "slide.png").is_file()
-    bands = ((y, expect[y:y + 37]) for y in range(0, 300, 37))
-    thumb = predict_cli.write_mask_tiff(tmp_path / "m.tif", bands, 300, 290, 1, tile=128, thumb_step=3)
-    np.testing.assert_array_equal(thumb, expect[::3, ::3])
+    thumbs = []
+    bands = predict_cli.thumbnail_rows(((y, expect[y:y + 37]) for y in range(0, 300, 37)), 3, thumbs)
+    predict_cli.write_mask_tiff(tmp_path / "m.tif", bands, 300, 290, 1, tile=128)
+    np.testing.assert_array_equal(np.concatenate(thumbs), expect[::3, ::3])
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "m.tif"), expect)
+    # the run's column-major (HuBMAP) submission of the huge image is encoded band by band, equal
+    # to encoding the whole mask
+    from tfseg import rle
+    from tfseg.submission import read_submission
+
+    sub = tmp_path / "sub.csv.gz"
+    t = float(np.median(pred.predict(rgb)))  # a threshold that makes many runs
+    expect = Predictor([models[0]], InferConfig(tile_size=64, batch_size=2, threshold=t)).predict_mask(rgb)
+    assert main(["predict", "--run", str(run), "--input", str(tmp_path / "slide.tif"), "--output", str(sub),
+                 "--overlays", str(tmp_path / "ov2"), "--set", "submit.id_format='{stem}'",
+                 "--set", f"infer.threshold={t}"]) == 0
+    header, rows = read_submission(sub)
+    assert header == ("id", "predicted") and rows == [("slide", rle.encode(expect, "column"))]
+    assert len(rows[0][1].split()) > 100 and (tmp_path / "ov2" / "slide.png").is_file()
 
 
 def test_multiclass_mask_is_the_argmax_of_the_full_prediction():

@@ -153,16 +153,22 @@ def run_predict(args) -> int:
                     probs = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
                                                       shape=(H, W, predictor.spec.classes))
                 progress = huge and sys.stderr.isatty()
-                if huge and not to_csv:  # never held whole: streamed into a tiled TIFF
-                    bands = predictor.mask_bands(item.image, probabilities=probs, progress=progress)
-                    thumb = write_mask_tiff(output / f"{stem}.tif", bands, H, W, scale, thumb_step=step)
+                if huge:  # never held whole: streamed into a tiled TIFF or straight into the RLE
+                    thumbs: list[np.ndarray] = []
+                    bands = thumbnail_rows(predictor.mask_bands(item.image, probabilities=probs,
+                                                                progress=progress), step, thumbs)
+                    if to_csv:
+                        sub.write_bands(image_id(item.name, cfg.submit.id_format), bands, H, W)
+                    else:
+                        write_mask_tiff(output / f"{stem}.tif", bands, H, W, scale)
+                    thumb = np.concatenate(thumbs)
                 else:
                     mask = predictor.predict_mask(item.image, probabilities=probs, progress=progress)
                     thumb = mask[::step, ::step]
                 if probs is not None:
                     probs.flush()
                     del probs
-            if to_csv:
+            if to_csv and not huge:
                 sub.write(image_id(item.name, cfg.submit.id_format), mask)
             elif not huge:
                 _write_png(output / f"{stem}.png", mask * scale)
@@ -176,9 +182,17 @@ def run_predict(args) -> int:
     return 0
 
 
+def thumbnail_rows(bands: Iterator[tuple[int, np.ndarray]], step: int,
+                   into: list[np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
+    """Pass ``bands`` through, appending every ``step``-th row and column of the image to ``into``
+    (the overlay of a mask that is never held whole: ``np.concatenate(into)`` once consumed)."""
+    for y0, band in bands:
+        into.append(np.asarray(band)[(-y0) % step::step, ::step])
+        yield y0, band
+
+
 def write_mask_tiff(path: Path, bands: Iterator[tuple[int, np.ndarray]], height: int, width: int,
-                    scale: int = 1, tile: int = MASK_TILE,
-                    thumb_step: int | None = None) -> np.ndarray | None:
+                    scale: int = 1, tile: int = MASK_TILE) -> None:
     """Write a mask that arrives as row bands into a tiled, zlib-compressed uint8 TIFF, streaming.
 
     Only one strip of ``tile`` rows is held at a time (a 20000 x 20000 mask never is); the file
@@ -190,23 +204,16 @@ def write_mask_tiff(path: Path, bands: Iterator[tuple[int, np.ndarray]], height:
         height, width: size of the mask.
         scale: multiplier of the stored values (255 turns a 0/1 mask into a viewable one).
         tile: TIFF tile side.
-        thumb_step: when given, also return every ``thumb_step``-th row and column (for overlays).
-
-    Returns:
-        The thumbnail uint8 [ceil(H/step), ceil(W/step)] (values scaled), or None.
     """
     import tifffile
 
-    thumb: list[np.ndarray] = []
     wpad = -(-width // tile) * tile
 
     def tiles():
         strip = np.zeros((tile, wpad), np.uint8)
         filled = 0
-        for y0, band in bands:
+        for _y0, band in bands:
             band = band.astype(np.uint8) * np.uint8(scale)
-            if thumb_step:
-                thumb.extend(band[(-y0) % thumb_step::thumb_step, ::thumb_step])
             i = 0
             while i < band.shape[0]:
                 k = min(tile - filled, band.shape[0] - i)
@@ -222,7 +229,6 @@ def write_mask_tiff(path: Path, bands: Iterator[tuple[int, np.ndarray]], height:
     with atomic_path(path) as tmp:
         tifffile.imwrite(tmp, tiles(), shape=(height, width), dtype=np.uint8, tile=(tile, tile),
                          compression="zlib")
-    return np.stack(thumb) if thumb else None
 
 
 def _write_png(path: Path, mask: np.ndarray) -> None:

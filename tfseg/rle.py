@@ -14,7 +14,7 @@ own reference functions).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -33,13 +33,13 @@ def _check_order(order: str) -> str:
 def runs(mask: np.ndarray, order: str = "row", chunk_pixels: int = 1 << 24) -> np.ndarray:
     """Foreground runs of a mask as an int64 array of shape [N, 2]: (1-based start, length).
 
-    The mask is scanned in blocks of about ``chunk_pixels`` (rows for row order, columns for
-    column order), so a 20000 x 20000 HuBMAP mask needs no full-size temporary copy.
+    The mask is scanned in bands of about ``chunk_pixels`` rows x width (:func:`runs_from_bands`),
+    so a 20000 x 20000 HuBMAP mask needs no full-size temporary copy.
 
     Args:
         mask: [H, W] array; any non-zero value is foreground (bool, uint8 0/1 or 0/255...).
         order: "row" (row-major, Carvana) or "column" (column-major, HuBMAP).
-        chunk_pixels: pixels per block scanned at once.
+        chunk_pixels: pixels per band scanned at once.
 
     Returns:
         int64 [N, 2]; starts are 1-based positions in the flattened mask, lengths >= 1.
@@ -49,24 +49,73 @@ def runs(mask: np.ndarray, order: str = "row", chunk_pixels: int = 1 << 24) -> n
     if mask.ndim != 2:
         raise DataError(f"RLE encode: mask of shape {mask.shape}. Expected a 2-D [H, W] mask.")
     h, w = mask.shape
+    step = max(1, chunk_pixels // max(w, 1))
+    return runs_from_bands(((y, mask[y:y + step]) for y in range(0, h, step)), h, w, order)
+
+
+def runs_from_bands(bands: Iterable[tuple[int, np.ndarray]], height: int, width: int,
+                    order: str = "row") -> np.ndarray:
+    """Foreground runs, as :func:`runs`, of a mask that arrives as bands of rows, top to bottom.
+
+    Only one band is held at a time, in either pixel order: a column-major (HuBMAP) submission of
+    a 20000 x 20000 prediction never needs the whole mask. Column order keeps, per column, whether
+    the last row seen was foreground; each band adds the positions where a column changes, and the
+    sorted positions are the runs (a run that ends at the bottom of one column and goes on at the
+    top of the next is one run of the flattened mask, as in the competitions' reference encoders).
+
+    Args:
+        bands: ``(y0, [h, width] array)`` pairs covering rows ``0..height`` in order, each band
+            starting where the last ended (``Predictor.mask_bands`` yields these).
+        height, width: the mask's size.
+        order: "row" or "column".
+
+    Returns:
+        int64 [N, 2] (1-based start, length) in the order's flattening.
+
+    Raises:
+        DataError: a band out of order, of the wrong width, or rows missing at the end.
+    """
+    _check_order(order)
+    edges: list[np.ndarray] = []  # 0-based flat positions where the value differs from the pixel before
+    last_row = np.zeros(width, bool)  # column order: each column's last pixel seen
+    prev, y = False, 0  # row order: the last pixel seen
+    for y0, band in bands:
+        band = np.asarray(band)
+        if y0 != y or band.ndim != 2 or band.shape[1] != width:
+            raise DataError(f"RLE encode: band of shape {band.shape} at row {y0}. Expected [h, {width}] "
+                            f"starting at row {y}.")
+        fg = band != 0
+        if order == "row":
+            flat = fg.ravel()
+            change = np.flatnonzero(np.concatenate([[prev], flat[:-1]]) != flat)
+            edges.append(change + y * width)
+            prev = bool(flat[-1]) if flat.size else prev
+        else:
+            rows, cols = np.nonzero(np.concatenate([last_row[None], fg[:-1]]) != fg)
+            edges.append(cols.astype(np.int64) * height + (rows + y))
+            last_row = fg[-1] if len(fg) else last_row
+        y += band.shape[0]
+    if y != height:
+        raise DataError(f"RLE encode: bands cover {y} rows. Expected {height}.")
     if order == "row":
-        step = max(1, chunk_pixels // max(w, 1))
-        blocks = (mask[r:r + step].ravel() for r in range(0, h, step))
+        if prev:
+            edges.append(np.array([height * width]))
+        flat = np.concatenate(edges).astype(np.int64) if edges else np.zeros(0, np.int64)
     else:
-        step = max(1, chunk_pixels // max(h, 1))
-        blocks = (mask[:, c:c + step].T.ravel() for c in range(0, w, step))
-    edges, prev, offset = [], False, 0
-    for block in blocks:
-        fg = block != 0
-        # 0-based flat index of every pixel whose value differs from the pixel before it
-        change = np.flatnonzero(np.concatenate([[prev], fg[:-1]]) != fg)
-        edges.append(change + offset)
-        prev, offset = bool(fg[-1]) if fg.size else prev, offset + fg.size
-    if prev:
-        edges.append(np.array([offset]))
-    flat = np.concatenate(edges).astype(np.int64) if edges else np.zeros(0, np.int64)
+        # each column also ends at (c + 1) * H; where column c ends and column c + 1 starts in
+        # foreground, the two changes at that position cancel (the run goes on)
+        edges.append((np.flatnonzero(last_row).astype(np.int64) + 1) * height)
+        positions, counts = np.unique(np.concatenate(edges).astype(np.int64), return_counts=True)
+        flat = positions[counts == 1]
     starts, ends = flat[0::2], flat[1::2]
     return np.stack([starts + 1, ends - starts], axis=1)
+
+
+def format_runs(pairs: np.ndarray) -> str:
+    """``"start length start length ..."`` of :func:`runs`' pairs; ``""`` when there are none."""
+    if pairs.size == 0:
+        return ""
+    return " ".join(map(str, pairs.ravel().tolist()))
 
 
 def encode(mask: np.ndarray, order: str = "row") -> str:
@@ -79,10 +128,7 @@ def encode(mask: np.ndarray, order: str = "row") -> str:
     Returns:
         ``"start length start length ..."`` with 1-based starts; ``""`` for an empty mask.
     """
-    pairs = runs(mask, order)
-    if pairs.size == 0:
-        return ""
-    return " ".join(map(str, pairs.ravel().tolist()))
+    return format_runs(runs(mask, order))
 
 
 _NOT_RLE = re.compile(r"[^0-9 \t\r\n]")

@@ -94,12 +94,21 @@ class SubmissionWriter:
         Raises:
             DataError: the id was already written (two inputs with the same name).
         """
+        return self._write_row(image_id, lambda: rle.runs(mask, self.pixel_order))
+
+    def write_bands(self, image_id: str, bands: Iterable[tuple[int, np.ndarray]], height: int,
+                    width: int) -> str:
+        """As :meth:`write`, for a mask that arrives as row bands (``Predictor.mask_bands``): the
+        whole mask is never held, in either pixel order (:func:`tfseg.rle.runs_from_bands`)."""
+        return self._write_row(image_id, lambda: rle.runs_from_bands(bands, height, width, self.pixel_order))
+
+    def _write_row(self, image_id: str, make_runs) -> str:
         if self._writer is None:
             raise RunError(f"{self.path}: SubmissionWriter.write called outside its `with` block.")
         if image_id in self._ids:
             raise DataError(f"{self.path}: id {image_id!r} written twice. Expected unique image names.")
         self._ids.add(image_id)
-        text = rle.encode(mask, self.pixel_order)
+        text = rle.format_runs(make_runs())
         self._writer.writerow((image_id, text))
         self._fh.flush()
         self.count += 1

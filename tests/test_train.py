@@ -295,3 +295,34 @@ def test_summary_of_a_fold_without_a_finite_score_stays_valid_json(tmp_path):
     assert summary["cv_mean"] is None and summary["folds"]["0"]["best"] is None
     summary = update_summary(tmp_path, load_config(None), 1, {"best": 0.5, **base})
     assert summary["cv_mean"] == 0.5 and json.loads((tmp_path / "summary.json").read_text()) == summary
+
+
+def test_validation_on_larger_central_windows_than_the_training_crops(tmp_path, capsys):
+    """data.val_size (TernausNet: 768 crops for training, central 1440 windows for validation)."""
+    from tfseg.data.folds import fold_split
+    from tfseg.data.pipeline import dataset_from_config
+    from tfseg.train import run
+
+    params = tiny_config(tmp_path, n=9, size=64)
+    over = ["data.fit=random_crop", "data.image_size=[32,32]"]
+    # a size the model cannot take: one line, nothing written
+    assert cli.main(["train", "--config", str(params), *(f"--set={o}" for o in over),
+                     "--set", "data.val_size=[63,63]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the note that the shards are written
+    assert err.startswith("tfseg train: error: data.val_size: unet_small: input height 63") and "62 and 64" in err
+    assert not (tmp_path / "runs").exists()
+    cfg = load_config(params, [*over, "data.val_size=[64,64]"])
+    assert cfg.model.input_shape == (None, None, 1)  # built for any size
+    summary = run(cfg, "0")
+    split = fold_split(cfg.data.tfrecord_dir, cfg.train.folds, 0, cfg.train.seed)
+    images, masks = next(iter(dataset_from_config(cfg, split.val_files, training=False, groups=split.val_groups)))
+    assert images.shape[1:] == (64, 64, 1) and masks.shape[1:] == (64, 64, 1)
+    images, masks = next(iter(dataset_from_config(cfg, split.train_files, training=True,
+                                                  groups=split.train_groups)))
+    assert images.shape[1:] == (32, 32, 1)
+    assert 0.0 <= summary["folds"]["0"]["best"] <= 1.0
+    model = keras.models.load_model(tmp_path / "runs" / "tiny" / "fold0" / "best.keras")
+    assert model.input_shape == (None, None, None, 1)
+    assert model.predict(np.zeros((1, 64, 64, 1), "float32"), verbose=0).shape == (1, 64, 64, 1)
+    with pytest.raises(ConfigError, match="data.val_size: \\[64, 64\\] needs data.fit: random_crop"):
+        load_config(params, ["data.val_size=[64,64]"])

@@ -102,6 +102,10 @@ class DataConfig:
     fit: str = opt("resize", "How records become `image_size`: resize (image bilinear, mask nearest), "
                              "random_crop (pad if smaller), or none (records already have that size).",
                    choices=["resize", "random_crop", "none"])
+    val_size: Optional[tuple[int, int]] = opt(None, "fit random_crop: validation takes the central window of "
+                                                    "this [height, width] instead of `image_size` (TernausNet "
+                                                    "trained on 768 crops and validated on central 1440 ones); the "
+                                                    "model is then built for any input size. null = image_size.")
     shuffle_buffer: int = opt(256, "Examples in the shuffle buffer of the training pipeline.", min=0)
     cache: bool = opt(False, "Cache decoded examples in memory after the first epoch.")
     deterministic: bool = opt(False, "Make the pipeline's order and augmentation reproducible (slower).")
@@ -124,8 +128,9 @@ class ModelConfig:
     arch: str = opt("pix2pix_unet", "Architecture name (`tfseg.models.ARCHS`), or `sm.<Name>` to build "
                                     "through segmentation_models.")
     backbone: str = opt("mobilenetv2", "Encoder name for architectures that take one (`tfseg.models.ENCODERS`).")
-    input_shape: Optional[tuple[int, int, int]] = opt(None, "[height, width, channels]; null = data.image_size "
-                                                            "+ data.channels.")
+    input_shape: Optional[tuple[Optional[int], Optional[int], int]] = opt(
+        None, "[height, width, channels]; null = data.image_size + data.channels ([null, null, channels], "
+              "any size, when data.val_size differs from image_size).")
     classes: Optional[int] = opt(None, "Output classes; null = data.classes.", min=1)
     activation: str = opt("auto", "Output activation: auto (sigmoid for 1 class, softmax otherwise), "
                                   "sigmoid, softmax, or linear (logits).",
@@ -357,8 +362,15 @@ def _resolve(cfg: Config) -> Config:
     updates = {}
     if model.classes is None:
         updates["classes"] = cfg.data.classes
+    val_size = cfg.data.val_size
+    if val_size is not None and cfg.data.fit != "random_crop":
+        raise ConfigError(f"data.val_size: {list(val_size)} needs data.fit: random_crop (validation windows are "
+                          f"central crops), got data.fit: {cfg.data.fit}")
+    if val_size is not None and min(val_size) < 1:
+        raise ConfigError(f"data.val_size: expected two positive sizes, got {list(val_size)}")
     if model.input_shape is None:
-        updates["input_shape"] = (*cfg.data.image_size, cfg.data.channels)
+        flexible = val_size is not None and tuple(val_size) != tuple(cfg.data.image_size)
+        updates["input_shape"] = ((None, None) if flexible else tuple(cfg.data.image_size)) + (cfg.data.channels,)
     if updates:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(model, **updates))
     if cfg.model.classes != cfg.data.classes:

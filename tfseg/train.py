@@ -109,6 +109,35 @@ def ensure_tfrecords(cfg: Config) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 
 
+def check_model_sizes(cfg: Config) -> None:
+    """With ``data.val_size`` the model is built for any input size (``[null, null, C]``); check up
+    front that the architecture takes both the training and the validation size, so a bad size is
+    the builder's one-line error (with the nearest sizes that work), not a shape error mid-fit.
+    The probe models are built without weights and dropped; a config is checked once per process."""
+    from dataclasses import replace
+
+    if cfg.data.val_size is None or None not in (cfg.model.input_shape or (None,))[:2]:
+        return
+    key = repr((cfg.model, cfg.data.image_size, cfg.data.val_size, cfg.data.channels))
+    if key in _SIZES_CHECKED:
+        return
+
+    from tfseg.errors import ModelError
+    from tfseg.models import build_model
+
+    for key, size in (("data.image_size", cfg.data.image_size), ("data.val_size", cfg.data.val_size)):
+        if size is None:
+            continue
+        try:
+            build_model(replace(cfg.model, input_shape=(*size, cfg.data.channels), encoder_weights=None))
+        except ModelError as err:
+            raise ConfigError(f"{key}: {err}") from None
+    _SIZES_CHECKED.add(key)
+
+
+_SIZES_CHECKED: set[str] = set()
+
+
 def build_compiled_model(cfg: Config, steps_per_epoch: int):
     """Model + loss + optimizer + metrics (call under ``strategy.scope()``). Returns (model, from_logits)."""
     import keras
@@ -248,6 +277,7 @@ def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2, callbacks: S
     set_mixed_precision(t.mixed_precision)
     dist = dist or setup_distribution(t.strategy)
     global_batch = check_global_batch(t.batch_size, dist.replicas)
+    check_model_sizes(cfg)
     out_dir = run_dir(cfg)
     fold_dir = out_dir / f"fold{fold}"
     if not dist.is_chief:  # the other workers of a multi-worker run write beside, not over, the chief
@@ -356,13 +386,14 @@ def run(cfg: Config, folds: str | int = 0, callbacks: Sequence = ()) -> dict:
     callbacks = _check_callbacks(callbacks)
     check_invariants(cfg)
     ensure_tfrecords(cfg)  # before the run folder exists, so a run that cannot start leaves nothing
-    out_dir = run_dir(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out_dir / "config.yaml")
     from tfseg.distribute import set_mixed_precision, setup_distribution
 
     set_mixed_precision(cfg.train.mixed_precision)
     dist = setup_distribution(cfg.train.strategy)  # once per process (multi-worker needs that)
+    check_model_sizes(cfg)
+    out_dir = run_dir(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out_dir / "config.yaml")
     for fold in fold_list:
         result = train_fold(cfg, fold, dist, callbacks=callbacks)
         value = "none" if result["best"] is None else f"{result['best']:.4f}"

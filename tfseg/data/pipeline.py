@@ -252,16 +252,18 @@ def dataset_from_config(cfg, files: Sequence[str], *, training: bool, groups: Co
     """:func:`make_dataset` with the settings of a :class:`tfseg.config.Config`.
 
     Args:
-        cfg: the whole config (``data``, ``augment`` and ``train.seed`` / ``train.batch_size`` are read).
+        cfg: the whole config (``data``, ``augment`` and ``train.seed`` / ``train.batch_size`` are read);
+            validation (``training=False``) takes windows of ``data.val_size`` when it is set.
         files: shard paths. training: see :func:`make_dataset`. groups: the fold's groups.
         global_batch: batch size across replicas (:func:`check_global_batch`); None = train.batch_size.
         mask_crop: [h, w] center crop of the mask. num_workers: workers of a multi-worker strategy.
         with_ids: add the record ids.
     """
     data = cfg.data
+    size = data.val_size if data.val_size is not None and not training else data.image_size
     return make_dataset(
         files, batch_size=global_batch or cfg.train.batch_size, training=training,
-        image_size=data.image_size, fit=data.fit, augment_ops=cfg.augment.ops, channels=data.channels,
+        image_size=size, fit=data.fit, augment_ops=cfg.augment.ops, channels=data.channels,
         classes=data.classes, groups=groups, shuffle_buffer=data.shuffle_buffer, seed=cfg.train.seed,
         deterministic=data.deterministic, cache=data.cache, mask_crop=mask_crop, with_ids=with_ids,
         num_workers=num_workers)

@@ -13,13 +13,16 @@ Variants:
     sm            sm.Unet on tf_keras (TF_USE_LEGACY_KERAS=1): Keras 2, fused BatchNorm.
     sm-unfused    the same with tf_keras' BatchNormalization forced to fused=False.
     sm-keras3     sm.Unet on Keras 3 (SM_FRAMEWORK=tf.keras without the legacy switch).
-    tfseg         tfseg.models.unet.Unet on Keras 3 (TensorFlow backend), plain graph mode.
-    tfseg-xla     the same compiled with jit_compile=True.
+    tfseg         tfseg.models.unet.Unet on Keras 3 (TensorFlow backend) as ``tfseg train`` runs it:
+                  BatchNorm through TensorFlow's fused kernel (tfseg.distribute.fuse_batch_norm).
+    tfseg-unfused the same model with Keras 3's own BatchNormalization call.
+    tfseg-bf16    tfseg with the mixed_bfloat16 policy (train.mixed_precision; AMX on this CPU).
+    tfseg-xla     tfseg compiled with jit_compile=True.
 
 Usage (``--bn-micro`` times one BatchNormalization layer, Keras 3 against tf_keras fused/unfused):
     python3 bench/train_step.py --bn-micro --size 256 --batch 8 --rounds 5
     python3 bench/train_step.py --size 256 --batch 8 --rounds 5 --steps 3 \
-        --variants sm,tfseg,tfseg-xla
+        --variants sm,sm-unfused,tfseg,tfseg-unfused,tfseg-bf16
 """
 
 from __future__ import annotations
@@ -75,9 +78,16 @@ def _build(variant: str, size: int):
 
         model = sm.Unet("efficientnetb0", input_shape=(size, size, 3), classes=1, encoder_weights=None)
         return model, sm.get_preprocessing("efficientnetb0")
+    import keras
+
+    from tfseg.distribute import fuse_batch_norm
     from tfseg.models.unet import Unet
 
+    if variant == "tfseg-bf16":
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
     model = Unet("efficientnetb0", input_shape=(size, size, 3), classes=1, encoder_weights=None)
+    if variant != "tfseg-unfused":
+        fuse_batch_norm(model)
     return model, lambda x: x  # tfseg normalizes inside the model
 
 

@@ -193,3 +193,55 @@ def test_multiworker_two_processes_train_one_epoch_together(tmp_path):
     assert (fold_dir / "best.keras").is_file() and (fold_dir / "history.csv").is_file()
     assert json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())["folds"]["0"]["epochs"] == 1
     assert len(list(fold_dir.glob(".worker-*"))) == 1  # the other worker wrote beside the chief
+
+
+def _bn_net(seed: int = 1):
+    """Conv -> BN -> ReLU -> BN (no center, other momentum) inside a nested model -> sigmoid conv."""
+    keras.utils.set_random_seed(seed)
+    inner_in = keras.Input((16, 16, 8))
+    inner = keras.Model(inner_in, keras.layers.BatchNormalization(momentum=0.9, center=False)(inner_in),
+                        name="encoder")
+    inp = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same")(inp)
+    x = keras.layers.Activation("relu")(keras.layers.BatchNormalization()(x))
+    out = keras.layers.Conv2D(1, 1, activation="sigmoid")(inner(x))
+    model = keras.Model(inp, out)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="binary_crossentropy")
+    return model
+
+
+@pytest.mark.parametrize("policy", [None, "mixed_bfloat16"])
+def test_fused_batch_norm_trains_exactly_as_keras_batch_norm(policy, tmp_path):
+    """The fused kernel gives Keras 3's losses, weights and moving statistics, nested layers too."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(1.0, 3.0, (4, 16, 16, 3)).astype("float32")
+    y = (x[..., :1] > 1).astype("float32")
+    try:
+        keras.mixed_precision.set_global_policy(policy or "float32")
+        plain, fused = _bn_net(), _bn_net()
+        assert distribute.fuse_batch_norm(fused) == 2 and distribute.fuse_batch_norm(fused) == 0  # once
+        tol = 1e-5 if policy is None else 2e-2
+        for _ in range(3):
+            np.testing.assert_allclose(fused.train_on_batch(x, y), plain.train_on_batch(x, y), rtol=tol)
+        for a, b in zip(plain.weights, fused.weights):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=tol, atol=tol, err_msg=a.path)
+        moved = [w for w in fused.weights if "moving_variance" in w.path]
+        assert all(np.abs(np.asarray(w) - 1.0).max() > 0.01 for w in moved)  # the statistics did move
+        np.testing.assert_allclose(fused.predict(x, verbose=0), plain.predict(x, verbose=0), atol=tol)
+        # the saved file is a plain Keras model: it reloads and predicts the same
+        fused.save(tmp_path / "m.keras")
+        again = keras.models.load_model(tmp_path / "m.keras")
+        np.testing.assert_allclose(again.predict(x, verbose=0), fused.predict(x, verbose=0), atol=1e-6)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_fused_batch_norm_leaves_other_backends_and_layers_alone(monkeypatch):
+    model = _bn_net()
+    renorm = keras.Sequential([keras.Input((4, 4, 2)), keras.layers.BatchNormalization(renorm=True)])
+    assert distribute.fuse_batch_norm(renorm) == 0
+    monkeypatch.setattr(keras.config, "backend", lambda: "jax")
+    assert distribute.fuse_batch_norm(model) == 0
+    assert not any("call" in vars(layer) for layer in distribute._walk_layers(model))

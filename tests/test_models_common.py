@@ -40,3 +40,29 @@ def test_every_suggested_size_builds_the_check():
             assert suggestions, str(err)
             for suggestion in suggestions:
                 check_input_shape((suggestion, 48, 3), 24, "u", min_size=48)  # must not raise
+
+
+def test_bn_momentum_sets_every_batch_norm_and_is_saved(tmp_path):
+    """MobileNetV2's BatchNorm momentum is 0.999; model.bn_momentum sets encoder and decoder alike."""
+    import keras
+
+    from tfseg.config import ModelConfig
+    from tfseg.models import build_model
+
+    def momenta(model):
+        found, stack = [], list(model.layers)
+        while stack:
+            layer = stack.pop()
+            stack.extend(getattr(layer, "layers", ()))
+            if isinstance(layer, keras.layers.BatchNormalization):
+                found.append(layer.momentum)
+        return found
+
+    cfg = ModelConfig(arch="unet", backbone="mobilenetv2", encoder_weights=None, classes=1,
+                      input_shape=(64, 64, 3), decoder_filters=(8, 8, 8, 8, 8))
+    default = build_model(cfg)
+    assert {round(m, 3) for m in momenta(default)} == {0.999, 0.99}  # the encoder's own, the decoder's
+    model = build_model(ModelConfig(**{**cfg.__dict__, "bn_momentum": 0.9}))
+    assert len(momenta(model)) == len(momenta(default)) > 50 and set(momenta(model)) == {0.9}
+    model.save(tmp_path / "m.keras")
+    assert set(momenta(keras.models.load_model(tmp_path / "m.keras"))) == {0.9}

@@ -144,6 +144,10 @@ class ModelConfig:
                                                                     "deepest first.")
     decoder_use_batchnorm: bool = opt(True, "BatchNorm in the decoder blocks.")
     dropout: float = opt(0.0, "Dropout rate where the architecture has dropout.", min=0.0, max=0.99)
+    bn_momentum: Optional[float] = opt(None, "Momentum of every BatchNormalization layer; null = each layer's own "
+                                             "(keras.applications: 0.99, MobileNetV2 0.999). From scratch, 0.999 "
+                                             "leaves the moving statistics (and validation) behind for thousands "
+                                             "of steps: use 0.99 there.", min=0.0, max=1.0)
     options: dict = opt({}, "Architecture-specific keyword arguments (e.g. `num_filters`, `is_deconv`, "
                             "`batchnorm`), passed to the builder.")
 

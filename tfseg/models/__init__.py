@@ -73,4 +73,21 @@ def build_model(cfg: ModelConfig) -> keras.Model:
 
         return build_sm_model(cfg)
     _load_archs()
-    return ARCHS.get(cfg.arch)(cfg)
+    model = ARCHS.get(cfg.arch)(cfg)
+    if cfg.bn_momentum is not None:
+        set_bn_momentum(model, cfg.bn_momentum)
+    return model
+
+
+def set_bn_momentum(model: keras.Model, momentum: float) -> int:
+    """Set the momentum of every BatchNormalization layer of ``model`` (nested encoders included);
+    it is part of each layer's config, so a saved model keeps it. Returns how many layers."""
+    count = 0
+    stack = list(model.layers)
+    while stack:
+        layer = stack.pop()
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = float(momentum)
+            count += 1
+        stack.extend(getattr(layer, "layers", ()))
+    return count

@@ -146,3 +146,30 @@ def test_threshold_from_the_out_of_fold_sweep(trained, tmp_path, capsys):
     sweep.write_text(json.dumps({"data": "oof"}))  # a multiclass run's evaluation has no sweep
     with pytest.raises(RunError, match="no best_threshold.threshold"):
         Predictor.from_run(run, "0", InferConfig(tile_size=32, threshold_from="oof"))
+
+
+def test_evaluation_applies_the_runs_test_time_augmentation(trained, tmp_path):
+    """Scores are those of what `tfseg predict` would output: the infer.tta mean."""
+    import keras
+    from PIL import Image
+
+    from tfseg.tta import with_tta
+
+    tmp, run_dir = trained
+    scores = {}
+    for n in (1, 8):
+        out = tmp_path / f"tta{n}"
+        assert cli.main(["evaluate", "--run", str(run_dir), "--fold", "0", "--data", str(tmp / "data"),
+                         "--output", str(out), "--set", f"infer.tta={n}"]) == 0
+        assert json.loads((out / "evaluation.json").read_text())["tta"] == n
+        scores[n] = {r["id"]: r for r in _table(out / "per_image.csv")}
+    # recompute one image's Dice from the 8-transform mean and compare
+    model = keras.models.load_model(run_dir / "fold0" / "best.keras")
+    ident = sorted(scores[8])[0]
+    image = np.asarray(Image.open(tmp / "data" / "images" / f"{ident}.png"), np.float32)[None, ..., None]
+    truth = np.asarray(Image.open(tmp / "data" / "masks" / f"{ident}.png")) > 127
+    probs = with_tta(lambda x: model.predict_on_batch(x), 8)(image)[0, ..., 0]
+    pred = probs > 0.5
+    dice = 1.0 if not (pred.any() or truth.any()) else 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
+    assert float(scores[8][ident]["dice"]) == pytest.approx(dice, abs=1e-4)
+    assert any(scores[1][i]["dice"] != scores[8][i]["dice"] for i in scores[1])

@@ -9,7 +9,8 @@ What is scored:
   ``--set data.split=test`` for Kvasir-SEG's fixed split): every pair at its own resolution; the
   image is resized to the model's input and the probabilities back to the mask's size.
 
-With external data and several folds, the folds' probabilities are averaged (the ensemble).
+With external data and several folds, the folds' probabilities are averaged (the ensemble). Each
+model's predictions are those of ``tfseg predict``: averaged over the ``infer.tta`` transforms.
 
 Outputs, in ``--output`` (default ``RUN/evaluate/<oof|data folder name>``):
 
@@ -187,7 +188,10 @@ def evaluate_run(run: str | Path, folds: str = "all", data: str | Path | None = 
     # held-out data is scored at the out-of-fold threshold when asked (infer.threshold_from: oof)
     threshold = (cfg.infer if data is None else resolve_threshold(run, cfg.infer)).threshold
     models = {k: load_model(path) for k, path in checkpoints.items()}
-    predicts = {k: keras_predict_fn(m) for k, m in models.items()}
+    from tfseg.tta import with_tta
+
+    # scored as `tfseg predict` would predict: with the run's test-time augmentation
+    predicts = {k: with_tta(keras_predict_fn(m), cfg.infer.tta) for k, m in models.items()}
     binary = int(next(iter(models.values())).output_shape[-1]) == 1
     sweep = Sweep() if binary else None
     rows: list[dict] = []
@@ -234,7 +238,8 @@ def evaluate_run(run: str | Path, folds: str = "all", data: str | Path | None = 
                 score(ensemble, ident, mask, probs)
     if not rows:
         raise DataError(f"{data or cfg.data.tfrecord_dir}: no images to evaluate")
-    return _write(Path(output) if output else run / "evaluate" / label, rows, sweep, threshold, label)
+    return _write(Path(output) if output else run / "evaluate" / label, rows, sweep, threshold, label,
+                  cfg.infer.tta)
 
 
 def _csv(rows: list[dict]) -> str:
@@ -246,11 +251,12 @@ def _csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def _write(out: Path, rows: list[dict], sweep: Sweep | None, threshold: float, label: str) -> dict:
+def _write(out: Path, rows: list[dict], sweep: Sweep | None, threshold: float, label: str,
+           tta: int = 1) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "per_image.csv", _csv(rows))
     names = [k for k in rows[0] if k not in ("fold", "id")]
-    result = {"data": label, "images": len(rows), "threshold": threshold,
+    result = {"data": label, "images": len(rows), "threshold": threshold, "tta": tta,
               "mean": {n: float(np.mean([r[n] for r in rows])) for n in names}}
     folds = sorted({str(r["fold"]) for r in rows})
     if len(folds) > 1:  # out-of-fold: the means of each fold too (cross-validation spread)

@@ -143,6 +143,10 @@ def test_threshold_from_the_out_of_fold_sweep(trained, tmp_path, capsys):
     probs = predictor.predict(image)[..., 0].astype(np.float32)
     assert ((probs > 0.3) != (probs > 0.5)).any()  # the two thresholds disagree somewhere
     np.testing.assert_array_equal(predictor.predict_mask(image), (probs > 0.3).astype(np.uint8))
+    assert cli.main(["predict", "--run", str(run), "--folds", "0", "--input", str(tmp / "data" / "images" / "s00.png"),
+                     "--output", str(tmp_path / "pred"), *oof, "--set", "infer.tile_size=32"]) == 0
+    assert "threshold 0.3 (out-of-fold sweep)" in capsys.readouterr().out
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "pred" / "s00.png")), (probs > 0.3) * 255)
     sweep.write_text(json.dumps({"data": "oof"}))  # a multiclass run's evaluation has no sweep
     with pytest.raises(RunError, match="no best_threshold.threshold"):
         Predictor.from_run(run, "0", InferConfig(tile_size=32, threshold_from="oof"))

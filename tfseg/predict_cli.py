@@ -178,7 +178,11 @@ def run_predict(args) -> int:
                            (thumb > 0).astype(np.uint8) if binary else thumb, truth, title=item.name)
             n += 1
     where = f"{output} ({n} rows)" if to_csv else f"{output}/ ({n} masks)"
-    print(f"tfseg predict: {n} images, folds {predictor.folds}, tta {cfg.infer.tta} -> {where}")
+    cut = ""
+    if binary:
+        source = " (out-of-fold sweep)" if cfg.infer.threshold_from == "oof" else ""
+        cut = f", threshold {predictor.infer.threshold:g}{source}"
+    print(f"tfseg predict: {n} images, folds {predictor.folds}, tta {cfg.infer.tta}{cut} -> {where}")
     return 0
 
 

@@ -210,6 +210,13 @@ def _bn_net(seed: int = 1):
     return model
 
 
+def _ops(model, training: bool) -> list[str]:
+    import tensorflow as tf
+
+    fn = tf.function(lambda x: model(x, training=training))
+    return [op.type for op in fn.get_concrete_function(tf.TensorSpec((2, 16, 16, 3))).graph.get_operations()]
+
+
 @pytest.mark.parametrize("policy", [None, "mixed_bfloat16"])
 def test_fused_batch_norm_trains_exactly_as_keras_batch_norm(policy, tmp_path):
     """The fused kernel gives Keras 3's losses, weights and moving statistics, nested layers too."""
@@ -222,6 +229,9 @@ def test_fused_batch_norm_trains_exactly_as_keras_batch_norm(policy, tmp_path):
         keras.mixed_precision.set_global_policy(policy or "float32")
         plain, fused = _bn_net(), _bn_net()
         assert distribute.fuse_batch_norm(fused) == 2 and distribute.fuse_batch_norm(fused) == 0  # once
+        for model, count in ((plain, 0), (fused, 2)):  # the fused kernel is what actually runs
+            assert _ops(model, training=True).count("FusedBatchNormV3") == count
+            assert _ops(model, training=False).count("FusedBatchNormV3") == count
         tol = 1e-5 if policy is None else 2e-2
         for _ in range(3):
             np.testing.assert_allclose(fused.train_on_batch(x, y), plain.train_on_batch(x, y), rtol=tol)

@@ -254,4 +254,6 @@ def test_fused_batch_norm_leaves_other_backends_and_layers_alone(monkeypatch):
     assert distribute.fuse_batch_norm(renorm) == 0
     monkeypatch.setattr(keras.config, "backend", lambda: "jax")
     assert distribute.fuse_batch_norm(model) == 0
-    assert not any("call" in vars(layer) for layer in distribute._walk_layers(model))
+    from tfseg.models.common import all_layers
+
+    assert not any("call" in vars(layer) for layer in all_layers(model))

@@ -48,15 +48,10 @@ def test_bn_momentum_sets_every_batch_norm_and_is_saved(tmp_path):
 
     from tfseg.config import ModelConfig
     from tfseg.models import build_model
+    from tfseg.models.common import all_layers
 
     def momenta(model):
-        found, stack = [], list(model.layers)
-        while stack:
-            layer = stack.pop()
-            stack.extend(getattr(layer, "layers", ()))
-            if isinstance(layer, keras.layers.BatchNormalization):
-                found.append(layer.momentum)
-        return found
+        return [layer.momentum for layer in all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
 
     cfg = ModelConfig(arch="unet", backbone="mobilenetv2", encoder_weights=None, classes=1,
                       input_shape=(64, 64, 3), decoder_filters=(8, 8, 8, 8, 8))

@@ -282,20 +282,15 @@ def fuse_batch_norm(model: keras.Model) -> int:
     """
     if keras.config.backend() != "tensorflow":
         return 0
+    from tfseg.models.common import all_layers
+
     swapped = 0
-    for layer in _walk_layers(model):
+    for layer in all_layers(model):
         if (type(layer) is keras.layers.BatchNormalization and not layer.renorm and not layer.synchronized
                 and layer.epsilon >= FUSED_MIN_EPSILON and "call" not in vars(layer)):
             layer.call = _fused_call(layer, layer.call)
             swapped += 1
     return swapped
-
-
-def _walk_layers(model):
-    for layer in model.layers:
-        yield layer
-        if hasattr(layer, "layers"):
-            yield from _walk_layers(layer)
 
 
 def _fused_call(layer, keras_call):

@@ -82,12 +82,9 @@ def build_model(cfg: ModelConfig) -> keras.Model:
 def set_bn_momentum(model: keras.Model, momentum: float) -> int:
     """Set the momentum of every BatchNormalization layer of ``model`` (nested encoders included);
     it is part of each layer's config, so a saved model keeps it. Returns how many layers."""
-    count = 0
-    stack = list(model.layers)
-    while stack:
-        layer = stack.pop()
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = float(momentum)
-            count += 1
-        stack.extend(getattr(layer, "layers", ()))
-    return count
+    from tfseg.models.common import all_layers
+
+    layers = [layer for layer in all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in layers:
+        layer.momentum = float(momentum)
+    return len(layers)

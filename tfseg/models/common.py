@@ -89,6 +89,14 @@ def segmentation_head(x, classes: int, activation: str, *, kernel_size: int = 3,
     return keras.layers.Activation(act, dtype="float32", name="output")(x)
 
 
+def all_layers(model: keras.Model):
+    """Every layer of ``model``, depth first, the layers of nested models (encoders) included."""
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from all_layers(layer)
+
+
 def set_trainable(layers, trainable: bool) -> None:
     """Freeze or unfreeze ``layers``; BatchNormalization stays in inference mode when frozen.
 

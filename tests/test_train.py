@@ -297,7 +297,7 @@ def test_summary_of_a_fold_without_a_finite_score_stays_valid_json(tmp_path):
     assert summary["cv_mean"] == 0.5 and json.loads((tmp_path / "summary.json").read_text()) == summary
 
 
-def test_validation_on_larger_central_windows_than_the_training_crops(tmp_path, capsys):
+def test_validation_on_larger_central_windows_than_the_training_crops(tmp_path, capsys, monkeypatch):
     """data.val_size (TernausNet: 768 crops for training, central 1440 windows for validation)."""
     from tfseg.data.folds import fold_split
     from tfseg.data.pipeline import dataset_from_config
@@ -313,7 +313,14 @@ def test_validation_on_larger_central_windows_than_the_training_crops(tmp_path, 
     assert not (tmp_path / "runs").exists()
     cfg = load_config(params, [*over, "data.val_size=[64,64]"])
     assert cfg.model.input_shape == (None, None, 1)  # built for any size
+    import tfseg.models
+
+    built = []
+    build = tfseg.models.build_model
+    monkeypatch.setattr(tfseg.models, "build_model", lambda c: built.append(c.input_shape) or build(c))
     summary = run(cfg, "0")
+    # the two sizes are probed once (by run, not again by train_fold), then the real model is built
+    assert built == [(32, 32, 1), (64, 64, 1), (None, None, 1)]
     split = fold_split(cfg.data.tfrecord_dir, cfg.train.folds, 0, cfg.train.seed)
     images, masks = next(iter(dataset_from_config(cfg, split.val_files, training=False, groups=split.val_groups)))
     assert images.shape[1:] == (64, 64, 1) and masks.shape[1:] == (64, 64, 1)

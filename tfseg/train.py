@@ -118,21 +118,19 @@ def check_model_sizes(cfg: Config) -> None:
 
     if cfg.data.val_size is None or None not in (cfg.model.input_shape or (None,))[:2]:
         return
-    key = repr((cfg.model, cfg.data.image_size, cfg.data.val_size, cfg.data.channels))
-    if key in _SIZES_CHECKED:
+    checked = repr((cfg.model, cfg.data.image_size, cfg.data.val_size, cfg.data.channels))
+    if checked in _SIZES_CHECKED:
         return
 
     from tfseg.errors import ModelError
     from tfseg.models import build_model
 
     for key, size in (("data.image_size", cfg.data.image_size), ("data.val_size", cfg.data.val_size)):
-        if size is None:
-            continue
         try:
             build_model(replace(cfg.model, input_shape=(*size, cfg.data.channels), encoder_weights=None))
         except ModelError as err:
             raise ConfigError(f"{key}: {err}") from None
-    _SIZES_CHECKED.add(key)
+    _SIZES_CHECKED.add(checked)
 
 
 _SIZES_CHECKED: set[str] = set()

@@ -181,6 +181,7 @@ def evaluate_run(run: str | Path, folds: str = "all", data: str | Path | None = 
     from tfseg.data.tfrecord import shard_files
     from tfseg.inference import keras_predict_fn, load_model, load_run_config, resolve_threshold, select_folds
     from tfseg.train import mask_crop_for
+    from tfseg.tta import with_tta
 
     run = Path(run)
     cfg = cfg or load_run_config(run)
@@ -188,8 +189,6 @@ def evaluate_run(run: str | Path, folds: str = "all", data: str | Path | None = 
     # held-out data is scored at the out-of-fold threshold when asked (infer.threshold_from: oof)
     threshold = (cfg.infer if data is None else resolve_threshold(run, cfg.infer)).threshold
     models = {k: load_model(path) for k, path in checkpoints.items()}
-    from tfseg.tta import with_tta
-
     # scored as `tfseg predict` would predict: with the run's test-time augmentation
     predicts = {k: with_tta(keras_predict_fn(m), cfg.infer.tta) for k, m in models.items()}
     binary = int(next(iter(models.values())).output_shape[-1]) == 1

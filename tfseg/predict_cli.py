@@ -168,10 +168,11 @@ def run_predict(args) -> int:
                 if probs is not None:
                     probs.flush()
                     del probs
-            if to_csv and not huge:
-                sub.write(image_id(item.name, cfg.submit.id_format), mask)
-            elif not huge:
-                _write_png(output / f"{stem}.png", mask * scale)
+            if not huge:  # (huge images were streamed above)
+                if to_csv:
+                    sub.write(image_id(item.name, cfg.submit.id_format), mask)
+                else:
+                    _write_png(output / f"{stem}.png", mask * scale)
             if args.overlays:
                 truth = None if item.truth is None else item.truth[::step, ::step]
                 save_panel(Path(args.overlays) / f"{stem}.png", _overlay_image(item, step),

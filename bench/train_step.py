@@ -3,8 +3,15 @@
 Each variant runs in its own process (built one after another, so the time to the first step is
 measured on an otherwise idle benchmark), then the rounds are interleaved: every round runs
 ``--steps`` training steps in each process in turn, rotating the order. The figures are the
-median images/s over the rounds after ``--warmup`` steps, and the time from process start to the
-end of the first training step (import + build + compile + trace + one step).
+median images/s over the rounds, and the time from process start to the end of the first training
+step (import + build + compile + trace + one step).
+
+Two ways of stepping (``--mode``):
+    fit    one ``model.fit`` over a repeated in-memory tf.data batch, as training runs; epoch 0
+           (``--steps`` steps, the first included) is the warm-up, then one epoch per round.
+    batch  ``model.train_on_batch`` on the numpy batch: the first step, ``--warmup`` more, then
+           ``--steps`` calls per round. Each call also pays the framework's per-call overhead
+           (tf_keras builds a data handler per call), so this mode favours Keras 3.
 
 All variants train the same U-Net on the same random batch (images uint8-valued floats, masks
 from a fixed pattern) with Adam(1e-3) and binary cross-entropy, ``encoder_weights=None``.
@@ -13,16 +20,20 @@ Variants:
     sm            sm.Unet on tf_keras (TF_USE_LEGACY_KERAS=1): Keras 2, fused BatchNorm.
     sm-unfused    the same with tf_keras' BatchNormalization forced to fused=False.
     sm-keras3     sm.Unet on Keras 3 (SM_FRAMEWORK=tf.keras without the legacy switch).
-    tfseg         tfseg.models.unet.Unet on Keras 3 (TensorFlow backend) as ``tfseg train`` runs it:
-                  BatchNorm through TensorFlow's fused kernel (tfseg.distribute.fuse_batch_norm).
-    tfseg-unfused the same model with Keras 3's own BatchNormalization call.
+    tfseg         tfseg.models.unet.Unet on Keras 3 (TensorFlow backend) as ``tfseg train`` runs it
+                  (tfseg.distribute.prepare_training): BatchNorm and Adam through TensorFlow's fused
+                  kernels, the optimizer built before the first step.
+    tfseg-keras3  the same model with none of that: Keras 3 as it comes.
+    tfseg-unfused tfseg less the fused BatchNorm (Keras 3's own BatchNormalization call).
+    tfseg-keras-adam  tfseg less the fused Adam (Keras 3's per-variable update ops).
+    tfseg-unbuilt tfseg less the early optimizer build (Keras traces the first step twice).
     tfseg-bf16    tfseg with the mixed_bfloat16 policy (train.mixed_precision; AMX on this CPU).
     tfseg-xla     tfseg compiled with jit_compile=True.
 
 Usage (``--bn-micro`` times one BatchNormalization layer, Keras 3 against tf_keras fused/unfused):
     python3 bench/train_step.py --bn-micro --size 256 --batch 8 --rounds 5
-    python3 bench/train_step.py --size 256 --batch 8 --rounds 5 --steps 3 \
-        --variants sm,sm-unfused,tfseg,tfseg-unfused,tfseg-bf16
+    python3 bench/train_step.py --mode fit --size 256 --batch 8 --rounds 7 --steps 3 \
+        --variants sm,tfseg,tfseg-keras3,tfseg-unfused,tfseg-keras-adam,tfseg-unbuilt
 """
 
 from __future__ import annotations
@@ -80,14 +91,11 @@ def _build(variant: str, size: int):
         return model, sm.get_preprocessing("efficientnetb0")
     import keras
 
-    from tfseg.distribute import fuse_batch_norm
     from tfseg.models.unet import Unet
 
     if variant == "tfseg-bf16":
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
     model = Unet("efficientnetb0", input_shape=(size, size, 3), classes=1, encoder_weights=None)
-    if variant != "tfseg-unfused":
-        fuse_batch_norm(model)
     return model, lambda x: x  # tfseg normalizes inside the model
 
 
@@ -102,6 +110,16 @@ def worker(args) -> None:
     x = prep(x.copy()).astype("float32")
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy",
                   **({"jit_compile": True} if variant.endswith("-xla") else {}))
+    if variant.startswith("tfseg"):  # as tfseg train prepares it, less the part a variant turns off
+        from tfseg.distribute import prepare_training
+
+        plain = variant == "tfseg-keras3"
+        prepare_training(model, batch_norm=not plain and variant != "tfseg-unfused",
+                         optimizer=not plain and variant != "tfseg-keras-adam",
+                         build=not plain and variant != "tfseg-unbuilt")
+    if args.mode == "fit":
+        _fit_worker(model, keras, x, y, args)
+        return
     loss = float(np.asarray(model.train_on_batch(x, y)).ravel()[0])
     first = time.perf_counter() - T0
     for _ in range(args.warmup):
@@ -116,6 +134,36 @@ def worker(args) -> None:
             model.train_on_batch(x, y)
         dt = time.perf_counter() - t
         print("@@" + json.dumps({"img_s": args.steps * args.batch / dt}), flush=True)
+
+
+def _fit_worker(model, keras, x, y, args) -> None:
+    """``--mode fit``: one fit call; epoch 0 warms up, each later epoch is a round run on request."""
+    import tensorflow as tf
+
+    class Rounds(keras.callbacks.Callback):
+        first = None
+        started = 0.0
+
+        def on_train_batch_end(self, batch, logs=None):
+            if self.first is None:
+                self.first = time.perf_counter() - T0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch:
+                sys.stdin.readline()  # the parent's "run"
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0:
+                print("@@" + json.dumps({"ready": args.worker, "first_step_s": self.first,
+                                         "loss0": float(logs["loss"]), "keras": keras.__version__,
+                                         "params": int(self.model.count_params())}), flush=True)
+            else:
+                dt = time.perf_counter() - self.started
+                print("@@" + json.dumps({"img_s": args.steps * args.batch / dt}), flush=True)
+
+    data = tf.data.Dataset.from_tensors((x, y)).repeat()
+    model.fit(data, steps_per_epoch=args.steps, epochs=1 + args.rounds, verbose=0, callbacks=[Rounds()])
 
 
 def bn_micro(args) -> None:
@@ -209,8 +257,10 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="training steps per round")
-    parser.add_argument("--warmup", type=int, default=2, help="steps after the first, untimed")
-    parser.add_argument("--variants", default="sm,tfseg,tfseg-xla")
+    parser.add_argument("--warmup", type=int, default=2, help="--mode batch: steps after the first, untimed")
+    parser.add_argument("--mode", choices=("fit", "batch"), default="fit",
+                        help="step with model.fit (as training runs) or model.train_on_batch")
+    parser.add_argument("--variants", default="sm,tfseg,tfseg-keras3")
     parser.add_argument("--bn-micro", action="store_true", help="time one BatchNormalization layer instead")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -226,7 +276,8 @@ def main() -> int:
     variants = args.variants.split(",")
     procs, ready = {}, {}
     base = [sys.executable, os.path.abspath(__file__), "--size", str(args.size), "--batch", str(args.batch),
-            "--steps", str(args.steps), "--warmup", str(args.warmup)]
+            "--steps", str(args.steps), "--warmup", str(args.warmup), "--mode", args.mode,
+            "--rounds", str(args.rounds)]
     for v in variants:  # one at a time, so that first-step times do not share the CPU
         p = subprocess.Popen([*base, "--worker", v], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                              env=_env(v), cwd=ROOT)
@@ -248,11 +299,11 @@ def main() -> int:
         p.wait()
     print("machine after:", machine())
     ref = statistics.median(speeds[variants[0]])
-    print(f"\n{'variant':<12} {'first step s':>12} {'median img/s':>13} {'min':>6} {'max':>6} "
+    print(f"\n{'variant':<16} {'first step s':>12} {'median img/s':>13} {'min':>6} {'max':>6} "
           f"{'vs ' + variants[0]:>10}")
     for v in variants:
         med = statistics.median(speeds[v])
-        print(f"{v:<12} {ready[v]['first_step_s']:>12.1f} {med:>13.2f} {min(speeds[v]):>6.2f} "
+        print(f"{v:<16} {ready[v]['first_step_s']:>12.1f} {med:>13.2f} {min(speeds[v]):>6.2f} "
               f"{max(speeds[v]):>6.2f} {med / ref:>9.2f}x")
     return 0
 

@@ -103,7 +103,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras
-    from tfseg.distribute import setup_distribution
+    from tfseg.distribute import prepare_training, setup_distribution
     from tfseg.losses import build_loss
     from tfseg.metrics import build_metrics
 
@@ -120,12 +120,14 @@ MIRRORED_SCRIPT = textwrap.dedent("""
             h = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(h)
             out = keras.layers.Conv2D(1, 1, activation="sigmoid")(h)
             model = keras.Model(inp, out)
-            model.compile(keras.optimizers.SGD(0.5), loss=build_loss({"bce_dice": 1.0}),
+            model.compile(keras.optimizers.Adam(0.05), loss=build_loss({"bce_dice": 1.0}),
                           metrics=build_metrics(["dice_coe", "dice", "pixel_accuracy"]))
+            prepared = prepare_training(model)  # the fused Adam updates each replica's variables
         ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
         losses = [float(model.train_on_batch(xb, yb, return_dict=True)["loss"]) for xb, yb in ds.repeat(2)]
         scores = model.evaluate(ds, return_dict=True, verbose=0)
-        return {"kind": dist.kind, "replicas": dist.replicas, "losses": losses, "scores": scores}
+        return {"kind": dist.kind, "replicas": dist.replicas, "losses": losses, "scores": scores,
+                "prepared": prepared}
 
     print("RESULT " + json.dumps({"default": run("default"), "mirrored": run("mirrored")}))
 """)
@@ -142,6 +144,7 @@ def test_mirrored_over_two_cpu_devices_matches_single_device():
     single, mirrored = result["default"], result["mirrored"]
     assert mirrored["kind"] == "mirrored" and mirrored["replicas"] == 2
     assert single["replicas"] == 1
+    assert single["prepared"]["optimizer"] and mirrored["prepared"]["optimizer"]
     assert single["losses"][0] > single["losses"][-1]  # it learns
     assert mirrored["losses"] == pytest.approx(single["losses"], rel=1e-3, abs=1e-4)
     for name in ("dice_coe", "dice", "pixel_accuracy", "loss"):  # metric sums across replicas
@@ -257,3 +260,89 @@ def test_fused_batch_norm_leaves_other_backends_and_layers_alone(monkeypatch):
     from tfseg.models.common import all_layers
 
     assert not any("call" in vars(layer) for layer in all_layers(model))
+
+
+def _count_traces(model) -> list[int]:
+    """Wrap ``model.train_step`` so that each trace (Python call) of it is counted."""
+    traces = [0]
+    step = model.train_step
+
+    def counted(data):
+        traces[0] += 1
+        return step(data)
+
+    model.train_step = counted
+    return traces
+
+
+def test_optimizer_built_before_the_first_step_traces_the_step_once():
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(1.0, 3.0, (4, 16, 16, 3)).astype("float32")
+    y = (x[..., :1] > 1).astype("float32")
+    data = tf.data.Dataset.from_tensors((x, y)).repeat()
+    plain, built = _bn_net(), _bn_net()
+    for model in (plain, built):
+        model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="binary_crossentropy")
+    assert distribute.build_optimizer_state(built) and not distribute.build_optimizer_state(built)
+    assert len(built.optimizer.variables) > 1  # the moments exist before any step
+    traces = {}
+    for name, model in (("plain", plain), ("built", built)):
+        traces[name] = _count_traces(model)
+        model.fit(data, steps_per_epoch=3, epochs=2, verbose=0)
+    # Keras alone traces the first step twice (variables created inside it); built first: once
+    assert traces["plain"][0] == 2 and traces["built"][0] == 1
+    for a, b in zip(plain.weights + plain.optimizer.variables, built.weights + built.optimizer.variables):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6, err_msg=a.path)
+    assert int(built.optimizer.iterations) == 6
+
+
+@pytest.mark.parametrize("make", [
+    lambda: keras.optimizers.Adam(1e-2),
+    lambda: keras.optimizers.AdamW(1e-2, weight_decay=0.05),
+    lambda: keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True),
+    lambda: keras.optimizers.SGD(0.05),
+], ids=["adam", "adamw", "sgd-nesterov", "sgd"])
+def test_fused_optimizer_kernel_updates_as_keras_does(make):
+    import numpy as np
+    import tensorflow as tf
+
+    def net():  # no bias before a BatchNorm: its gradient would be rounding noise, which Adam scales up
+        keras.utils.set_random_seed(3)
+        inp = keras.Input((16, 16, 3))
+        x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(inp)
+        x = keras.layers.Activation("relu")(keras.layers.BatchNormalization()(x))
+        model = keras.Model(inp, keras.layers.Conv2D(1, 1, activation="sigmoid")(x))
+        model.compile(optimizer=make(), loss="binary_crossentropy")
+        return model
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(1.0, 3.0, (4, 16, 16, 3)).astype("float32")
+    y = (x[..., :1] > 1).astype("float32")
+    plain, fused = net(), net()
+    assert distribute.fuse_optimizer(fused.optimizer) and not distribute.fuse_optimizer(fused.optimizer)
+    for _ in range(3):
+        np.testing.assert_allclose(fused.train_on_batch(x, y), plain.train_on_batch(x, y), rtol=1e-5)
+    for a, b in zip(plain.weights + plain.optimizer.variables, fused.weights + fused.optimizer.variables):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6, err_msg=a.path)
+    assert not np.allclose(np.asarray(plain.weights[0]), np.asarray(net().weights[0]))  # it trained
+    # one kernel op per variable is what runs
+    kernel = "ResourceApplyAdam"
+    if isinstance(fused.optimizer, keras.optimizers.SGD):
+        kernel = "ResourceApplyKerasMomentum" if fused.optimizer.momentum else "ResourceApplyGradientDescent"
+    grads = [tf.ones_like(v.value) for v in fused.trainable_variables]
+    graph = tf.function(lambda: fused.optimizer.apply(grads, fused.trainable_variables)).get_concrete_function().graph
+    ops = [op.type for op in graph.get_operations()]
+    assert ops.count(kernel) == len(fused.trainable_variables)
+
+
+def test_fused_optimizer_leaves_the_rest_to_keras(monkeypatch):
+    assert not distribute.fuse_optimizer(keras.optimizers.Adam(amsgrad=True))
+    assert not distribute.fuse_optimizer(keras.optimizers.RMSprop())
+    assert not distribute.fuse_optimizer(None)
+    scaled = keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam())
+    assert distribute.fuse_optimizer(scaled) and "update_step" in vars(scaled.inner_optimizer)
+    monkeypatch.setattr(keras.config, "backend", lambda: "jax")
+    assert not distribute.fuse_optimizer(keras.optimizers.Adam())

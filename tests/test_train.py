@@ -333,3 +333,27 @@ def test_validation_on_larger_central_windows_than_the_training_crops(tmp_path, 
     assert model.predict(np.zeros((1, 64, 64, 1), "float32"), verbose=0).shape == (1, 64, 64, 1)
     with pytest.raises(ConfigError, match="data.val_size: \\[64, 64\\] needs data.fit: random_crop"):
         load_config(params, ["data.val_size=[64,64]"])
+
+
+def test_compiled_model_traces_its_first_training_step_once():
+    import tensorflow as tf
+
+    from tfseg.train import build_compiled_model
+
+    cfg = load_config(None, ["model.arch=unet_small", "model.encoder_weights=null",
+                             "model.options={filters: [8, 16]}", "data.classes=1", "data.channels=1",
+                             "data.image_size=[32,32]", "train.loss={bce_dice: 1.0}"])
+    model, _ = build_compiled_model(cfg, steps_per_epoch=2)
+    assert model.optimizer.built
+    traces = [0]
+    step = model.train_step
+
+    def counted(data):
+        traces[0] += 1
+        return step(data)
+
+    model.train_step = counted
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 1)).astype("float32")
+    model.fit(tf.data.Dataset.from_tensors((x, (x > 127).astype("float32"))).repeat(), steps_per_epoch=2,
+              epochs=2, verbose=0)
+    assert traces[0] == 1

@@ -140,7 +140,7 @@ def build_compiled_model(cfg: Config, steps_per_epoch: int):
     """Model + loss + optimizer + metrics (call under ``strategy.scope()``). Returns (model, from_logits)."""
     import keras
 
-    from tfseg.distribute import fuse_batch_norm
+    from tfseg.distribute import prepare_training
     from tfseg.losses import build_loss
     from tfseg.metrics import build_metrics
     from tfseg.models import build_model
@@ -149,7 +149,6 @@ def build_compiled_model(cfg: Config, steps_per_epoch: int):
 
     keras.utils.set_random_seed(cfg.train.seed)
     model = build_model(cfg.model)
-    fuse_batch_norm(model)  # TensorFlow backend: BatchNorm through the fused kernel (same results, faster)
     classes = int(model.output_shape[-1])
     from_logits = resolve_activation(cfg.model.activation, classes) == "linear"
     model.compile(
@@ -161,6 +160,7 @@ def build_compiled_model(cfg: Config, steps_per_epoch: int):
         jit_compile=cfg.train.jit_compile,
         steps_per_execution=cfg.train.steps_per_execution,
     )
+    prepare_training(model)  # TensorFlow backend: fused BatchNorm and optimizer kernels, one trace
     return model, from_logits
 
 

@@ -136,9 +136,12 @@ BRIDGE_SCRIPT = textwrap.dedent("""
     from tfseg.config import ModelConfig
     from tfseg.models import build_model
     m = build_model(ModelConfig(arch="sm.Unet", backbone="mobilenetv2", input_shape=(64, 64, 1), classes=2,
-                                activation="softmax", encoder_weights=None))
+                                activation="softmax", encoder_weights=None, bn_momentum=0.9))
     y = np.asarray(m(np.full((1, 64, 64, 1), 128.0, "float32")))
-    print("RESULT", m.layers[-1].name, y.dtype, y.shape, round(float(y.sum(-1).mean()), 4))
+    from tfseg.models.common import all_layers
+    bn = [layer.momentum for layer in all_layers(m) if "BatchNormalization" in type(layer).__name__]
+    print("RESULT", m.layers[-1].name, y.dtype, y.shape, round(float(y.sum(-1).mean()), 4), len(bn) > 10,
+          set(bn))
 """)
 
 
@@ -151,4 +154,4 @@ def test_sm_bridge_builds_sm_unet_in_tfseg_contract():
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
-    assert line.split()[1:] == ["output", "float32", "(1,", "64,", "64,", "2)", "1.0"]
+    assert line.split()[1:] == ["output", "float32", "(1,", "64,", "64,", "2)", "1.0", "True", "{0.9}"]

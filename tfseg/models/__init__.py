@@ -71,9 +71,10 @@ def build_model(cfg: ModelConfig) -> keras.Model:
     if cfg.arch.startswith("sm."):
         from tfseg.models.sm_bridge import build_sm_model
 
-        return build_sm_model(cfg)
-    _load_archs()
-    model = ARCHS.get(cfg.arch)(cfg)
+        model = build_sm_model(cfg)
+    else:
+        _load_archs()
+        model = ARCHS.get(cfg.arch)(cfg)
     if cfg.bn_momentum is not None:
         set_bn_momentum(model, cfg.bn_momentum)
     return model

@@ -30,8 +30,10 @@ Variants:
     tfseg-bf16    tfseg with the mixed_bfloat16 policy (train.mixed_precision; AMX on this CPU).
     tfseg-xla     tfseg compiled with jit_compile=True.
 
-Usage (``--bn-micro`` times one BatchNormalization layer, Keras 3 against tf_keras fused/unfused):
+Usage (``--bn-micro`` times one BatchNormalization layer, Keras 3 against tf_keras fused/unfused;
+``--profile`` sums the op time of a training step by op type for each variant):
     python3 bench/train_step.py --bn-micro --size 256 --batch 8 --rounds 5
+    python3 bench/train_step.py --profile --size 256 --batch 8 --steps 3 --variants sm,tfseg
     python3 bench/train_step.py --mode fit --size 256 --batch 8 --rounds 7 --steps 3 \
         --variants sm,tfseg,tfseg-keras3,tfseg-unfused,tfseg-keras-adam,tfseg-unbuilt
 """
@@ -117,6 +119,9 @@ def worker(args) -> None:
         prepare_training(model, batch_norm=not plain and variant != "tfseg-unfused",
                          optimizer=not plain and variant != "tfseg-keras-adam",
                          build=not plain and variant != "tfseg-unbuilt")
+    if args.profile:
+        _profile_worker(model, x, y, args)
+        return
     if args.mode == "fit":
         _fit_worker(model, keras, x, y, args)
         return
@@ -164,6 +169,55 @@ def _fit_worker(model, keras, x, y, args) -> None:
 
     data = tf.data.Dataset.from_tensors((x, y)).repeat()
     model.fit(data, steps_per_epoch=args.steps, epochs=1 + args.rounds, verbose=0, callbacks=[Rounds()])
+
+
+def _profile_worker(model, x, y, args) -> None:
+    """``--profile``: op time per step by op type (TensorFlow profiler), over ``--steps`` fit steps."""
+    import collections
+    import glob
+    import tempfile
+
+    import tensorflow as tf
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    data = tf.data.Dataset.from_tensors((x, y)).repeat()
+    model.fit(data, steps_per_epoch=2, epochs=1, verbose=0)  # trace and warm up
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        model.fit(data, steps_per_epoch=args.steps, epochs=1, verbose=0)
+        tf.profiler.experimental.stop()
+        space = xplane_pb2.XSpace()
+        space.ParseFromString(open(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)[0], "rb").read())
+    by_type = collections.Counter()
+    for plane in space.planes:
+        for line in plane.lines:
+            for event in line.events:
+                name = plane.event_metadata[event.metadata_id].name  # "scope/op_name:OpType" for ops
+                if ":" in name and "/" in name:
+                    by_type[name.rsplit(":", 1)[-1]] += event.duration_ps / 1e12 / args.steps
+    print("@@" + json.dumps({"ready": args.worker, "op_s": by_type}), flush=True)
+
+
+def profile(args, variants) -> None:
+    """Op time per training step by op type, each variant in its own process, side by side."""
+    tables = {}
+    for v in variants:
+        p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--size", str(args.size), "--batch",
+                              str(args.batch), "--steps", str(args.steps), "--profile", "--worker", v],
+                             stdout=subprocess.PIPE, text=True, env=_env(v), cwd=ROOT)
+        reply = _reply(p)
+        if p.wait() or reply is None:
+            raise SystemExit(f"variant {v} failed (exit {p.returncode})")
+        tables[v] = reply["op_s"]
+    conv = {v: sum(t for k, t in ops.items() if "Conv" in k) for v, ops in tables.items()}
+    total = {v: sum(ops.values()) for v, ops in tables.items()}
+    top = sorted({k for ops in tables.values() for k in ops}, key=lambda k: -max(o.get(k, 0) for o in tables.values()))
+    print(f"\nop time per step, seconds (summed over threads; {args.steps} fit steps after 2):")
+    print(f"{'op type':<48}" + "".join(f"{v:>14}" for v in variants))
+    for k in top[:20]:
+        print(f"{k:<48}" + "".join(f"{tables[v].get(k, 0):>14.3f}" for v in variants))
+    print(f"{'all convolution ops':<48}" + "".join(f"{conv[v]:>14.3f}" for v in variants))
+    print(f"{'all ops':<48}" + "".join(f"{total[v]:>14.3f}" for v in variants))
 
 
 def bn_micro(args) -> None:
@@ -262,6 +316,8 @@ def main() -> int:
                         help="step with model.fit (as training runs) or model.train_on_batch")
     parser.add_argument("--variants", default="sm,tfseg,tfseg-keras3")
     parser.add_argument("--bn-micro", action="store_true", help="time one BatchNormalization layer instead")
+    parser.add_argument("--profile", action="store_true",
+                        help="op time per step by op type for each variant (TensorFlow profiler), instead")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -274,6 +330,9 @@ def main() -> int:
         bn_micro(args)
         return 0
     variants = args.variants.split(",")
+    if args.profile:
+        profile(args, variants)
+        return 0
     procs, ready = {}, {}
     base = [sys.executable, os.path.abspath(__file__), "--size", str(args.size), "--batch", str(args.batch),
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--mode", args.mode,

@@ -299,7 +299,8 @@ def fuse_optimizer(optimizer) -> bool:
     Keras 3 updates each variable with about twenty separate ops (``keras.ops`` arithmetic and
     three assigns for Adam); on the TensorFlow backend a U-Net's 243 variables make some 5000 small
     ops per step, which take seconds to trace and optimise (the first step of
-    ``bench/train_step.py --mode fit``: 31.9 s with them, 22.0 s fused). The kernels ``ResourceApplyAdam`` (Adam, AdamW: the same formula, term for term),
+    ``bench/train_step.py --mode fit``: 31.9 s with them, 22.0 s fused). The kernels
+    ``ResourceApplyAdam`` (Adam, AdamW: the same formula, term for term),
     ``ResourceApplyKerasMomentum`` (SGD with momentum, Nesterov too) and
     ``ResourceApplyGradientDescent`` (plain SGD) do one variable's whole update in one op, on the
     same variables. Weight decay, gradient clipping, accumulation and EMA stay Keras' own (they

@@ -31,3 +31,22 @@ def shared_data() -> Path:
 @pytest.fixture
 def project_root() -> Path:
     return ROOT
+
+
+@pytest.fixture
+def count_traces():
+    """``count_traces(model)`` wraps ``model.train_step`` so that each trace of it (each Python call
+    of the step, which ``tf.function`` makes only when it traces) is counted; returns ``[count]``."""
+
+    def wrap(model) -> list[int]:
+        traces = [0]
+        step = model.train_step
+
+        def counted(data):
+            traces[0] += 1
+            return step(data)
+
+        model.train_step = counted
+        return traces
+
+    return wrap

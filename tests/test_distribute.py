@@ -262,20 +262,7 @@ def test_fused_batch_norm_leaves_other_backends_and_layers_alone(monkeypatch):
     assert not any("call" in vars(layer) for layer in all_layers(model))
 
 
-def _count_traces(model) -> list[int]:
-    """Wrap ``model.train_step`` so that each trace (Python call) of it is counted."""
-    traces = [0]
-    step = model.train_step
-
-    def counted(data):
-        traces[0] += 1
-        return step(data)
-
-    model.train_step = counted
-    return traces
-
-
-def test_optimizer_built_before_the_first_step_traces_the_step_once():
+def test_optimizer_built_before_the_first_step_traces_the_step_once(count_traces):
     import numpy as np
     import tensorflow as tf
 
@@ -290,7 +277,7 @@ def test_optimizer_built_before_the_first_step_traces_the_step_once():
     assert len(built.optimizer.variables) > 1  # the moments exist before any step
     traces = {}
     for name, model in (("plain", plain), ("built", built)):
-        traces[name] = _count_traces(model)
+        traces[name] = count_traces(model)
         model.fit(data, steps_per_epoch=3, epochs=2, verbose=0, shuffle=False)
     # Keras alone traces the first step twice (variables created inside it); built first: once
     assert traces["plain"][0] == 2 and traces["built"][0] == 1

@@ -335,7 +335,7 @@ def test_validation_on_larger_central_windows_than_the_training_crops(tmp_path, 
         load_config(params, ["data.val_size=[64,64]"])
 
 
-def test_compiled_model_traces_its_first_training_step_once():
+def test_compiled_model_traces_its_first_training_step_once(count_traces):
     import tensorflow as tf
 
     from tfseg.train import build_compiled_model
@@ -345,14 +345,7 @@ def test_compiled_model_traces_its_first_training_step_once():
                              "data.image_size=[32,32]", "train.loss={bce_dice: 1.0}"])
     model, _ = build_compiled_model(cfg, steps_per_epoch=2)
     assert model.optimizer.built
-    traces = [0]
-    step = model.train_step
-
-    def counted(data):
-        traces[0] += 1
-        return step(data)
-
-    model.train_step = counted
+    traces = count_traces(model)
     x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 1)).astype("float32")
     model.fit(tf.data.Dataset.from_tensors((x, (x > 127).astype("float32"))).repeat(), steps_per_epoch=2,
               epochs=2, verbose=0, shuffle=False)

@@ -350,3 +350,33 @@ def test_compiled_model_traces_its_first_training_step_once(count_traces):
     model.fit(tf.data.Dataset.from_tensors((x, (x > 127).astype("float32"))).repeat(), steps_per_epoch=2,
               epochs=2, verbose=0, shuffle=False)
     assert traces[0] == 1
+
+
+JAX_TRAIN_SCRIPT = """
+import os
+os.environ["KERAS_BACKEND"] = "jax"
+import numpy as np, keras
+from tfseg.config import load_config
+from tfseg.train import build_compiled_model
+cfg = load_config(None, ["model.arch=unet", "model.backbone=efficientnetb0", "model.encoder_weights=null",
+                         "data.classes=1", "data.channels=3", "data.image_size=[64,64]",
+                         "train.loss={bce_dice: 1.0}"])
+model, _ = build_compiled_model(cfg, steps_per_epoch=2)  # prepare_training: on JAX, only the early build
+assert keras.config.backend() == "jax" and model.optimizer.built
+x = np.random.default_rng(0).uniform(0, 255, (4, 64, 64, 3)).astype("float32")
+y = (x.mean(-1, keepdims=True) > 127).astype("float32")
+losses = [float(np.ravel(model.train_on_batch(x, y))[0]) for _ in range(4)]
+assert losses[-1] < losses[0], losses
+print("JAX_TRAIN_OK")
+"""
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_on_the_jax_backend():
+    import importlib.util
+
+    if importlib.util.find_spec("jax") is None:
+        pytest.skip("jax is not installed: the JAX backend cannot be checked here")
+    proc = subprocess.run([sys.executable, "-c", JAX_TRAIN_SCRIPT], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+    assert "JAX_TRAIN_OK" in proc.stdout, proc.stderr[-3000:]

@@ -328,6 +328,12 @@ def test_fused_optimizer_kernel_updates_as_keras_does(make):
 def test_fused_optimizer_leaves_the_rest_to_keras(monkeypatch):
     assert not distribute.fuse_optimizer(keras.optimizers.Adam(amsgrad=True))
     assert not distribute.fuse_optimizer(keras.optimizers.RMSprop())
+
+    class ClippedAdam(keras.optimizers.Adam):  # a user's own update must not be replaced
+        def update_step(self, gradient, variable, learning_rate):
+            super().update_step(keras.ops.clip(gradient, -1.0, 1.0), variable, learning_rate)
+
+    assert not distribute.fuse_optimizer(ClippedAdam())
     assert not distribute.fuse_optimizer(None)
     scaled = keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam())
     assert distribute.fuse_optimizer(scaled) and "update_step" in vars(scaled.inner_optimizer)

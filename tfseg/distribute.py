@@ -306,8 +306,9 @@ def fuse_optimizer(optimizer) -> bool:
     same variables. Weight decay, gradient clipping, accumulation and EMA stay Keras' own (they
     run around the update). The swap is on this optimizer object only (``update_step``), so its
     config and saved state are unchanged. A ``LossScaleOptimizer`` has its inner optimizer
-    swapped. Left as Keras runs them: other backends, TPUStrategy, AMSGrad, other optimizers, and
-    per call any variable that is not float32 or any sparse gradient.
+    swapped. Left as Keras runs them: other backends, TPUStrategy, AMSGrad, other optimizers
+    (subclasses with their own ``update_step`` too), and per call any variable that is not
+    float32 or any sparse gradient.
 
     Returns:
         Whether the optimizer now uses a fused kernel.
@@ -320,9 +321,10 @@ def fuse_optimizer(optimizer) -> bool:
         return fuse_optimizer(optimizer.inner_optimizer)
     if "TPU" in type(tf.distribute.get_strategy()).__name__ or "update_step" in vars(optimizer):
         return False
-    if isinstance(optimizer, keras.optimizers.Adam) and not optimizer.amsgrad:
+    update = type(optimizer).update_step  # a subclass with its own update keeps it
+    if update is keras.optimizers.Adam.update_step and not optimizer.amsgrad:  # Adam, AdamW
         apply = _fused_adam
-    elif type(optimizer) is keras.optimizers.SGD:
+    elif update is keras.optimizers.SGD.update_step:
         apply = _fused_sgd
     else:
         return False

@@ -47,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from benchlib import machine
 
@@ -187,7 +188,7 @@ def _profile_worker(model, x, y, args) -> None:
         model.fit(data, steps_per_epoch=args.steps, epochs=1, verbose=0)
         tf.profiler.experimental.stop()
         space = xplane_pb2.XSpace()
-        space.ParseFromString(open(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)[0], "rb").read())
+        space.ParseFromString(Path(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)[0]).read_bytes())
     by_type = collections.Counter()
     for plane in space.planes:
         for line in plane.lines:
@@ -198,13 +199,12 @@ def _profile_worker(model, x, y, args) -> None:
     print("@@" + json.dumps({"ready": args.worker, "op_s": by_type}), flush=True)
 
 
-def profile(args, variants) -> None:
+def profile(args, variants, base: list[str]) -> None:
     """Op time per training step by op type, each variant in its own process, side by side."""
     tables = {}
     for v in variants:
-        p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--size", str(args.size), "--batch",
-                              str(args.batch), "--steps", str(args.steps), "--profile", "--worker", v],
-                             stdout=subprocess.PIPE, text=True, env=_env(v), cwd=ROOT)
+        p = subprocess.Popen([*base, "--profile", "--worker", v], stdout=subprocess.PIPE, text=True, env=_env(v),
+                             cwd=ROOT)
         reply = _reply(p)
         if p.wait() or reply is None:
             raise SystemExit(f"variant {v} failed (exit {p.returncode})")
@@ -330,13 +330,13 @@ def main() -> int:
         bn_micro(args)
         return 0
     variants = args.variants.split(",")
-    if args.profile:
-        profile(args, variants)
-        return 0
-    procs, ready = {}, {}
     base = [sys.executable, os.path.abspath(__file__), "--size", str(args.size), "--batch", str(args.batch),
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--mode", args.mode,
             "--rounds", str(args.rounds)]
+    if args.profile:
+        profile(args, variants, base)
+        return 0
+    procs, ready = {}, {}
     for v in variants:  # one at a time, so that first-step times do not share the CPU
         p = subprocess.Popen([*base, "--worker", v], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                              env=_env(v), cwd=ROOT)

@@ -293,6 +293,41 @@ def fuse_batch_norm(model: keras.Model) -> int:
     return swapped
 
 
+def _fused_call(layer, keras_call):
+    import tensorflow as tf
+
+    def call(inputs, training=None, mask=None):
+        axis = layer.axis if layer.axis >= 0 else len(inputs.shape) + layer.axis
+        if mask is not None or len(inputs.shape) != 4 or axis != 3:
+            return keras_call(inputs, training=training, mask=mask)
+        x = tf.cast(inputs, tf.float32)  # statistics in float32, as Keras 3's layer
+        channels = x.shape[-1]
+        gamma = tf.cast(layer.gamma.value, tf.float32) if layer.scale else tf.ones([channels], tf.float32)
+        beta = tf.cast(layer.beta.value, tf.float32) if layer.center else tf.zeros([channels], tf.float32)
+        if training and layer.trainable:
+            y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+                x, gamma, beta, epsilon=layer.epsilon, data_format="NHWC", is_training=True)
+            # the kernel returns the Bessel-corrected batch variance; Keras 3 averages the biased one
+            n = tf.cast(tf.size(x) // channels, tf.float32)
+            variance = variance * (n - 1.0) / tf.maximum(n, 1.0)
+            m = layer.momentum
+            layer.moving_mean.assign(layer.moving_mean.value * m + mean * (1.0 - m))
+            layer.moving_variance.assign(layer.moving_variance.value * m + variance * (1.0 - m))
+        else:
+            y, _, _ = tf.compat.v1.nn.fused_batch_norm(
+                x, gamma, beta, mean=tf.cast(layer.moving_mean.value, tf.float32),
+                variance=tf.cast(layer.moving_variance.value, tf.float32), epsilon=layer.epsilon,
+                data_format="NHWC", is_training=False)
+        return tf.cast(y, layer.compute_dtype)
+
+    return call
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused optimizer updates and the first step traced once, on the TensorFlow backend
+# ------------------------------------------------------------------------------------------------
+
+
 def fuse_optimizer(optimizer) -> bool:
     """Run the optimizer's per-variable update through TensorFlow's fused training kernel.
 
@@ -402,33 +437,3 @@ def build_optimizer_state(model: keras.Model) -> bool:
         return False
     optimizer.build(model.trainable_variables)
     return True
-
-
-def _fused_call(layer, keras_call):
-    import tensorflow as tf
-
-    def call(inputs, training=None, mask=None):
-        axis = layer.axis if layer.axis >= 0 else len(inputs.shape) + layer.axis
-        if mask is not None or len(inputs.shape) != 4 or axis != 3:
-            return keras_call(inputs, training=training, mask=mask)
-        x = tf.cast(inputs, tf.float32)  # statistics in float32, as Keras 3's layer
-        channels = x.shape[-1]
-        gamma = tf.cast(layer.gamma.value, tf.float32) if layer.scale else tf.ones([channels], tf.float32)
-        beta = tf.cast(layer.beta.value, tf.float32) if layer.center else tf.zeros([channels], tf.float32)
-        if training and layer.trainable:
-            y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-                x, gamma, beta, epsilon=layer.epsilon, data_format="NHWC", is_training=True)
-            # the kernel returns the Bessel-corrected batch variance; Keras 3 averages the biased one
-            n = tf.cast(tf.size(x) // channels, tf.float32)
-            variance = variance * (n - 1.0) / tf.maximum(n, 1.0)
-            m = layer.momentum
-            layer.moving_mean.assign(layer.moving_mean.value * m + mean * (1.0 - m))
-            layer.moving_variance.assign(layer.moving_variance.value * m + variance * (1.0 - m))
-        else:
-            y, _, _ = tf.compat.v1.nn.fused_batch_norm(
-                x, gamma, beta, mean=tf.cast(layer.moving_mean.value, tf.float32),
-                variance=tf.cast(layer.moving_variance.value, tf.float32), epsilon=layer.epsilon,
-                data_format="NHWC", is_training=False)
-        return tf.cast(y, layer.compute_dtype)
-
-    return call

@@ -49,7 +49,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import machine
+from benchlib import interleaved_rounds, machine, reply
 
 T0 = time.perf_counter()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -205,10 +205,10 @@ def profile(args, variants, base: list[str]) -> None:
     for v in variants:
         p = subprocess.Popen([*base, "--profile", "--worker", v], stdout=subprocess.PIPE, text=True, env=_env(v),
                              cwd=ROOT)
-        reply = _reply(p)
-        if p.wait() or reply is None:
+        answer = reply(p)
+        if p.wait() or answer is None:
             raise SystemExit(f"variant {v} failed (exit {p.returncode})")
-        tables[v] = reply["op_s"]
+        tables[v] = answer["op_s"]
     conv = {v: sum(t for k, t in ops.items() if "Conv" in k) for v, ops in tables.items()}
     total = {v: sum(ops.values()) for v, ops in tables.items()}
     top = sorted({k for ops in tables.values() for k in ops}, key=lambda k: -max(o.get(k, 0) for o in tables.values()))
@@ -296,14 +296,6 @@ def bn_micro(args) -> None:
         print(f"  {name:<22} {med:8.2f} ms   {med / ref:5.2f}x tf_keras-fused")
 
 
-def _reply(proc) -> dict | None:
-    """The next ``@@{json}`` line of a worker (libraries print other lines to stdout)."""
-    for line in proc.stdout:
-        if line.startswith("@@"):
-            return json.loads(line[2:])
-    return None
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -336,26 +328,9 @@ def main() -> int:
     if args.profile:
         profile(args, variants, base)
         return 0
-    procs, ready = {}, {}
-    for v in variants:  # one at a time, so that first-step times do not share the CPU
-        p = subprocess.Popen([*base, "--worker", v], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                             env=_env(v), cwd=ROOT)
-        reply = _reply(p)
-        if reply is None:
-            raise SystemExit(f"variant {v} failed to start (exit {p.wait()})")
-        procs[v], ready[v] = p, reply
-        print(f"  {v}: first step after {ready[v]['first_step_s']:.1f} s (keras {ready[v]['keras']}, "
-              f"{ready[v]['params']:,} params)", flush=True)
-    speeds = {v: [] for v in variants}
-    for r in range(args.rounds):
-        order = variants[r % len(variants):] + variants[:r % len(variants)]
-        for v in order:
-            procs[v].stdin.write("run\n")
-            procs[v].stdin.flush()
-            speeds[v].append(_reply(procs[v])["img_s"])
-    for p in procs.values():
-        p.stdin.close()
-        p.wait()
+    ready, speeds = interleaved_rounds(variants, lambda v: [*base, "--worker", v], _env, args.rounds, cwd=ROOT)
+    for v in variants:
+        print(f"  {v}: keras {ready[v]['keras']}, {ready[v]['params']:,} params")
     print("machine after:", machine())
     ref = statistics.median(speeds[variants[0]])
     print(f"\n{'variant':<16} {'first step s':>12} {'median img/s':>13} {'min':>6} {'max':>6} "

@@ -5,7 +5,7 @@ FOLD ?= 0
 SET ?=
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test test-all lint tfrecords verify train predict bench docs
+.PHONY: install test test-all lint tfrecords verify train predict bench docs gpu-wheels
 
 install:  ## install tfseg and its development tools (editable)
 	$(PYTHON) -m pip install --upgrade pip
@@ -35,3 +35,12 @@ docs:  ## regenerate docs/config.md (tfseg/config.py) and docs/cli.md (tfseg/cli
 
 bench:
 	$(PYTHON) bench/input_pipeline.py
+
+# The lent GPU machines have JAX and PyTorch (Python 3.12) but neither TensorFlow nor these; the run
+# there installs them with `pip install --no-index --no-deps --target /tmp/site .whl/*.whl`
+# (docs/BENCHMARKS.md, "GPU training").
+GPU_PYTHON ?= 3.12
+gpu-wheels:  ## download into .whl/ the wheels bench/gpu_train.py needs on a GPU machine without TensorFlow
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		keras==$$($(PYTHON) -c "import keras; print(keras.__version__)") namex optree segmentation-models-pytorch

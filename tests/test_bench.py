@@ -1,0 +1,114 @@
+"""The benchmarks' shared driver and bench/gpu_train.py's FLOP counts (the GPU runs themselves are not
+tests: they need a lent accelerator, and timings do not belong in tests)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import benchlib  # noqa: E402
+import gpu_train  # noqa: E402
+
+# A worker of the interleaved-rounds protocol: "ready" once, then one reply per "run" line, the
+# reply numbering the calls so that the test can check the order of the rounds.
+WORKER = """
+import json, sys
+name = sys.argv[1]
+print("library chatter that is not a reply")
+print("@@" + json.dumps({"ready": name, "first_step_s": 0.5}), flush=True)
+n = 0
+for line in sys.stdin:
+    if line.strip() != "run":
+        break
+    n += 1
+    if name == "dies" and n == 2:
+        sys.exit(3)
+    print("@@" + json.dumps({"img_s": float(n) + (10 if name == "b" else 0)}), flush=True)
+"""
+
+
+def test_interleaved_rounds_collects_each_variants_rounds(capsys):
+    ready, speeds = benchlib.interleaved_rounds(
+        ["a", "b"], lambda v: [sys.executable, "-c", WORKER, v], lambda v: None, rounds=3)
+    assert ready == {"a": {"ready": "a", "first_step_s": 0.5}, "b": {"ready": "b", "first_step_s": 0.5}}
+    assert speeds == {"a": [1.0, 2.0, 3.0], "b": [11.0, 12.0, 13.0]}
+    assert "a: first step after 0.5 s" in capsys.readouterr().out
+
+
+def test_interleaved_rounds_names_a_worker_that_stops():
+    with pytest.raises(SystemExit, match=r"variant dies stopped in round 2 \(exit 3\)"):
+        benchlib.interleaved_rounds(["ok", "dies"], lambda v: [sys.executable, "-c", WORKER, v],
+                                    lambda v: None, rounds=3)
+    with pytest.raises(SystemExit, match=r"variant mute failed to start \(exit 0\)"):
+        benchlib.interleaved_rounds(["mute"], lambda v: [sys.executable, "-c", "pass"], lambda v: None, rounds=1)
+
+
+def test_keras_flop_count_by_layer_shapes():
+    import keras
+
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)  # 8*8*4 outputs x 3*3*3 = 6912 MACs
+    x = keras.layers.DepthwiseConv2D(3, strides=2, padding="same")(x)  # 4*4*4 x 3*3 = 576
+    x = keras.layers.Conv2DTranspose(2, 2, strides=2)(x)  # 4*4*4 inputs x 2*2*2 = 512
+    x = keras.layers.Dense(5)(x)  # 8*8*5 x 2 = 640
+    inner = keras.Model(inputs, x)
+    outer_in = keras.Input((8, 8, 3))
+    model = keras.Model(outer_in, keras.layers.Conv2D(1, 1)(inner(outer_in)))  # nested + 8*8*1 x 5 = 320
+    assert gpu_train.keras_training_gflops(model) * 1e9 == pytest.approx(6 * (6912 + 576 + 512 + 640 + 320))
+
+
+@pytest.mark.slow
+def test_keras_flop_count_gives_the_reference_figure_for_unet_effb5():
+    """The count convention reproduces issue #3's 205.7 training GFLOPs/image (sm-style U-Net B5, 512)."""
+    from tfseg.models.unet import Unet
+
+    model = Unet("efficientnetb5", input_shape=(512, 512, 3), classes=1, encoder_weights=None)
+    assert gpu_train.keras_training_gflops(model) == pytest.approx(205.7, abs=0.05)
+
+
+def test_torch_flop_count_by_forward_hooks():
+    torch = pytest.importorskip("torch")
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),  # 8*8*4 x 3*3*3 = 6912 MACs per image
+        torch.nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4),  # 4*4*4 x 3*3 = 576
+        torch.nn.ConvTranspose2d(4, 2, 2, stride=2),  # 4*4*4 inputs x 2*2*2 = 512
+        torch.nn.Flatten(),
+        torch.nn.Linear(128, 5),  # 5 x 128 = 640
+    )
+    gflops = gpu_train.torch_training_gflops(model, torch.zeros(2, 3, 8, 8))
+    assert gflops * 1e9 == pytest.approx(6 * (6912 + 576 + 512 + 640))
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_end_to_end_on_the_cpu():
+    """The whole script at a CPU size, both frameworks, where JAX and smp are installed (not in CI)."""
+    missing = [m for m in ("jax", "segmentation_models_pytorch") if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed: bench/gpu_train.py runs on the lent GPU machines")
+    proc = subprocess.run(
+        [sys.executable, "bench/gpu_train.py", "--encoder", "efficientnetb0", "--size", "64", "--batch", "2",
+         "--rounds", "2", "--steps", "1", "--warmup", "1", "--batches", "1", "--variants", "tfseg-jax,smp-eager"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()
+            if line.startswith(("tfseg-jax ", "smp-eager "))}
+    assert set(rows) == {"tfseg-jax", "smp-eager"}
+    assert float(rows["tfseg-jax"][2]) > 0 and float(rows["smp-eager"][2]) > 0
+    assert "against tfseg-jax: smp-eager" in proc.stdout
+
+
+def test_gpu_benchmark_rejects_an_unknown_variant():
+    proc = subprocess.run([sys.executable, "bench/gpu_train.py", "--variants", "tfseg-jax,smp-eagre"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown variant(s) smp-eagre: expected some of tfseg-jax, smp-eager, smp-compile" in proc.stderr
+    assert "Traceback" not in proc.stderr

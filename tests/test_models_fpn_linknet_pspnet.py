@@ -290,6 +290,14 @@ def test_input_size_is_checked_up_front_with_the_sizes_that_work(arch, size, opt
         build_model(cfg(arch, size=size, options=options))
 
 
+@pytest.mark.parametrize("arch", ["unet", "fpn", "linknet"])
+def test_an_encoders_smallest_size_is_rounded_to_the_architectures_multiple(arch):
+    # InceptionV3 takes 75 pixels at least; the smallest size these stride-32 architectures can take is 96.
+    with pytest.raises(ModelError, match=f"{arch}: input height 64 is too small; the smallest size that works is 96"):
+        build_model(ModelConfig(arch=arch, backbone="inceptionv3", input_shape=(64, 128, 3), classes=1,
+                                encoder_weights=None))
+
+
 def test_sm_style_calls_reject_other_encoder_features():
     with pytest.raises(ModelError, match="encoder_features=.*'default'"):
         FPN(

@@ -277,6 +277,38 @@ def build_encoder(
     return keras.Model(image, outputs, name="encoder")
 
 
+def encoder_on_input(
+    name: str,
+    input_shape: Sequence[int | None] | None,
+    weights: str | None,
+    strides: Sequence[int],
+    *,
+    arch: str,
+    multiple: int,
+) -> tuple[keras.KerasTensor, list, keras.Model]:
+    """The start that the encoder-decoder architectures (unet, fpn, linknet, pspnet) share.
+
+    Checks ``input_shape`` (default (None, None, 3)) for ``arch``: height and width multiples of
+    ``multiple`` and at least the encoder's smallest size. Then builds the encoder (:func:`build_encoder`)
+    and calls it on the model's input.
+
+    Returns:
+        (image, features, encoder): the model's ``keras.Input`` named ``image``, the encoder's
+        features at ``strides`` in that order (a list), and the encoder model.
+
+    Raises:
+        ModelError: as :func:`tfseg.models.common.check_input_shape` and :func:`build_encoder`.
+    """
+    from tfseg.models.common import check_input_shape
+
+    spec = get_encoder_spec(name)
+    smallest = -(-spec.min_size // multiple) * multiple  # the smallest multiple the encoder can take
+    shape = check_input_shape(tuple(input_shape or (None, None, 3)), multiple, arch, min_size=smallest)
+    encoder = build_encoder(name, shape, weights, strides=strides)
+    image = keras.Input(shape, name="image")
+    return image, list(encoder(image)), encoder
+
+
 def _set_builtin_norm(backbone: keras.Model, spec: EncoderSpec, channels: int) -> None:
     """Set keras' EfficientNet Normalization (after its Rescaling(1/255)) to the table's constants."""
     import numpy as np

@@ -30,12 +30,11 @@ from tfseg.errors import ModelError
 from tfseg.models import ARCHS
 from tfseg.models.blocks import conv3x3_bn_relu
 from tfseg.models.common import (
-    check_input_shape,
     freeze_encoder,
     read_options,
     segmentation_head,
 )
-from tfseg.models.encoders import build_encoder, get_encoder_spec
+from tfseg.models.encoders import encoder_on_input
 
 ARCH = "fpn"
 DEFAULT_OPTIONS = {
@@ -137,9 +136,6 @@ def build_fpn(cfg: ModelConfig) -> keras.Model:
     """
     opts = read_options(ARCH, cfg.options, DEFAULT_OPTIONS)
     _check(opts)
-    spec = get_encoder_spec(cfg.backbone)
-    shape = check_input_shape(tuple(cfg.input_shape or (None, None, 3)), SIZE_MULTIPLE, ARCH,
-                              min_size=-(-spec.min_size // SIZE_MULTIPLE) * SIZE_MULTIPLE)
     filters = opts["pyramid_block_filters"]
     seg_filters = opts["segmentation_filters"] or filters // 2
     use_bn = opts["pyramid_use_batchnorm"]
@@ -147,9 +143,8 @@ def build_fpn(cfg: ModelConfig) -> keras.Model:
     dropout = cfg.dropout if opts["pyramid_dropout"] is None else opts["pyramid_dropout"]
     skip_strides = (16, 8, 4, 2) if opts["upsampling"] == 2 else (16, 8, 4)
 
-    encoder = build_encoder(cfg.backbone, shape, cfg.encoder_weights, strides=(32, *skip_strides))
-    image = keras.Input(shape, name="image")
-    top, *skips = encoder(image)
+    image, (top, *skips), _ = encoder_on_input(cfg.backbone, cfg.input_shape, cfg.encoder_weights,
+                                               (32, *skip_strides), arch=ARCH, multiple=SIZE_MULTIPLE)
     x = fpn_decoder(top, skips, pyramid_filters=filters, segmentation_filters=seg_filters,
                     use_batchnorm=bool(use_bn), aggregation=opts["pyramid_aggregation"], dropout=dropout)
     x = keras.layers.UpSampling2D(opts["upsampling"], interpolation="bilinear", name="final_upsampling")(x)

@@ -26,12 +26,11 @@ from tfseg.errors import ModelError
 from tfseg.models import ARCHS
 from tfseg.models.blocks import conv_bn_act
 from tfseg.models.common import (
-    check_input_shape,
     freeze_encoder,
     read_options,
     segmentation_head,
 )
-from tfseg.models.encoders import build_encoder, get_encoder_spec
+from tfseg.models.encoders import encoder_on_input
 
 ARCH = "linknet"
 DEFAULT_OPTIONS: dict = {}
@@ -117,9 +116,6 @@ def build_linknet(cfg: ModelConfig) -> keras.Model:
         ModelError: an option was given, input size not a multiple of 32, bad decoder settings.
     """
     read_options(ARCH, cfg.options, DEFAULT_OPTIONS)
-    spec = get_encoder_spec(cfg.backbone)
-    shape = check_input_shape(tuple(cfg.input_shape or (None, None, 3)), SIZE_MULTIPLE, ARCH,
-                              min_size=-(-spec.min_size // SIZE_MULTIPLE) * SIZE_MULTIPLE)
     if cfg.decoder_block_type not in ("upsampling", "transpose"):
         raise ModelError(f"linknet: decoder_block_type={cfg.decoder_block_type!r}; expected one of "
                          "['transpose', 'upsampling']")
@@ -128,9 +124,8 @@ def build_linknet(cfg: ModelConfig) -> keras.Model:
         raise ModelError(f"linknet: decoder_filters={filters} has {len(filters)} entries; expected 1 to 5 "
                          "(one per 2x upsampling, 5 = full resolution)")
 
-    encoder = build_encoder(cfg.backbone, shape, cfg.encoder_weights, strides=(32, *SKIP_STRIDES))
-    image = keras.Input(shape, name="image")
-    top, *skips = encoder(image)
+    image, (top, *skips), encoder = encoder_on_input(cfg.backbone, cfg.input_shape, cfg.encoder_weights,
+                                                     (32, *SKIP_STRIDES), arch=ARCH, multiple=SIZE_MULTIPLE)
     x = linknet_decoder(top, skips, filters, use_batchnorm=cfg.decoder_use_batchnorm,
                         block_type=cfg.decoder_block_type, center=ends_with_pooling(encoder))
     output = segmentation_head(x, int(cfg.classes or 1), cfg.activation, kernel_size=3, name="final_conv")

@@ -30,12 +30,11 @@ from tfseg.errors import ModelError
 from tfseg.models import ARCHS
 from tfseg.models.blocks import conv_bn_act
 from tfseg.models.common import (
-    check_input_shape,
     freeze_encoder,
     read_options,
     resolve_activation,
 )
-from tfseg.models.encoders import build_encoder, get_encoder_spec
+from tfseg.models.encoders import encoder_on_input
 
 ARCH = "pspnet"
 DEFAULT_OPTIONS = {
@@ -105,11 +104,8 @@ def build_pspnet(cfg: ModelConfig) -> keras.Model:
     opts = read_options(ARCH, cfg.options, DEFAULT_OPTIONS)
     _check(opts)
     factor = opts["downsample_factor"]
-    spec = get_encoder_spec(cfg.backbone)
     shape = tuple(cfg.input_shape or (None, None, 3))
-    multiple = 6 * factor
-    shape = check_input_shape(shape, multiple, ARCH, min_size=-(-spec.min_size // multiple) * multiple)
-    if shape[0] is None or shape[1] is None:
+    if len(shape) == 3 and (shape[0] is None or shape[1] is None):
         raise ModelError(f"pspnet: input_shape={list(shape)} needs a fixed height and width (the pooling "
                          f"windows depend on them), multiples of 6 * downsample_factor = {6 * factor}")
     filters = opts["psp_conv_filters"]
@@ -117,9 +113,9 @@ def build_pspnet(cfg: ModelConfig) -> keras.Model:
     dropout = cfg.dropout if opts["psp_dropout"] is None else opts["psp_dropout"]
     classes = int(cfg.classes or 1)
 
-    encoder = build_encoder(cfg.backbone, shape, cfg.encoder_weights, strides=(factor,))  # pruned at the cut
-    image = keras.Input(shape, name="image")
-    (feature,) = encoder(image)
+    # The encoder is pruned after the layer of stride ``factor``.
+    image, (feature,), _ = encoder_on_input(cfg.backbone, shape, cfg.encoder_weights, (factor,), arch=ARCH,
+                                            multiple=6 * factor)
     x = pyramid_pooling(feature, filters, opts["psp_pooling_type"], bool(use_bn))
     x = conv_bn_act(x, filters, 1, use_batchnorm=bool(use_bn), name="aggregation")
     if dropout:

@@ -30,8 +30,8 @@ from tfseg.config import ModelConfig
 from tfseg.errors import ModelError
 from tfseg.models import ARCHS
 from tfseg.models.blocks import DECODER_BLOCKS, conv3x3_bn_relu
-from tfseg.models.common import check_input_shape, freeze_encoder, segmentation_head
-from tfseg.models.encoders import build_encoder, get_encoder_spec
+from tfseg.models.common import freeze_encoder, segmentation_head
+from tfseg.models.encoders import encoder_on_input
 
 ARCH = "unet"
 SIZE_MULTIPLE = 32
@@ -78,20 +78,16 @@ def Unet(  # noqa: N802 - the segmentation_models name, so notebooks port by cha
     Raises:
         ModelError: unknown backbone or block type, input size not divisible by 32, bad weights.
     """
-    spec = get_encoder_spec(backbone_name)
     if decoder_block_type not in DECODER_BLOCKS:
         raise ModelError(f"Received: decoder_block_type={decoder_block_type!r}. Expected one of "
                          f"{sorted(DECODER_BLOCKS)}")
     if not decoder_filters:
         raise ModelError("unet: decoder_filters must name at least one block, e.g. [256, 128, 64, 32, 16]")
-    h, w, c = check_input_shape(input_shape, SIZE_MULTIPLE, ARCH, min_size=max(SIZE_MULTIPLE, spec.min_size))
     skip_strides = SKIP_STRIDES if encoder_features == "default" else tuple(int(s) for s in encoder_features)
     skip_strides = skip_strides[: len(decoder_filters)]
 
-    encoder = build_encoder(backbone_name, (h, w, c), encoder_weights, strides=(32, *skip_strides))
-    image = keras.Input((h, w, c), name="image")
-    features = encoder(image)
-    x, skips = features[0], features[1:]
+    image, (x, *skips), encoder = encoder_on_input(backbone_name, input_shape, encoder_weights,
+                                                   (32, *skip_strides), arch=ARCH, multiple=SIZE_MULTIPLE)
 
     if _ends_with_pooling(encoder):  # VGG: segmentation_models adds a 512-filter center block
         x = conv3x3_bn_relu(x, 512, decoder_use_batchnorm, name="center_block1")

@@ -38,10 +38,10 @@ def test_table_lists_the_issue_encoders_and_real_constructors():
     wanted = {f"efficientnetb{i}" for i in range(8)} | {"efficientnetv2b0", "efficientnetv2s", "mobilenetv2",
                                                         "vgg16", "vgg19", "densenet121", "densenet169",
                                                         "densenet201", "inceptionv3"}
-    wanted |= {f"resnet{d}{v}" for d in (50, 101, 152) for v in ("", "v2")}
+    wanted |= {f"resnet{d}{v}" for d in (50, 101, 152) for v in ("", "v1", "v2")} | {"resnet18", "resnet34"}
     assert wanted <= names
     for name, spec in ENCODERS.items():
-        assert hasattr(keras.applications, spec.constructor), name
+        assert callable(spec.resolve()), name
         assert spec.strides[0] == 32 and set(spec.features) >= {2, 4, 8, 16}, name
 
 
@@ -152,3 +152,123 @@ def test_every_encoder_gives_features_at_its_strides(name):
     encoder = build_encoder(name, (size, size, 1), strides=spec.strides)
     for stride, out in zip(spec.strides, encoder.outputs):
         assert tuple(out.shape[1:3]) == (size // stride, size // stride), (name, stride)
+
+
+# ---------------------------------------------------------------------------------------------
+# segmentation_models' ResNets (tfseg.models.sm_resnet)
+# ---------------------------------------------------------------------------------------------
+
+SM_RESNET_FEATURES = ("relu1", "stage4_unit1_relu1", "stage3_unit1_relu1", "stage2_unit1_relu1", "relu0")
+_SM_RESNET_SCRIPT = """
+import os, sys
+import numpy as np
+os.environ["SM_FRAMEWORK"] = "tf.keras"
+import segmentation_models as sm
+from tensorflow import keras
+name, size, image_path, h5_path, out_path, names = sys.argv[1:]
+keras.utils.set_random_seed(1)
+model = sm.Backbones.get_backbone(name, input_shape=(int(size), int(size), 3), weights=None, include_top=False,
+                                  backend=keras.backend, layers=keras.layers, models=keras.models,
+                                  utils=keras.utils)
+rng = np.random.default_rng(0)
+for layer in model.layers:  # BatchNorm statistics and affine terms away from their defaults
+    if isinstance(layer, keras.layers.BatchNormalization):
+        n = layer.get_weights()[0].shape[0]
+        if layer.name == "bn_data":  # the same for R, G and B, so a gray image is a gray image
+            layer.set_weights([np.full(n, 0.1), np.full(n, 110.0), np.full(n, 3000.0)])
+            continue
+        affine = [rng.uniform(0.5, 1.5, n), rng.normal(0, 0.1, n)] if layer.scale else [rng.normal(0, 0.1, n)]
+        layer.set_weights(affine + [rng.normal(0, 0.2, n), rng.uniform(0.5, 1.5, n)])
+model.save_weights(h5_path)
+features = keras.Model(model.input, [model.get_layer(n).output for n in names.split(",")]).predict(np.load(image_path),
+                                                                                      verbose=0)
+np.savez(out_path, *features)
+print("SM_DONE")
+"""
+
+
+def _sm_resnet(tmp_path, name: str, image: np.ndarray) -> tuple[str, list]:
+    """sm's own ``name`` encoder: its weights saved as sm saves them (HDF5) and its feature maps on ``image``."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("segmentation_models") is None:
+        pytest.skip("segmentation_models is not installed (it is in the dev extra)")
+    np.save(tmp_path / "image.npy", image)
+    # on tf_keras (Keras 2), whose save_weights writes the HDF5 format of sm's published weight files
+    env = {**os.environ, "SM_FRAMEWORK": "tf.keras", "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "3",
+           "CUDA_VISIBLE_DEVICES": ""}
+    h5 = str(tmp_path / f"{name}_sm.h5")
+    args = [name, str(image.shape[1]), str(tmp_path / "image.npy"), h5, str(tmp_path / "features.npz"),
+            ",".join(SM_RESNET_FEATURES)]
+    proc = subprocess.run([sys.executable, "-c", _SM_RESNET_SCRIPT, *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert "SM_DONE" in proc.stdout, proc.stderr[-3000:]
+    features = np.load(tmp_path / "features.npz")
+    return h5, [features[f"arr_{i}"] for i in range(len(SM_RESNET_FEATURES))]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_sm_resnet_loads_sms_weights_file_and_gives_its_features(tmp_path, name):
+    """tfseg's resnet18/50 is classification_models' network: sm's own weights file loads into it by
+    layer name and every feature map sm's U-Net skips from is sm's, on a real Kvasir image; with 1
+    input channel the gray image gives the RGB features of the same gray image."""
+    from PIL import Image
+
+    from tests.conftest import shared_path
+
+    path = sorted((shared_path("kvasir_seg") / "images").glob("*.jpg"))[0]
+    image = np.asarray(Image.open(path).convert("RGB").resize((64, 64), Image.BILINEAR), "float32")[None]
+    h5, expected = _sm_resnet(tmp_path, name, image)
+
+    rgb = build_encoder(name, (64, 64, 3), weights=h5)  # strides 32, 16, 8, 4, 2: as SM_RESNET_FEATURES
+    got = [_np(f) for f in rgb(image)]
+    for stride, a, b in zip((32, 16, 8, 4, 2), got, expected):
+        assert a.shape == b.shape, stride
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max(), err_msg=f"stride {stride}")
+
+    gray = build_encoder(name, (64, 64, 1), weights=h5)
+    g = image.mean(-1, keepdims=True)
+    for a, b in zip(gray(g), rgb(np.repeat(g, 3, axis=-1))):
+        np.testing.assert_allclose(_np(a), _np(b), rtol=1e-4, atol=1e-4 * np.abs(_np(b)).max())
+
+
+def test_sm_resnet_weights_errors(tmp_path, monkeypatch):
+    from tfseg.models import sm_resnet
+
+    with pytest.raises(ModelError, match=r"encoder_weights='.*nope.h5': no such file"):
+        build_encoder("resnet34", (64, 64, 3), weights=str(tmp_path / "nope.h5"))
+    import h5py
+
+    wrong = str(tmp_path / "vgg.h5")  # an HDF5 weights file (sm's format) of another network
+
+    with h5py.File(wrong, "w") as f:
+        f.attrs["layer_names"] = [b"block1_conv1"]
+    with pytest.raises(ModelError, match=r"has no weights for layer 'bn_data' of resnet34 \(\d+ layers missing\); "
+                                         r"expected sm's resnet34_imagenet_1000_no_top.h5"):
+        build_encoder("resnet34", (64, 64, 3), weights=wrong)
+    with pytest.raises(ModelError, match=r"depth=20; expected one of \[18, 34, 50, 101, 152\]"):
+        sm_resnet.SMResNet(20)
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure on https://github.com/qubvel/...: None -- [Errno -3]")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    with pytest.raises(ModelError, match=r"could not download ImageNet weights for resnet34 \(offline\?\); pass "
+                                         r"encoder_weights=<path"):
+        build_encoder("resnet34", (64, 64, 3), weights="imagenet")
+
+
+def test_sm_resnet_saves_and_loads_its_own_weights_file(tmp_path):
+    keras.utils.set_random_seed(2)
+    from tfseg.models.sm_resnet import ResNet34
+
+    source = ResNet34(input_shape=(None, None, 3))
+    source.save_weights(str(tmp_path / "r34.weights.h5"))
+    encoder = build_encoder("resnet34", (64, 64, 3), weights=str(tmp_path / "r34.weights.h5"), strides=(32,))
+    x = _images(1, 64, 3)
+    out = encoder(x)
+    out = out[0] if isinstance(out, list) else out
+    np.testing.assert_allclose(_np(out), _np(source(x)), rtol=1e-5, atol=1e-5)

@@ -108,20 +108,14 @@ def test_sm_unet_mobilenetv2_same_trainable_params_and_shape():
 @pytest.mark.slow
 @pytest.mark.parametrize("sm_arch", sorted(SM_TWINS))
 def test_sm_twins_same_trainable_params_and_shape(sm_arch):
-    backbones = [b for b in SHARED_BACKBONES if b != "resnet50"]
-    _compare(sm_arch, backbones)
+    _compare(sm_arch, SHARED_BACKBONES)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sm_arch", sorted(SM_TWINS))
-def test_sm_resnet50_differs_by_design(sm_arch):
-    """sm's resnet50 is classification_models' pre-activation ResNet; tfseg's is keras.applications'
-    ResNet50 (v1). The counts differ; the output shape does not."""
-    size = _size(sm_arch)
-    ref = _sm_counts([(sm_arch, "resnet50", size)])[f"{sm_arch}/resnet50"]
-    model = _tfseg(SM_TWINS[sm_arch], "resnet50", size)
-    assert list(model.output_shape[1:]) == ref["shape"]
-    assert _trainable(model) != ref["trainable"]
+def test_sm_unet_resnet18_and_resnet34_same_trainable_params_and_shape():
+    """segmentation_models' most used Kaggle backbones (classification_models' ResNets, not in
+    keras.applications): tfseg builds the same network (tfseg.models.sm_resnet)."""
+    _compare("Unet", ["resnet18", "resnet34"])
 
 
 def test_sm_bridge_rejects_unknown_sm_arch_without_importing_sm():

@@ -1,4 +1,4 @@
-"""Encoders as a table: name -> keras.applications constructor, feature layers by stride, preprocessing.
+"""Encoders as a table: name -> model constructor, feature layers by stride, preprocessing.
 
 Adding an encoder is adding one :class:`EncoderSpec` entry to :data:`ENCODERS`. The feature layers
 are the ones segmentation_models uses (``backbones_factory.py``), named for keras.applications'
@@ -12,9 +12,15 @@ Preprocessing is stored as per-channel ``mean``/``std`` in 0..255 units (RGB ord
 
 - ``torch`` (DenseNet, EfficientNet, EfficientNetV2-B*, ConvNeXt): ``(x/255 - [.485, .456, .406]) /
   [.229, .224, .225]``.
-- ``caffe`` (VGG, ResNet v1): ``x - [123.68, 116.78, 103.94]``; these were trained on BGR input, so
-  the first convolution's pretrained kernel is flipped to RGB order instead of flipping the image.
+- ``caffe`` (VGG, keras' ResNet v1): ``x - [123.68, 116.78, 103.94]``; these were trained on BGR input,
+  so the first convolution's pretrained kernel is flipped to RGB order instead of flipping the image.
 - ``tf`` (MobileNet, ResNet v2, Inception, Xception): ``x / 127.5 - 1``.
+- none (segmentation_models' ``resnet18`` ... ``resnet152``, :mod:`tfseg.models.sm_resnet`): the
+  network's own input BatchNorm normalizes the 0..255 pixels.
+
+The constructors are keras.applications' models, except segmentation_models' ResNets (the names
+``resnet18/34/50/101/152`` mean what they mean in ``sm.Unet``); keras.applications' ResNet v1 is
+``resnet50v1``, ``resnet101v1``, ``resnet152v1``.
 
 With C != 3 input channels the constants are adapted like the first convolution's kernel
 (:mod:`tfseg.models.weights`): C = 1 takes their mean, otherwise they repeat cyclically.
@@ -22,6 +28,7 @@ With C != 3 input channels the constants are adapted like the first convolution'
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -41,11 +48,14 @@ class EncoderSpec:
     """One row of the encoder table.
 
     Attributes:
-        constructor: attribute of ``keras.applications`` (e.g. ``EfficientNetB0``).
+        constructor: attribute of ``keras.applications`` (e.g. ``EfficientNetB0``), or
+            ``module:attribute`` for tfseg's own (``tfseg.models.sm_resnet:ResNet34``); called with
+            keras.applications' arguments (``include_top``, ``weights``, ``input_tensor``/``input_shape``).
         features: stride -> feature layer (name, or index into the keras.applications model's
             layers as segmentation_models uses for Inception) for strides 2, 4, 8, 16 (and 1 for
             VGG). Stride 32 is always the model's output.
-        norm: ((mean R, G, B), (std R, G, B)) in 0..255 units, applied inside the model.
+        norm: ((mean R, G, B), (std R, G, B)) in 0..255 units, applied inside the model; None when
+            the network normalizes its own input.
         bgr: the pretrained weights expect BGR input (caffe style).
         builtin_norm: the keras model has its own Rescaling + Normalization (EfficientNet v1);
             tfseg sets that Normalization to ``norm`` instead of adding a layer.
@@ -57,12 +67,28 @@ class EncoderSpec:
 
     constructor: str
     features: dict = field(default_factory=dict)
-    norm: tuple = TORCH
+    norm: tuple | None = TORCH
     bgr: bool = False
     builtin_norm: bool = False
     exact: bool = True
     min_size: int = 32
     kwargs: dict = field(default_factory=dict)
+
+    @property
+    def model_name(self) -> str:
+        """The constructor's name, for messages (``EfficientNetB0``, ``ResNet34``)."""
+        return self.constructor.rsplit(":", 1)[-1]
+
+    def resolve(self):
+        """The constructor itself (a keras.applications function, or tfseg's)."""
+        if ":" in self.constructor:
+            module, attr = self.constructor.split(":")
+            return getattr(importlib.import_module(module), attr)
+        return getattr(keras.applications, self.constructor)
+
+    def make(self, **kwargs) -> keras.Model:
+        """Call the constructor with keras.applications' arguments (and the table's ``kwargs``)."""
+        return self.resolve()(**kwargs, **self.kwargs)
 
     @property
     def strides(self) -> tuple[int, ...]:
@@ -132,9 +158,13 @@ ENCODERS.register(
         bgr=True,
     ),
 )
+# segmentation_models' (classification_models') ResNets, under sm's names and feature layers.
+_SM_RESNET = {2: "relu0", 4: "stage2_unit1_relu1", 8: "stage3_unit1_relu1", 16: "stage4_unit1_relu1"}
+for _depth in (18, 34, 50, 101, 152):
+    ENCODERS.register(f"resnet{_depth}", EncoderSpec(f"tfseg.models.sm_resnet:ResNet{_depth}", _SM_RESNET, None))
 for _depth, _b3, _b4 in ((50, 4, 6), (101, 4, 23), (152, 8, 36)):
     ENCODERS.register(
-        f"resnet{_depth}",
+        f"resnet{_depth}v1",
         EncoderSpec(
             f"ResNet{_depth}",
             {2: "conv1_relu", 4: "conv2_block3_out", 8: f"conv3_block{_b3}_out", 16: f"conv4_block{_b4}_out"},
@@ -246,17 +276,16 @@ def build_encoder(
             )
         if size is None and not spec.exact:
             raise ModelError(f"encoder {name} needs a fixed input size; got input_shape {list(input_shape)}")
-    mean, std = spec.norm
     image = keras.Input((h, w, c), name="image")
     x = image
-    if not spec.builtin_norm:
+    if spec.norm is not None and not spec.builtin_norm:
+        mean, std = spec.norm
         x = keras.layers.Normalization(
             mean=adapt_constants(mean, c),
             variance=[v * v for v in adapt_constants(std, c)],
             name="preprocess",
         )(image)
-    ctor = getattr(keras.applications, spec.constructor)
-    backbone = ctor(include_top=False, weights=None, input_tensor=x, **spec.kwargs)
+    backbone = spec.make(include_top=False, weights=None, input_tensor=x)
     if spec.builtin_norm:
         _set_builtin_norm(backbone, spec, c)
     if weights is not None:

@@ -16,6 +16,7 @@ import keras
 import numpy as np
 
 from tfseg.errors import ModelError
+from tfseg.models.encoders import adapt_constants
 
 
 def adapt_first_kernel(kernel: np.ndarray, channels: int, bgr: bool = False) -> np.ndarray:
@@ -48,18 +49,18 @@ def _pretrained_source(name: str, spec, weights: str) -> keras.Model:
         if not os.path.isfile(weights):
             raise ModelError(
                 f"encoder_weights={weights!r}: no such file; expected null, 'imagenet' or the path "
-                f"of a {spec.constructor} weights file (.h5 / .weights.h5)"
+                f"of a {spec.model_name} weights file (.h5 / .weights.h5)"
             )
-    ctor = getattr(keras.applications, spec.constructor)
     try:
-        return ctor(
+        return spec.make(
             include_top=False,
             weights=weights,
             input_shape=(None, None, 3)
             if spec.exact
             else (max(spec.min_size, 75), max(spec.min_size, 75), 3),
-            **spec.kwargs,
         )
+    except ModelError:
+        raise
     except Exception as err:  # download failures surface as Exception from keras' get_file
         if weights == "imagenet":
             raise ModelError(
@@ -68,7 +69,7 @@ def _pretrained_source(name: str, spec, weights: str) -> keras.Model:
                 f"{str(err).splitlines()[0] if str(err) else ''})"
             ) from None
         raise ModelError(
-            f"encoder_weights={weights!r}: could not load it into {spec.constructor} "
+            f"encoder_weights={weights!r}: could not load it into {spec.model_name} "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
         ) from None
 
@@ -99,6 +100,10 @@ def load_pretrained(backbone: keras.Model, name: str, spec, weights: str, channe
         if isinstance(d, keras.layers.Normalization):
             continue  # EfficientNet's built-in normalization is set from the table, not the file
         values = s.get_weights()
+        if not adapted and channels != 3 and all(v.shape == (3,) for v in values):
+            # a per-channel layer on the input itself (sm ResNets' ``bn_data``): adapted like the
+            # normalization constants, C = 1 takes the RGB mean, otherwise channels repeat cyclically
+            values = [np.asarray(adapt_constants(v, channels), dtype=v.dtype) for v in values]
         if not adapted:
             for i, v in enumerate(values):
                 if v.ndim == 4 and v.shape[2] == 3:

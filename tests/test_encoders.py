@@ -210,7 +210,7 @@ def _sm_resnet(tmp_path, name: str, image: np.ndarray) -> tuple[str, list]:
     return h5, [features[f"arr_{i}"] for i in range(len(SM_RESNET_FEATURES))]
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("name", ["resnet18", pytest.param("resnet50", marks=pytest.mark.slow)])
 def test_sm_resnet_loads_sms_weights_file_and_gives_its_features(tmp_path, name):
     """tfseg's resnet18/50 is classification_models' network: sm's own weights file loads into it by
     layer name and every feature map sm's U-Net skips from is sm's, on a real Kvasir image; with 1

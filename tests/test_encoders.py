@@ -211,13 +211,17 @@ def _sm_resnet(tmp_path, name: str, image: np.ndarray) -> tuple[str, list]:
 
 
 @pytest.mark.parametrize("name", ["resnet18", pytest.param("resnet50", marks=pytest.mark.slow)])
-def test_sm_resnet_loads_sms_weights_file_and_gives_its_features(tmp_path, name):
+def test_sm_resnet_loads_sms_weights_file_and_gives_its_features(tmp_path, name, monkeypatch):
     """tfseg's resnet18/50 is classification_models' network: sm's own weights file loads into it by
     layer name and every feature map sm's U-Net skips from is sm's, on a real Kvasir image; with 1
-    input channel the gray image gives the RGB features of the same gray image."""
+    input channel the gray image gives the RGB features of the same gray image. ``imagenet``
+    downloads the file from its URL (here a file:// URL), checks its md5 and loads it the same way."""
+    import hashlib
+
     from PIL import Image
 
     from tests.conftest import shared_path
+    from tfseg.models import sm_resnet
 
     path = sorted((shared_path("kvasir_seg") / "images").glob("*.jpg"))[0]
     image = np.asarray(Image.open(path).convert("RGB").resize((64, 64), Image.BILINEAR), "float32")[None]
@@ -233,6 +237,23 @@ def test_sm_resnet_loads_sms_weights_file_and_gives_its_features(tmp_path, name)
     g = image.mean(-1, keepdims=True)
     for a, b in zip(gray(g), rgb(np.repeat(g, 3, axis=-1))):
         np.testing.assert_allclose(_np(a), _np(b), rtol=1e-4, atol=1e-4 * np.abs(_np(b)).max())
+
+    depth = int(name[len("resnet"):])
+    served = tmp_path / "release"
+    served.mkdir()
+    file_name = sm_resnet.IMAGENET[depth][0]
+    (served / file_name).write_bytes(open(h5, "rb").read())
+    md5 = hashlib.md5((served / file_name).read_bytes()).hexdigest()
+    monkeypatch.setattr(sm_resnet, "WEIGHTS_URL", served.as_uri() + "/")
+    monkeypatch.setitem(sm_resnet.IMAGENET, depth, (file_name, md5))
+    get_file = keras.utils.get_file  # into this test's directory, not ~/.keras
+    (tmp_path / "cache").mkdir()
+    monkeypatch.setattr(keras.utils, "get_file", lambda *a, **k: get_file(*a, **k, cache_dir=str(tmp_path / "cache")))
+    downloaded = build_encoder(name, (64, 64, 3), weights="imagenet", strides=(32,))
+    out = downloaded(image)
+    out = out[0] if isinstance(out, list) else out
+    np.testing.assert_array_equal(_np(out), got[0])
+    assert (tmp_path / "cache" / "models" / file_name).is_file()
 
 
 def test_sm_resnet_weights_errors(tmp_path, monkeypatch):

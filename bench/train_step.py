@@ -29,6 +29,8 @@ Variants:
     tfseg-unbuilt tfseg less the early optimizer build (Keras traces the first step twice).
     tfseg-bf16    tfseg with the mixed_bfloat16 policy (train.mixed_precision; AMX on this CPU).
     tfseg-xla     tfseg compiled with jit_compile=True.
+    <variant>-interop1  any of these with TF_NUM_INTEROP_THREADS=1 (TensorFlow runs one op at a time,
+                  each on both cores; the default lets independent ops share them).
 
 Usage (``--bn-micro`` times one BatchNormalization layer, Keras 3 against tf_keras fused/unfused;
 ``--profile`` sums the op time of a training step by op type for each variant):
@@ -58,6 +60,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _env(variant: str) -> dict:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ROOT}
     env.pop("TF_USE_LEGACY_KERAS", None)
+    if variant.endswith("-interop1"):
+        env["TF_NUM_INTEROP_THREADS"] = "1"
+        variant = variant.removesuffix("-interop1")
     if variant.startswith("sm"):
         env["SM_FRAMEWORK"] = "tf.keras"
         if variant != "sm-keras3":
@@ -106,7 +111,7 @@ def worker(args) -> None:
     """Build, compile, take the first step, warm up, then run rounds on request from stdin."""
     import numpy as np
 
-    variant = args.worker
+    variant = args.worker.removesuffix("-interop1")
     model, prep = _build(variant, args.size)
     keras = sys.modules[type(model).__module__.split(".")[0]]
     x, y = _data(args.size, args.batch)

@@ -29,6 +29,10 @@ dense bf16 figure, 989.4). (XLA's cost analysis and ``torch.utils.flop_counter``
 not agree with this convention or each other: the latter counts smp's depthwise backward as
 dense, 1245.7 GFLOPs per image.)
 
+Every worker keeps its GPU memory while the others run their rounds (JAX without preallocation,
+PyTorch's caching allocator), so the variants must fit on the device together; if three do not,
+run the target's pair (``--variants tfseg-jax,smp-compile``) and ``smp-eager`` separately.
+
 Usage (on the GPU machine; KERAS_BACKEND is set per worker):
     python3 bench/gpu_train.py --encoder efficientnetb5 --size 512 --batch 32 --rounds 7 --steps 20
 A CPU smoke run of the same code paths, at a size a CPU can take:

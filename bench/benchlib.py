@@ -25,6 +25,27 @@ def machine() -> str:
     return f"{cpu_model()}, {usable} cores usable ({os.cpu_count()} online), load average {load}"
 
 
+def say(**fields) -> None:
+    """Worker side: one ``@@{json}`` line to the parent (:func:`reply` reads it)."""
+    import json
+
+    print("@@" + json.dumps(fields), flush=True)
+
+
+def serve_rounds(run_round, steps: int, batch: int) -> None:
+    """Worker side: answer each ``run`` line on stdin with the images/s of ``run_round(steps)``
+    (which must return only once its steps are done), until stdin closes."""
+    import sys
+    import time
+
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        t = time.perf_counter()
+        run_round(steps)
+        say(img_s=steps * batch / (time.perf_counter() - t))
+
+
 def reply(proc) -> dict | None:
     """The next ``@@{json}`` line of a worker process (libraries print other lines to stdout)."""
     import json

@@ -42,13 +42,12 @@ A CPU smoke run of the same code paths, at a size a CPU can take:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 
-from benchlib import interleaved_rounds, machine
+from benchlib import interleaved_rounds, machine, say, serve_rounds
 
 T0 = time.perf_counter()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,8 +68,10 @@ def keras_training_gflops(model) -> float:
 
     import keras
 
+    from tfseg.models.common import all_layers
+
     macs = 0
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in all_layers(model):
         if not isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D,
                                   keras.layers.Conv2DTranspose, keras.layers.Dense)):
             continue
@@ -114,18 +115,15 @@ def torch_training_gflops(model, x) -> float:
     return 3 * 2 * macs / x.shape[0] / 1e9
 
 
-def _say(**fields) -> None:
-    print("@@" + json.dumps(fields), flush=True)
-
-
-def _serve_rounds(run_round, steps: int, batch: int) -> None:
-    """Answer each ``run`` line on stdin with the images/s of ``steps`` steps (``run_round`` syncs)."""
-    for line in sys.stdin:
-        if line.strip() != "run":
-            break
-        t = time.perf_counter()
-        run_round(steps)
-        _say(img_s=steps * batch / (time.perf_counter() - t))
+def _first_step_then_serve(run_round, args, **fields) -> None:
+    """Take the first step (timed alone and from process start), warm up, report ready with
+    ``fields``, then answer the parent's rounds."""
+    t = time.perf_counter()
+    run_round(1)
+    first, alone = time.perf_counter() - T0, time.perf_counter() - t
+    run_round(args.warmup)
+    say(ready=args.worker, first_step_s=first, step1_s=alone, **fields)
+    serve_rounds(run_round, args.steps, args.batch)
 
 
 def jax_worker(args) -> None:
@@ -175,16 +173,10 @@ def jax_worker(args) -> None:
             n += 1
         jax.block_until_ready((state, loss))
 
-    t = time.perf_counter()
-    run_round(1)
-    first = time.perf_counter() - T0
-    first_step_only = time.perf_counter() - t
-    run_round(args.warmup)
     device = jax.devices()[0]
-    _say(ready="tfseg-jax", first_step_s=first, step1_s=first_step_only, gflops_per_img=keras_training_gflops(model),
-         params=int(model.count_params()), device=f"{device.platform}: {device.device_kind}",
-         versions=f"keras {keras.__version__}, jax {jax.__version__}")
-    _serve_rounds(run_round, args.steps, args.batch)
+    _first_step_then_serve(run_round, args, gflops_per_img=keras_training_gflops(model),
+                           params=int(model.count_params()), device=f"{device.platform}: {device.device_kind}",
+                           versions=f"keras {keras.__version__}, jax {jax.__version__}")
 
 
 def torch_worker(args, compiled: bool) -> None:
@@ -225,16 +217,9 @@ def torch_worker(args, compiled: bool) -> None:
             n += 1
         sync()
 
-    t = time.perf_counter()
-    run_round(1)
-    first = time.perf_counter() - T0
-    first_step_only = time.perf_counter() - t
-    run_round(args.warmup)
     device = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
-    _say(ready=args.worker, first_step_s=first, step1_s=first_step_only, gflops_per_img=gflops,
-         params=sum(p.numel() for p in model.parameters()), device=f"{dev}: {device}",
-         versions=f"torch {torch.__version__}, smp {smp.__version__}")
-    _serve_rounds(run_round, args.steps, args.batch)
+    _first_step_then_serve(run_round, args, gflops_per_img=gflops, params=sum(p.numel() for p in model.parameters()),
+                           device=f"{dev}: {device}", versions=f"torch {torch.__version__}, smp {smp.__version__}")
 
 
 def _env(variant: str) -> dict:

@@ -43,7 +43,6 @@ Usage (``--bn-micro`` times one BatchNormalization layer, Keras 3 against tf_ker
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -51,7 +50,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import interleaved_rounds, machine, reply
+from benchlib import interleaved_rounds, machine, reply, say, serve_rounds
 
 T0 = time.perf_counter()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,16 +134,14 @@ def worker(args) -> None:
     first = time.perf_counter() - T0
     for _ in range(args.warmup):
         model.train_on_batch(x, y)
-    print("@@" + json.dumps({"ready": variant, "first_step_s": first, "loss0": loss,
-                      "keras": keras.__version__, "params": int(model.count_params())}), flush=True)
-    for line in sys.stdin:
-        if line.strip() != "run":
-            break
-        t = time.perf_counter()
-        for _ in range(args.steps):
+    say(ready=args.worker, first_step_s=first, loss0=loss, keras=keras.__version__,
+        params=int(model.count_params()))
+
+    def run_round(steps: int) -> None:
+        for _ in range(steps):
             model.train_on_batch(x, y)
-        dt = time.perf_counter() - t
-        print("@@" + json.dumps({"img_s": args.steps * args.batch / dt}), flush=True)
+
+    serve_rounds(run_round, args.steps, args.batch)
 
 
 def _fit_worker(model, keras, x, y, args) -> None:
@@ -166,12 +163,10 @@ def _fit_worker(model, keras, x, y, args) -> None:
 
         def on_epoch_end(self, epoch, logs=None):
             if epoch == 0:
-                print("@@" + json.dumps({"ready": args.worker, "first_step_s": self.first,
-                                         "loss0": float(logs["loss"]), "keras": keras.__version__,
-                                         "params": int(self.model.count_params())}), flush=True)
+                say(ready=args.worker, first_step_s=self.first, loss0=float(logs["loss"]),
+                    keras=keras.__version__, params=int(self.model.count_params()))
             else:
-                dt = time.perf_counter() - self.started
-                print("@@" + json.dumps({"img_s": args.steps * args.batch / dt}), flush=True)
+                say(img_s=args.steps * args.batch / (time.perf_counter() - self.started))
 
     data = tf.data.Dataset.from_tensors((x, y)).repeat()
     model.fit(data, steps_per_epoch=args.steps, epochs=1 + args.rounds, verbose=0, callbacks=[Rounds()])
@@ -201,7 +196,7 @@ def _profile_worker(model, x, y, args) -> None:
                 name = plane.event_metadata[event.metadata_id].name  # "scope/op_name:OpType" for ops
                 if ":" in name and "/" in name:
                     by_type[name.rsplit(":", 1)[-1]] += event.duration_ps / 1e12 / args.steps
-    print("@@" + json.dumps({"ready": args.worker, "op_s": by_type}), flush=True)
+    say(ready=args.worker, op_s=by_type)
 
 
 def profile(args, variants, base: list[str]) -> None:

@@ -22,6 +22,25 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+def require_sm() -> None:
+    """Skip the test, with the reason, where segmentation_models (the dev extra) is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("segmentation_models") is None:
+        pytest.skip("segmentation_models is not installed (it is in the dev extra)")
+
+
+def sm_env(legacy_keras: bool = False) -> dict:
+    """Environment for a segmentation_models subprocess (``SM_FRAMEWORK=tf.keras``, CPU only): on
+    Keras 3, or on tf_keras (Keras 2) with ``legacy_keras``, whose ``save_weights`` writes the HDF5
+    format of sm's published weight files."""
+    env = {**os.environ, "SM_FRAMEWORK": "tf.keras", "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("TF_USE_LEGACY_KERAS", None)
+    if legacy_keras:
+        env["TF_USE_LEGACY_KERAS"] = "1"
+    return env
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """The ../shared/data folder (ISBI 2012, Kvasir-SEG, Carvana, CamVid, DSB2018)."""

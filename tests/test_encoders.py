@@ -6,10 +6,14 @@ the ImageNet download is made to fail so the offline message is checked without 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
 
+from tests.conftest import require_sm, sm_env
 from tfseg.errors import ModelError
 from tfseg.models.common import freeze_encoder, unfreeze_encoder
 from tfseg.models.encoders import ENCODERS, adapt_constants, build_encoder, encoder_names, get_encoder_spec
@@ -189,22 +193,13 @@ print("SM_DONE")
 
 def _sm_resnet(tmp_path, name: str, image: np.ndarray) -> tuple[str, list]:
     """sm's own ``name`` encoder: its weights saved as sm saves them (HDF5) and its feature maps on ``image``."""
-    import importlib.util
-    import os
-    import subprocess
-    import sys
-
-    if importlib.util.find_spec("segmentation_models") is None:
-        pytest.skip("segmentation_models is not installed (it is in the dev extra)")
+    require_sm()
     np.save(tmp_path / "image.npy", image)
-    # on tf_keras (Keras 2), whose save_weights writes the HDF5 format of sm's published weight files
-    env = {**os.environ, "SM_FRAMEWORK": "tf.keras", "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "3",
-           "CUDA_VISIBLE_DEVICES": ""}
     h5 = str(tmp_path / f"{name}_sm.h5")
     args = [name, str(image.shape[1]), str(tmp_path / "image.npy"), h5, str(tmp_path / "features.npz"),
             ",".join(SM_RESNET_FEATURES)]
-    proc = subprocess.run([sys.executable, "-c", _SM_RESNET_SCRIPT, *args], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-c", _SM_RESNET_SCRIPT, *args], env=sm_env(legacy_keras=True),
+                          capture_output=True, text=True, timeout=600)
     assert "SM_DONE" in proc.stdout, proc.stderr[-3000:]
     features = np.load(tmp_path / "features.npz")
     return h5, [features[f"arr_{i}"] for i in range(len(SM_RESNET_FEATURES))]

@@ -23,10 +23,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import shared_path
+from tests.conftest import require_sm, shared_path, sm_env
 from tfseg.config import ModelConfig
 from tfseg.errors import ModelError
 from tfseg.models import build_model
+from tfseg.models.common import all_layers
 from tfseg.models.fpn import FPN
 from tfseg.models.linknet import Linknet
 from tfseg.models.pspnet import PSPNet
@@ -119,10 +120,8 @@ _SM_SCRIPT = textwrap.dedent("""
 
 def start_sm(cases) -> subprocess.Popen:
     """Start segmentation_models on ``cases`` in a subprocess; :func:`sm_results` collects it."""
-    if importlib.util.find_spec("segmentation_models") is None:
-        pytest.skip("segmentation_models is not installed (it is in the dev extra)")
-    env = {**os.environ, "SM_FRAMEWORK": "tf.keras", "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("TF_USE_LEGACY_KERAS", None)
+    require_sm()
+    env = sm_env()
     payload = [[cid, arch, bb, kw] for cid, arch, bb, kw in cases]
     return subprocess.Popen(
         [sys.executable, "-c", _SM_SCRIPT, json.dumps(payload)],
@@ -445,7 +444,8 @@ def test_builds_and_predicts_on_the_jax_backend():
         pytest.skip("jax is not installed: the JAX backend cannot be checked here")
     script = textwrap.dedent("""
         import numpy as np
-        from tfseg.models.fpn import FPN
+        from tfseg.models.common import all_layers
+from tfseg.models.fpn import FPN
         from tfseg.models.linknet import Linknet
         from tfseg.models.pspnet import PSPNet
         x = np.zeros((1, 48, 48, 3), "float32")
@@ -491,14 +491,6 @@ _SM_WEIGHTS_SCRIPT = textwrap.dedent("""
 """)
 
 
-def all_layers(model: keras.Model):
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            yield from all_layers(layer)
-        else:
-            yield layer
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "arch,kwargs",
@@ -511,14 +503,12 @@ def all_layers(model: keras.Model):
 def test_same_predictions_as_segmentation_models_with_its_weights(arch, kwargs, tmp_path):
     """sm's weights, copied layer by layer (same names), give tfseg's twin the same logits on a real
     Kvasir image: tfseg normalizes inside, sm is fed ``sm.get_preprocessing(backbone)(image)``."""
-    if importlib.util.find_spec("segmentation_models") is None:
-        pytest.skip("segmentation_models is not installed (it is in the dev extra)")
+    require_sm()
     size = kwargs["input_shape"][0]
     path = sorted((shared_path("kvasir_seg") / "images").glob("*.jpg"))[0]
     image = np.asarray(Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR), "float32")[None]
     np.save(tmp_path / "image.npy", image)
-    env = {**os.environ, "SM_FRAMEWORK": "tf.keras", "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("TF_USE_LEGACY_KERAS", None)
+    env = sm_env()
     payload = [arch, "mobilenetv2", kwargs, str(tmp_path / "image.npy"), str(tmp_path / "sm.npz")]
     proc = subprocess.run(
         [sys.executable, "-c", _SM_WEIGHTS_SCRIPT, json.dumps(payload)],
@@ -533,7 +523,7 @@ def test_same_predictions_as_segmentation_models_with_its_weights(arch, kwargs, 
     model = TWINS[arch]("mobilenetv2", classes=2, activation="linear", encoder_weights=None, **kwargs)
     copied = 0
     for layer in all_layers(model):
-        if layer.weights:
+        if layer.weights and not isinstance(layer, keras.Model):  # the nested encoder's layers come next
             layer.set_weights([arrays[f"{layer.name}/{i}"] for i in range(len(layer.weights))])
             copied += 1
     sm_names = {key.split("/")[0] for key in arrays.files if key != "output"}

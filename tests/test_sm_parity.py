@@ -17,6 +17,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from tests.conftest import sm_env
 from tfseg.config import ModelConfig
 from tfseg.models import build_model
 
@@ -81,9 +82,7 @@ SM_SCRIPT = textwrap.dedent("""
 
 
 def _sm_counts(cases) -> dict:
-    env = {**os.environ, "SM_FRAMEWORK": "tf.keras", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    env.pop("TF_USE_LEGACY_KERAS", None)
-    proc = subprocess.run([sys.executable, "-c", SM_SCRIPT, json.dumps(cases)], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", SM_SCRIPT, json.dumps(cases)], env=sm_env(), capture_output=True,
                           text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))

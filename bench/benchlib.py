@@ -56,14 +56,15 @@ def reply(proc) -> dict | None:
     return None
 
 
-def interleaved_rounds(variants: list[str], command, env, rounds: int, cwd: str | None = None):
+def interleaved_rounds(variants: list[str], command, env, rounds: int, cwd: str | None = None, on_reply=None):
     """Start one worker process per variant, one after another, then run ``rounds`` interleaved rounds.
 
     ``command(v)`` and ``env(v)`` give a variant's argv and environment. A worker prints
     ``@@{"ready": ..., ...}`` once it has taken its first step (started one at a time, so that its
     time to the first step is measured on an otherwise idle machine), then answers each ``run`` line
     on its stdin with ``@@{"img_s": ...}``; the order of the variants rotates from round to round.
-    Returns ({variant: ready reply}, {variant: [img/s per round]}).
+    Returns ({variant: ready reply}, {variant: [img/s per round]}); ``on_reply(variant, reply)``, when
+    given, also sees each round's whole reply.
     """
     import subprocess
 
@@ -86,6 +87,8 @@ def interleaved_rounds(variants: list[str], command, env, rounds: int, cwd: str 
                 if answer is None:
                     raise SystemExit(f"variant {v} stopped in round {r + 1} (exit {procs[v].wait()})")
                 speeds[v].append(answer["img_s"])
+                if on_reply:
+                    on_reply(v, answer)
     finally:
         for p in procs.values():
             if p.stdin and not p.stdin.closed:

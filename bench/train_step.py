@@ -33,7 +33,9 @@ Variants:
                   each on both cores; the default lets independent ops share them).
 
 Usage (``--bn-micro`` times one BatchNormalization layer, Keras 3 against tf_keras fused/unfused;
-``--profile`` sums the op time of a training step by op type for each variant):
+``--profile`` sums the op time of a training step by op type for each variant; ``--kernels`` times
+every oneDNN kernel of a step (``ONEDNN_VERBOSE``, one op at a time) and gives the convolutions'
+achieved GFLOP/s against this machine's float32 matmul rate):
     python3 bench/train_step.py --bn-micro --size 256 --batch 8 --rounds 5
     python3 bench/train_step.py --profile --size 256 --batch 8 --steps 3 --variants sm,tfseg
     python3 bench/train_step.py --mode fit --size 256 --batch 8 --rounds 7 --steps 3 \
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -127,7 +130,7 @@ def worker(args) -> None:
     if args.profile:
         _profile_worker(model, x, y, args)
         return
-    if args.mode == "fit":
+    if args.mode == "fit" or args.kernels:
         _fit_worker(model, keras, x, y, args)
         return
     loss = float(np.asarray(model.train_on_batch(x, y)).ravel()[0])
@@ -145,8 +148,13 @@ def worker(args) -> None:
 
 
 def _fit_worker(model, keras, x, y, args) -> None:
-    """``--mode fit``: one fit call; epoch 0 warms up, each later epoch is a round run on request."""
+    """``--mode fit``: one fit call; epoch 0 warms up, each later epoch is a round run on request.
+
+    With ``--kernels`` (ONEDNN_VERBOSE set by the parent) each round's verbose lines go to a file and
+    the round's reply carries their :func:`kernel_table`; the ready reply, this machine's matmul rate."""
     import tensorflow as tf
+
+    capture = _VerboseCapture() if args.kernels else None
 
     class Rounds(keras.callbacks.Callback):
         first = None
@@ -159,17 +167,64 @@ def _fit_worker(model, keras, x, y, args) -> None:
         def on_epoch_begin(self, epoch, logs=None):
             if epoch:
                 sys.stdin.readline()  # the parent's "run"
+                if capture:
+                    capture.start()
             self.started = time.perf_counter()
 
         def on_epoch_end(self, epoch, logs=None):
+            seconds = time.perf_counter() - self.started
             if epoch == 0:
+                extra = {"matmul_gflops": _matmul_gflops()} if capture else {}
                 say(ready=args.worker, first_step_s=self.first, loss0=float(logs["loss"]),
-                    keras=keras.__version__, params=int(self.model.count_params()))
+                    keras=keras.__version__, params=int(self.model.count_params()), **extra)
             else:
-                say(img_s=args.steps * args.batch / (time.perf_counter() - self.started))
+                extra = {"kernels": kernel_table(capture.stop(), args.steps)} if capture else {}
+                say(img_s=args.steps * args.batch / seconds, **extra)
 
     data = tf.data.Dataset.from_tensors((x, y)).repeat()
     model.fit(data, steps_per_epoch=args.steps, epochs=1 + args.rounds, verbose=0, callbacks=[Rounds()])
+
+
+class _VerboseCapture:
+    """Sends what C code writes to stdout (oneDNN's verbose lines) to a file between start() and stop(),
+    and to /dev/null otherwise, while Python's ``print`` (the ``@@`` replies) keeps the real stdout."""
+
+    def __init__(self):
+        import ctypes
+        import tempfile
+
+        self._fflush = ctypes.CDLL(None).fflush
+        sys.stdout.flush()
+        sys.stdout = os.fdopen(os.dup(1), "w", buffering=1)
+        self._null = os.open(os.devnull, os.O_WRONLY)
+        self._path = Path(tempfile.mkstemp(prefix="onednn-", suffix=".log")[1])
+        os.dup2(self._null, 1)
+
+    def start(self) -> None:
+        self._fflush(None)
+        fd = os.open(self._path, os.O_WRONLY | os.O_TRUNC)
+        os.dup2(fd, 1)
+        os.close(fd)
+
+    def stop(self) -> list[str]:
+        self._fflush(None)
+        os.dup2(self._null, 1)
+        return self._path.read_text().splitlines()
+
+
+def _matmul_gflops() -> float:
+    """This machine's float32 rate: a 4096x4096 matmul, median of 5."""
+    import tensorflow as tf
+
+    a = tf.random.normal([4096, 4096])
+    matmul = tf.function(lambda a: tf.matmul(a, a))
+    matmul(a).numpy()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        matmul(a).numpy()
+        times.append(time.perf_counter() - t)
+    return 2 * 4096**3 / statistics.median(times) / 1e9
 
 
 def _profile_worker(model, x, y, args) -> None:
@@ -218,6 +273,87 @@ def profile(args, variants, base: list[str]) -> None:
         print(f"{k:<48}" + "".join(f"{tables[v].get(k, 0):>14.3f}" for v in variants))
     print(f"{'all convolution ops':<48}" + "".join(f"{conv[v]:>14.3f}" for v in variants))
     print(f"{'all ops':<48}" + "".join(f"{total[v]:>14.3f}" for v in variants))
+
+
+_CONV = re.compile(r"(?:g(\d+))?mb(\d+)_ic(\d+)oc(\d+)_(?:id\d+od\d+kd\d+\S*?_)?ih\d+oh(\d+)kh(\d+)"
+                   r"\S*?_iw\d+ow(\d+)kw(\d+)")
+
+
+def kernel_table(lines, steps: int) -> dict:
+    """Per-step milliseconds of the oneDNN kernels in ``ONEDNN_VERBOSE`` lines (``exec`` lines only),
+    by primitive kind; the convolutions also by pass and shape class (``kxk``, ``1x1``, ``dw``) with
+    their GFLOPs (2 x multiply-adds, from the problem descriptor). Returns {"kinds": {kind: ms},
+    "conv": {"pass, class": [ms, GFLOPs]}}, all per step."""
+    kinds: dict = {}
+    conv: dict = {}
+    for line in lines:
+        fields = line.rstrip("\n").split(",")
+        if len(fields) < 8 or not fields[0].endswith("_verbose") or "exec" not in fields[:4]:
+            continue
+        at = fields.index("exec")
+        kind, prop, desc = fields[at + 2], fields[at + 4], fields[-2]
+        try:
+            ms = float(fields[-1]) / steps
+        except ValueError:
+            continue
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+        if kind != "convolution":
+            continue
+        m = _CONV.search(desc)
+        if m is None:
+            raise ValueError(f"unparsed oneDNN convolution descriptor {desc!r}")
+        groups, mb, ic, oc, oh, kh, ow, kw = (int(v) if v else 1 for v in m.groups())
+        gflops = 2 * mb * oh * ow * (ic // groups) * oc * kh * kw / 1e9 / steps
+        shape = "dw" if groups > 1 else ("1x1" if kh == kw == 1 else "kxk")
+        row = conv.setdefault(f"{prop}, {shape}", [0.0, 0.0])
+        row[0] += ms
+        row[1] += gflops
+    return {"kinds": kinds, "conv": conv}
+
+
+def kernels(args, variants, base: list[str]) -> None:
+    """Every oneDNN kernel of a training step, each variant in its own process with one op at a time
+    (so that a kernel's time is its own, not shared with a concurrent op), in interleaved rounds (the
+    process that runs first on this machine is some 10 % faster); medians over the rounds."""
+    rounds: dict = {v: [] for v in variants}
+    ready, speeds = interleaved_rounds(
+        variants, lambda v: [*base, "--kernels", "--worker", v],
+        lambda v: {**_env(v), "ONEDNN_VERBOSE": "1", "TF_NUM_INTEROP_THREADS": "1"}, args.rounds, cwd=ROOT,
+        on_reply=lambda v, answer: rounds[v].append(answer["kernels"]))
+
+    tables, info = {}, {}
+    for v in variants:
+        conv_keys = {k for r in rounds[v] for k in r["conv"]}
+        kinds = {k for r in rounds[v] for k in r["kinds"]}
+        tables[v] = {
+            "conv": {k: tuple(statistics.median(r["conv"].get(k, (0.0, 0.0))[i] for r in rounds[v]) for i in (0, 1))
+                     for k in conv_keys},
+            "kinds": {k: statistics.median(r["kinds"].get(k, 0.0) for r in rounds[v]) for k in kinds}}
+        info[v] = {"matmul_gflops": ready[v]["matmul_gflops"], "step_s": args.batch / statistics.median(speeds[v])}
+    peak = max(i["matmul_gflops"] for i in info.values())
+    conv_total = {v: [t["kinds"].get("convolution", 0.0), sum(g for _, g in t["conv"].values())]
+                  for v, t in tables.items()}
+
+    def cells(rows) -> str:  # "ms  GFLOP/s" per variant from (ms, GFLOPs) pairs; no rate where no FLOPs
+        return "".join(f"{ms:>14.1f}" + (f"{gf / ms * 1e3:>9.0f}" if gf and ms else f"{'':>9}") for ms, gf in rows)
+
+    def row(label: str, rows, gflops: float = 0.0) -> None:
+        print(f"{label:<34}" + (f"{gflops:>8.1f}" if gflops else f"{'':>8}") + cells(rows))
+
+    keys = sorted({k for t in tables.values() for k in t["conv"]},
+                  key=lambda k: -max(t["conv"].get(k, [0])[0] for t in tables.values()))
+    print(f"\noneDNN kernels per training step (medians of {args.rounds} rounds of {args.steps} fit steps, one op "
+          f"at a time); float32 matmul 4096x4096 on this machine: {peak:.0f} GFLOP/s")
+    print(f"{'kernels':<34}{'GFLOP':>8}" + "".join(f"{v + ' ms':>14}{'GFLOP/s':>9}" for v in variants))
+    for k in keys:
+        rows = [t["conv"].get(k, (0.0, 0.0)) for t in tables.values()]
+        row(f"convolution {k}", rows, max(gf for _, gf in rows))
+    row("all convolutions", conv_total.values(), max(gf for _, gf in conv_total.values()))
+    for kind in sorted({k for t in tables.values() for k in t["kinds"]} - {"convolution"}):
+        row(kind, [(t["kinds"].get(kind, 0.0), 0) for t in tables.values()])
+    row("all oneDNN kernels", [(sum(t["kinds"].values()), 0) for t in tables.values()])
+    row("training step (wall, under verbose)", [(info[v]["step_s"] * 1e3, 0) for v in variants])
+    row("all convolutions at the matmul rate", [(gf / peak * 1e3, 0) for _, gf in conv_total.values()])
 
 
 def bn_micro(args) -> None:
@@ -310,6 +446,9 @@ def main() -> int:
     parser.add_argument("--bn-micro", action="store_true", help="time one BatchNormalization layer instead")
     parser.add_argument("--profile", action="store_true",
                         help="op time per step by op type for each variant (TensorFlow profiler), instead")
+    parser.add_argument("--kernels", action="store_true",
+                        help="every oneDNN kernel of a training step (ONEDNN_VERBOSE) by kind, the convolutions' "
+                             "GFLOP/s against this machine's matmul rate, for each variant, instead")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -327,6 +466,9 @@ def main() -> int:
             "--rounds", str(args.rounds)]
     if args.profile:
         profile(args, variants, base)
+        return 0
+    if args.kernels:
+        kernels(args, variants, base)
         return 0
     ready, speeds = interleaved_rounds(variants, lambda v: [*base, "--worker", v], _env, args.rounds, cwd=ROOT)
     for v in variants:

@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import benchlib  # noqa: E402
 import gpu_train  # noqa: E402
+import train_step  # noqa: E402
 
 # A worker of the interleaved-rounds protocol: "ready" once, then one reply per "run" line, the
 # reply numbering the calls so that the test can check the order of the rounds.
@@ -35,10 +36,13 @@ for line in sys.stdin:
 
 
 def test_interleaved_rounds_collects_each_variants_rounds(capsys):
+    seen = []
     ready, speeds = benchlib.interleaved_rounds(
-        ["a", "b"], lambda v: [sys.executable, "-c", WORKER, v], lambda v: None, rounds=3)
+        ["a", "b"], lambda v: [sys.executable, "-c", WORKER, v], lambda v: None, rounds=3,
+        on_reply=lambda v, answer: seen.append((v, answer["img_s"])))
     assert ready == {"a": {"ready": "a", "first_step_s": 0.5}, "b": {"ready": "b", "first_step_s": 0.5}}
     assert speeds == {"a": [1.0, 2.0, 3.0], "b": [11.0, 12.0, 13.0]}
+    assert seen == [("a", 1.0), ("b", 11.0), ("b", 12.0), ("a", 2.0), ("a", 3.0), ("b", 13.0)]  # order rotates
     assert "a: first step after 0.5 s" in capsys.readouterr().out
 
 
@@ -112,3 +116,51 @@ def test_gpu_benchmark_rejects_an_unknown_variant():
     assert proc.returncode == 2
     assert "unknown variant(s) smp-eagre: expected some of tfseg-jax, smp-eager, smp-compile" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# A convolution and a depthwise convolution, forward and both backward passes, under ONEDNN_VERBOSE.
+ONEDNN_RUN = """
+import tensorflow as tf
+x = tf.random.normal([2, 8, 8, 3])
+w = tf.random.normal([3, 3, 3, 4])
+dw = tf.random.normal([3, 3, 4, 1])
+
+@tf.function
+def step(x, w, dw):
+    with tf.GradientTape() as tape:
+        tape.watch([x, w, dw])
+        y = tf.nn.depthwise_conv2d(tf.nn.conv2d(x, w, 1, "SAME"), dw, [1, 2, 2, 1], "SAME")
+        loss = tf.reduce_sum(y * y)
+    return tape.gradient(loss, [x, w, dw])
+
+step(x, w, dw)
+print("@@timed", flush=True)
+step(x, w, dw)
+"""
+
+
+def test_kernel_table_counts_real_onednn_verbose_lines():
+    """bench/train_step.py --kernels parses the verbose lines TensorFlow's oneDNN prints for a real step."""
+    proc = subprocess.run([sys.executable, "-c", ONEDNN_RUN], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "ONEDNN_VERBOSE": "1", "TF_CPP_MIN_LOG_LEVEL": "3",
+                               "TF_NUM_INTEROP_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.split("@@timed", 1)[-1].splitlines()
+    if not any("exec" in line for line in lines):
+        pytest.skip("this TensorFlow build does not run convolutions through oneDNN")
+    table = train_step.kernel_table(lines, steps=1)
+    conv = 2 * 2 * 8 * 8 * 3 * 4 * 9 / 1e9  # 2 x MACs: batch 2, 8x8 out, 3 -> 4 channels, 3x3
+    depthwise = 2 * 2 * 4 * 4 * 4 * 9 / 1e9  # stride 2: 4x4 out, 4 channels, one 3x3 tap set each
+    assert set(table["conv"]) == {f"{p}, {s}" for p in ("forward_training", "backward_data", "backward_weights")
+                                  for s in ("kxk", "dw")}
+    for key, (ms, gflops) in table["conv"].items():
+        assert gflops == pytest.approx(conv if key.endswith("kxk") else depthwise), key
+        assert ms > 0
+    assert table["kinds"]["convolution"] == pytest.approx(sum(ms for ms, _ in table["conv"].values()))
+    assert train_step.kernel_table(lines, steps=2)["conv"]["backward_data, dw"][1] == pytest.approx(depthwise / 2)
+
+
+def test_kernel_table_names_a_descriptor_it_cannot_read():
+    line = "onednn_verbose,v1,primitive,exec,cpu,convolution,jit:avx512_core,forward_training,src:f32,,,ic3oc4_odd,1.5"
+    with pytest.raises(ValueError, match="unparsed oneDNN convolution descriptor 'ic3oc4_odd'"):
+        train_step.kernel_table([line], steps=1)

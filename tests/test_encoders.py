@@ -43,10 +43,17 @@ def test_table_lists_the_issue_encoders_and_real_constructors():
                                                         "vgg16", "vgg19", "densenet121", "densenet169",
                                                         "densenet201", "inceptionv3"}
     wanted |= {f"resnet{d}{v}" for d in (50, 101, 152) for v in ("", "v1", "v2")} | {"resnet18", "resnet34"}
+    wanted |= {"mobilenetv3small", "mobilenetv3large"} | {f"convnext{v}" for v in ("tiny", "small", "base", "large",
+                                                                                  "xlarge")}
     assert wanted <= names
     for name, spec in ENCODERS.items():
         assert callable(spec.resolve()), name
-        assert spec.strides[0] == 32 and set(spec.features) >= {2, 4, 8, 16}, name
+        assert spec.strides[0] == 32 and set(spec.features) >= {4, 8, 16}, name
+        assert 2 in spec.features or name.startswith("convnext"), name  # ConvNeXt's stem has stride 4
+    # every keras.applications image model is in the table, NASNet aside (docs/models.md says why)
+    used = {spec.constructor for _, spec in ENCODERS.items()}
+    models = {n for n in dir(keras.applications) if n[0].isupper() and callable(getattr(keras.applications, n))}
+    assert models - used == {"NASNetLarge", "NASNetMobile"}
 
 
 def test_unknown_backbone_names_the_nearest():
@@ -89,6 +96,36 @@ def test_weights_file_loads_and_gray_encoder_equals_rgb_on_gray_images(tmp_path)
     g = _images(2, 32, 1)
     for a, b in zip(gray(g), rgb(np.repeat(g, 3, axis=-1))):
         np.testing.assert_allclose(_np(a), _np(b), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,ctor", [("convnexttiny", "ConvNeXtTiny"), ("mobilenetv3small", "MobileNetV3Small")])
+def test_encoder_with_keras_own_preprocessing_equals_keras_model(tmp_path, name, ctor):
+    """ConvNeXt and MobileNetV3 normally normalize inside the keras model (include_preprocessing); tfseg
+    builds them without it and normalizes itself: loaded from a weights file, tfseg's encoder gives what
+    keras' own model with its preprocessing gives. MobileNetV3's constants are the same for R, G and B,
+    so its gray encoder gives exactly that on the gray image repeated to RGB too."""
+    keras.utils.set_random_seed(3)
+    source = getattr(keras.applications, ctor)(include_top=False, weights=None, input_shape=(None, None, 3),
+                                               include_preprocessing=False)
+    path = str(tmp_path / f"{ctor}.weights.h5")
+    source.save_weights(path)
+    reference = getattr(keras.applications, ctor)(include_top=False, weights=None, input_shape=(None, None, 3))
+    weighted = [[layer for layer in m.layers if layer.weights and not isinstance(layer, keras.layers.Normalization)]
+                for m in (source, reference)]  # in order: keras auto-names some layers differently per model
+    assert len(weighted[0]) == len(weighted[1])
+    for a, b in zip(*weighted):
+        b.set_weights(a.get_weights())
+
+    spec = get_encoder_spec(name)
+    x = _images(2, 64, 3)
+    features = [_np(f) for f in build_encoder(name, (64, 64, 3), weights=path, strides=spec.strides)(x)]
+    assert [f.shape[1] for f in features] == [64 // s for s in spec.strides]
+    np.testing.assert_allclose(features[0], _np(reference(x)), rtol=1e-4, atol=1e-4)
+    if name.startswith("mobilenet"):
+        g = _images(2, 64, 1)
+        gray = build_encoder(name, (64, 64, 1), weights=path, strides=(32,))(g)
+        gray = gray[0] if isinstance(gray, list) else gray
+        np.testing.assert_allclose(_np(gray), _np(reference(np.repeat(g, 3, axis=-1))), rtol=1e-4, atol=1e-4)
 
 
 def test_caffe_encoder_takes_rgb_and_equals_keras_on_its_preprocessed_bgr(tmp_path):
@@ -288,3 +325,29 @@ def test_sm_resnet_saves_and_loads_its_own_weights_file(tmp_path):
     out = encoder(x)
     out = out[0] if isinstance(out, list) else out
     np.testing.assert_allclose(_np(out), _np(source(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_without_stride_2_features_in_unet_linknet_and_fpn(tmp_path):
+    """ConvNeXt's stem has stride 4: U-Net and Linknet skip from strides 16, 8, 4 and still reach full
+    resolution; FPN says to use upsampling 4; the U-Net (ConvNeXt's LayerScale layers included) saves
+    and loads without custom_objects."""
+    from tfseg.config import ModelConfig
+    from tfseg.models import build_model
+
+    x = _images(1, 64, 3)
+    common = dict(backbone="convnexttiny", input_shape=(64, 64, 3), classes=2, activation="softmax",
+                  encoder_weights=None, decoder_filters=(16, 16, 8, 8, 8))
+    unet = build_model(ModelConfig(arch="unet", **common))
+    concat_inputs = [layer.input for layer in unet.layers if isinstance(layer, keras.layers.Concatenate)]
+    assert [[t.shape[1] for t in inputs] for inputs in concat_inputs] == [[4, 4], [8, 8], [16, 16]]  # 3 skips
+    before = _np(unet(x))
+    assert before.shape == (1, 64, 64, 2)
+    unet.save(tmp_path / "u.keras")
+    np.testing.assert_allclose(_np(keras.models.load_model(tmp_path / "u.keras")(x)), before, atol=1e-6)
+
+    assert build_model(ModelConfig(arch="linknet", **common)).output.shape == (None, 64, 64, 2)
+    with pytest.raises(ModelError, match="fpn: encoder convnexttiny has no stride-2 features for sm's upsampling: 2; "
+                                         "set model.options.upsampling: 4"):
+        build_model(ModelConfig(arch="fpn", **common))
+    fpn = build_model(ModelConfig(arch="fpn", **{**common, "options": {"upsampling": 4}}))
+    assert fpn.output.shape == (None, 64, 64, 2)

@@ -14,13 +14,18 @@ Preprocessing is stored as per-channel ``mean``/``std`` in 0..255 units (RGB ord
   [.229, .224, .225]``.
 - ``caffe`` (VGG, keras' ResNet v1): ``x - [123.68, 116.78, 103.94]``; these were trained on BGR input,
   so the first convolution's pretrained kernel is flipped to RGB order instead of flipping the image.
-- ``tf`` (MobileNet, ResNet v2, Inception, Xception): ``x / 127.5 - 1``.
+- ``tf`` (MobileNet v1/v2/v3, ResNet v2, Inception, Xception): ``x / 127.5 - 1``.
 - none (segmentation_models' ``resnet18`` ... ``resnet152``, :mod:`tfseg.models.sm_resnet`): the
   network's own input BatchNorm normalizes the 0..255 pixels.
 
 The constructors are keras.applications' models, except segmentation_models' ResNets (the names
 ``resnet18/34/50/101/152`` mean what they mean in ``sm.Unet``); keras.applications' ResNet v1 is
-``resnet50v1``, ``resnet101v1``, ``resnet152v1``.
+``resnet50v1``, ``resnet101v1``, ``resnet152v1``. Every keras.applications image model is here but
+NASNetMobile and NASNetLarge, whose cells interleave branches of different strides.
+
+ConvNeXt's stem is a 4x4 convolution of stride 4, so it has no stride-2 features: U-Net and Linknet
+then skip from strides 16, 8 and 4 (their last two blocks upsample without a skip, as
+segmentation_models_pytorch does for such encoders), and FPN needs ``upsampling: 4``.
 
 With C != 3 input channels the constants are adapted like the first convolution's kernel
 (:mod:`tfseg.models.weights`): C = 1 takes their mean, otherwise they repeat cyclically.
@@ -51,9 +56,11 @@ class EncoderSpec:
         constructor: attribute of ``keras.applications`` (e.g. ``EfficientNetB0``), or
             ``module:attribute`` for tfseg's own (``tfseg.models.sm_resnet:ResNet34``); called with
             keras.applications' arguments (``include_top``, ``weights``, ``input_tensor``/``input_shape``).
-        features: stride -> feature layer (name, or index into the keras.applications model's
-            layers as segmentation_models uses for Inception) for strides 2, 4, 8, 16 (and 1 for
-            VGG). Stride 32 is always the model's output.
+        features: stride -> feature layer for strides 2 (where the network has it), 4, 8, 16 (and 1
+            for VGG): a layer name (its output), ``"name/input"`` (that layer's input, for a tensor no
+            layer outputs, e.g. after ConvNeXt's residual sum, or one made by an auto-named layer),
+            or an index into the keras.applications model's layers as segmentation_models uses for
+            Inception. Stride 32 is always the model's output.
         norm: ((mean R, G, B), (std R, G, B)) in 0..255 units, applied inside the model; None when
             the network normalizes its own input.
         bgr: the pretrained weights expect BGR input (caffe style).
@@ -140,6 +147,18 @@ ENCODERS.register(
         TF,
     ),
 )
+# MobileNetV3 (keras' include_preprocessing off: tfseg normalizes): the expansion activation of the
+# first block of the next stride, as for MobileNetV2; those layers are auto-named (re_lu_2, ...), so
+# they are reached as the input of the strided depthwise convolution's padding.
+for _v, _blocks in (("Small", ("", "_1", "_3", "_8")), ("Large", ("_1", "_3", "_6", "_12"))):
+    _features = {s: f"expanded_conv{b}_depthwise_pad/input" for s, b in zip((2, 4, 8, 16), _blocks)}
+    ENCODERS.register(f"mobilenetv3{_v.lower()}",
+                      EncoderSpec(f"MobileNetV3{_v}", _features, TF, kwargs={"include_preprocessing": False}))
+# ConvNeXt: each stage's output (after its last residual sum) is the input of the next downsampling.
+for _v in ("tiny", "small", "base", "large", "xlarge"):
+    _features = {s: f"convnext_{_v}_downsampling_block_{i}/input" for i, s in enumerate((4, 8, 16))}
+    _ctor = "ConvNeXt" + ("XLarge" if _v == "xlarge" else _v.capitalize())
+    ENCODERS.register(f"convnext{_v}", EncoderSpec(_ctor, _features, TORCH, kwargs={"include_preprocessing": False}))
 ENCODERS.register(
     "vgg16",
     EncoderSpec(
@@ -221,6 +240,13 @@ def encoder_names() -> list[str]:
     return ENCODERS.names()
 
 
+def available_strides(name: str, wanted: Sequence[int]) -> tuple[int, ...]:
+    """The strides of ``wanted`` that encoder ``name`` has features at, in the same order (ConvNeXt has
+    no stride 2: the default U-Net and Linknet skips (16, 8, 4, 2) become (16, 8, 4))."""
+    have = get_encoder_spec(name).strides
+    return tuple(s for s in wanted if s in have)
+
+
 def get_encoder_spec(name: str) -> EncoderSpec:
     """Return the table row for ``name``; unknown names raise ModelError listing the valid ones."""
     return ENCODERS.get(name)
@@ -298,6 +324,8 @@ def build_encoder(
             feat = backbone.output
         elif isinstance(ref, int):
             feat = layers[ref].output
+        elif ref.endswith("/input"):
+            feat = backbone.get_layer(ref.removesuffix("/input")).input
         else:
             feat = backbone.get_layer(ref).output
         if not spec.exact:

@@ -34,7 +34,7 @@ from tfseg.models.common import (
     read_options,
     segmentation_head,
 )
-from tfseg.models.encoders import encoder_on_input
+from tfseg.models.encoders import available_strides, encoder_on_input
 
 ARCH = "fpn"
 DEFAULT_OPTIONS = {
@@ -142,6 +142,9 @@ def build_fpn(cfg: ModelConfig) -> keras.Model:
     use_bn = cfg.decoder_use_batchnorm if use_bn is None else use_bn
     dropout = cfg.dropout if opts["pyramid_dropout"] is None else opts["pyramid_dropout"]
     skip_strides = (16, 8, 4, 2) if opts["upsampling"] == 2 else (16, 8, 4)
+    if available_strides(cfg.backbone, skip_strides) != skip_strides:
+        raise ModelError(f"fpn: encoder {cfg.backbone} has no stride-2 features for sm's upsampling: 2; "
+                         "set model.options.upsampling: 4 (pyramid levels at strides 16, 8 and 4)")
 
     image, (top, *skips), _ = encoder_on_input(cfg.backbone, cfg.input_shape, cfg.encoder_weights,
                                                (32, *skip_strides), arch=ARCH, multiple=SIZE_MULTIPLE)

@@ -4,9 +4,9 @@ LinkNet (Chaurasia and Culurciello, 2017) adds, rather than concatenates, each e
 light decoder block: 1x1 conv to a quarter of the input channels, 2x upsampling (nearest, or a
 4x4 stride-2 transposed convolution with ``decoder_block_type: transpose``), 3x3 conv, 1x1 conv
 to the skip's channels, then the sum with the skip. sm's version (and this one) uses 4 skips, at
-strides 16, 8, 4 and 2, and one block per entry of ``decoder_filters``; a block with a skip takes
-the skip's channel count, so only the entries past the skips (the last one, 16 by default) are
-used -- sm's ``decoder_filters=(None, None, None, None, 16)`` and the config's default
+strides 16, 8, 4 and 2 (those the encoder has: ConvNeXt has no 2), and one block per entry of
+``decoder_filters``; a block with a skip takes the skip's channel count, so only the entries past
+the skips (the last one, 16 by default; the last two on ConvNeXt) are used -- sm's ``decoder_filters=(None, None, None, None, 16)`` and the config's default
 ``[256, 128, 64, 32, 16]`` give the same model. When the encoder ends with max pooling (VGG), two
 3x3 conv-BN-ReLU with 512 filters (``center_block1/2``) come first, as in sm.
 
@@ -30,7 +30,7 @@ from tfseg.models.common import (
     read_options,
     segmentation_head,
 )
-from tfseg.models.encoders import encoder_on_input
+from tfseg.models.encoders import available_strides, encoder_on_input
 
 ARCH = "linknet"
 DEFAULT_OPTIONS: dict = {}
@@ -125,7 +125,8 @@ def build_linknet(cfg: ModelConfig) -> keras.Model:
                          "(one per 2x upsampling, 5 = full resolution)")
 
     image, (top, *skips), encoder = encoder_on_input(cfg.backbone, cfg.input_shape, cfg.encoder_weights,
-                                                     (32, *SKIP_STRIDES), arch=ARCH, multiple=SIZE_MULTIPLE)
+                                                     (32, *available_strides(cfg.backbone, SKIP_STRIDES)),
+                                                     arch=ARCH, multiple=SIZE_MULTIPLE)
     x = linknet_decoder(top, skips, filters, use_batchnorm=cfg.decoder_use_batchnorm,
                         block_type=cfg.decoder_block_type, center=ends_with_pooling(encoder))
     output = segmentation_head(x, int(cfg.classes or 1), cfg.activation, kernel_size=3, name="final_conv")

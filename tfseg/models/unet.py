@@ -31,7 +31,7 @@ from tfseg.errors import ModelError
 from tfseg.models import ARCHS
 from tfseg.models.blocks import DECODER_BLOCKS, conv3x3_bn_relu
 from tfseg.models.common import freeze_encoder, segmentation_head
-from tfseg.models.encoders import encoder_on_input
+from tfseg.models.encoders import available_strides, encoder_on_input
 
 ARCH = "unet"
 SIZE_MULTIPLE = 32
@@ -64,8 +64,9 @@ def Unet(  # noqa: N802 - the segmentation_models name, so notebooks port by cha
         weights: path of weights for the whole model, loaded at the end.
         encoder_weights: None, ``imagenet`` or the path of a keras.applications weights file.
         encoder_freeze: freeze the encoder (its BatchNorm then runs in inference mode).
-        encoder_features: ``default`` (strides 16, 8, 4, 2) or the encoder strides to skip from,
-            deepest first, e.g. ``(16, 8, 4, 2, 1)`` for VGG's full-resolution block.
+        encoder_features: ``default`` (strides 16, 8, 4, 2, those the encoder has: ConvNeXt has no 2)
+            or the encoder strides to skip from, deepest first, e.g. ``(16, 8, 4, 2, 1)`` for VGG's
+            full-resolution block.
         decoder_block_type: ``upsampling`` (UpSampling2D + two convs) or ``transpose``
             (Conv2DTranspose + one conv).
         decoder_filters: filters of the decoder blocks, deepest first; one x2 block each.
@@ -83,7 +84,10 @@ def Unet(  # noqa: N802 - the segmentation_models name, so notebooks port by cha
                          f"{sorted(DECODER_BLOCKS)}")
     if not decoder_filters:
         raise ModelError("unet: decoder_filters must name at least one block, e.g. [256, 128, 64, 32, 16]")
-    skip_strides = SKIP_STRIDES if encoder_features == "default" else tuple(int(s) for s in encoder_features)
+    if encoder_features == "default":
+        skip_strides = available_strides(backbone_name, SKIP_STRIDES)
+    else:
+        skip_strides = tuple(int(s) for s in encoder_features)
     skip_strides = skip_strides[: len(decoder_filters)]
 
     image, (x, *skips), encoder = encoder_on_input(backbone_name, input_shape, encoder_weights,

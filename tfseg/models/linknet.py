@@ -6,8 +6,9 @@ light decoder block: 1x1 conv to a quarter of the input channels, 2x upsampling 
 to the skip's channels, then the sum with the skip. sm's version (and this one) uses 4 skips, at
 strides 16, 8, 4 and 2 (those the encoder has: ConvNeXt has no 2), and one block per entry of
 ``decoder_filters``; a block with a skip takes the skip's channel count, so only the entries past
-the skips (the last one, 16 by default; the last two on ConvNeXt) are used -- sm's ``decoder_filters=(None, None, None, None, 16)`` and the config's default
-``[256, 128, 64, 32, 16]`` give the same model. When the encoder ends with max pooling (VGG), two
+the skips (the last one, 16 by default; the last two on ConvNeXt) are used -- sm's
+``decoder_filters=(None, None, None, None, 16)`` and the config's default ``[256, 128, 64, 32, 16]``
+give the same model. When the encoder ends with max pooling (VGG), two
 3x3 conv-BN-ReLU with 512 filters (``center_block1/2``) come first, as in sm.
 
 Shared settings come from the config fields ``decoder_filters``, ``decoder_use_batchnorm`` and

@@ -444,13 +444,12 @@ def test_builds_and_predicts_on_the_jax_backend():
         pytest.skip("jax is not installed: the JAX backend cannot be checked here")
     script = textwrap.dedent("""
         import numpy as np
-        from tfseg.models.common import all_layers
-from tfseg.models.fpn import FPN
+        from tfseg.models.fpn import FPN
         from tfseg.models.linknet import Linknet
         from tfseg.models.pspnet import PSPNet
-        x = np.zeros((1, 48, 48, 3), "float32")
         for model in (FPN("mobilenetv2", input_shape=(64, 64, 3), encoder_weights=None, classes=2),
                       Linknet("mobilenetv2", input_shape=(64, 64, 3), encoder_weights=None),
+                      Linknet("mobilenetv3small", input_shape=(64, 64, 3), encoder_weights=None),
                       PSPNet("mobilenetv2", input_shape=(48, 48, 3), encoder_weights=None, classes=2)):
             size = model.input_shape[1]
             out = np.asarray(model.predict(np.zeros((1, size, size, 3), "float32"), verbose=0))

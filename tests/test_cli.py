@@ -80,3 +80,44 @@ def test_main_job_offline_stops_at_once_and_leaves_nothing(tmp_path, project_roo
     assert "offline" in last and "configs/isbi2012.yaml" in last
     assert "Traceback" not in res.stderr and "WARNING" not in res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no runs/, no tfrecords/, no tfds/
+
+
+def test_models_lists_every_architecture_and_encoder(capsys):
+    from tfseg.models import arch_names
+    from tfseg.models.encoders import encoder_names
+
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    listed = {line.split()[0] for line in out.splitlines() if line.startswith("  ")}
+    assert set(arch_names()) | set(encoder_names()) <= listed
+    assert "  convnexttiny         ConvNeXtTiny           32 16 8 4          torch" in out
+    assert "  inceptionv3          InceptionV3            32 16 8 4 2        tf: x/127.5-1; valid padding" in out
+
+
+def test_models_describes_the_configured_model(capsys):
+    import keras
+
+    from tfseg.models.unet import Unet
+
+    assert main(["models", "--set", "model.arch=unet", "--set", "model.backbone=mobilenetv2", "--set",
+                 "data.image_size=[64,64]", "--set", "data.classes=3", "--set", "model.encoder_freeze=true"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    twin = Unet("mobilenetv2", input_shape=(64, 64, 3), classes=3, encoder_weights=None, encoder_freeze=True)
+    trainable = sum(int(keras.ops.size(w)) for w in twin.trainable_weights)
+    assert out[:5] == [
+        "model.arch unet, backbone mobilenetv2",
+        "input  [B, 64, 64, 3]  float32, 0..255 (the model normalizes)",
+        "output [B, 64, 64, 3]  float32, softmax",
+        f"parameters {twin.count_params():,} ({trainable:,} trainable)",
+        f"encoder    {twin.get_layer('encoder').count_params():,} of them (frozen)"]
+    assert "not loaded here" in out[5]  # params.yaml's encoder_weights: imagenet is not downloaded
+
+
+def test_models_with_an_impossible_size_exits_2_one_line(project_root):
+    res = subprocess.run([sys.executable, "-m", "tfseg", "models", "--set", "model.arch=pix2pix_unet", "--set",
+                          "data.image_size=[100,100]"], capture_output=True, text=True, cwd=project_root,
+                         timeout=300)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        "tfseg models: error: pix2pix_unet: input height 100 is not divisible by 32; the nearest sizes that work "
+        "are 96 and 128"]

@@ -7,6 +7,7 @@ Commands:
     evaluate   per-image Dice/IoU of a run on a split or a folder, and a threshold sweep
     predict    tiled prediction with TTA and fold ensembles -> mask PNGs or a submission CSV
     export     a serving model (SavedModel, TFLite, ONNX) that takes uint8 images
+    models     the architectures and encoders, or the configured model's shapes and parameters
 
 This is the one module that imports everything, lazily: each command's implementation is
 imported only when that command runs, so ``tfseg --help`` answers at once.
@@ -33,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("tfseg.evaluate:cli_evaluate", "per-image Dice/IoU of a run, and a threshold sweep"),
     "predict": ("tfseg.inference:cli_predict", "tiled prediction with TTA and fold ensembles"),
     "export": ("tfseg.export:cli_export", "export a run's model for serving (savedmodel, tflite, onnx)"),
+    "models": ("tfseg.models.catalog:cli_models", "list architectures and encoders, or describe the configured model"),
 }
 
 
@@ -87,6 +89,14 @@ def _args_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, metavar="PATH")
 
 
+def _args_models(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p, default=None)
+    p.add_argument("--summary", action="store_true", help="also print Keras' layer table of the configured model")
+    p.epilog = ("Without --config, --set or --summary: the architectures and encoders. With them: build the "
+                "configured model (params.yaml's defaults where no --config is given) without pretrained "
+                "weights and report its shapes and parameter counts.")
+
+
 ARGUMENTS = {
     "tfrecords": _args_tfrecords,
     "verify": _args_verify,
@@ -94,6 +104,7 @@ ARGUMENTS = {
     "evaluate": _args_evaluate,
     "predict": _args_predict,
     "export": _args_export,
+    "models": _args_models,
 }
 
 

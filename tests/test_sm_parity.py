@@ -135,6 +135,10 @@ BRIDGE_SCRIPT = textwrap.dedent("""
     bn = [layer.momentum for layer in all_layers(m) if "BatchNormalization" in type(layer).__name__]
     print("RESULT", m.layers[-1].name, y.dtype, y.shape, round(float(y.sum(-1).mean()), 4), len(bn) > 10,
           set(bn))
+    # classification_models' networks normalize their own input: no tfseg preprocess layer in front
+    r = build_model(ModelConfig(arch="sm.Unet", backbone="resnet18", input_shape=(64, 64, 3), classes=1,
+                                encoder_weights=None))
+    print("RESNET", [layer.name for layer in r.layers if layer.name == "preprocess"], tuple(r.output.shape))
 """)
 
 
@@ -148,3 +152,4 @@ def test_sm_bridge_builds_sm_unet_in_tfseg_contract():
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
     assert line.split()[1:] == ["output", "float32", "(1,", "64,", "64,", "2)", "1.0", "True", "{0.9}"]
+    assert "RESNET [] (None, 64, 64, 1)" in proc.stdout.splitlines()

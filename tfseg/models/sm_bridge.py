@@ -10,8 +10,8 @@ The sm model is wrapped so that it follows tfseg's model contract: it takes floa
 and normalizes them inside with the table's constants for that encoder name (segmentation_models'
 own models expect ``sm.get_preprocessing(name)`` outside; caffe-style encoders such as VGG get
 the per-channel mean subtracted but no RGB->BGR flip), and its output passes through a float32
-layer named ``output``. Backbones that tfseg's table lacks (resnet18/34, seresnet*, resnext*) get
-no normalization: classification_models' ResNets normalize inside (their ``bn_data`` layer).
+layer named ``output``. classification_models' networks (resnet*, resnext*, seresnet*, senet154) get
+no normalization: they normalize inside (their input BatchNorm, ``bn_data``, or their own first layers).
 """
 
 from __future__ import annotations
@@ -82,8 +82,9 @@ def build_sm_model(cfg: ModelConfig) -> keras.Model:
 
     image = keras.Input(shape, name="image")
     x = image
-    if cfg.backbone in ENCODERS:
-        mean, std = ENCODERS.get(cfg.backbone).norm
+    norm = ENCODERS.get(cfg.backbone).norm if cfg.backbone in ENCODERS else None
+    if norm is not None:
+        mean, std = norm
         channels = shape[-1]
         x = keras.layers.Normalization(mean=adapt_constants(mean, channels),
                                        variance=[s * s for s in adapt_constants(std, channels)],

@@ -200,6 +200,11 @@ def test_every_encoder_gives_features_at_its_strides(name):
 # ---------------------------------------------------------------------------------------------
 
 SM_RESNET_FEATURES = ("relu1", "stage4_unit1_relu1", "stage3_unit1_relu1", "stage2_unit1_relu1", "relu0")
+
+
+def _sm_features(name: str) -> tuple[str, ...]:
+    """sm's layers at strides 32 (the network's output), 16, 8, 4, 2 for its ResNet or ResNeXt ``name``."""
+    return ("stage4_unit3_relu", *SM_RESNET_FEATURES[1:]) if name.startswith("resnext") else SM_RESNET_FEATURES
 _SM_RESNET_SCRIPT = """
 import os, sys
 import numpy as np
@@ -234,19 +239,20 @@ def _sm_resnet(tmp_path, name: str, image: np.ndarray) -> tuple[str, list]:
     np.save(tmp_path / "image.npy", image)
     h5 = str(tmp_path / f"{name}_sm.h5")
     args = [name, str(image.shape[1]), str(tmp_path / "image.npy"), h5, str(tmp_path / "features.npz"),
-            ",".join(SM_RESNET_FEATURES)]
+            ",".join(_sm_features(name))]
     proc = subprocess.run([sys.executable, "-c", _SM_RESNET_SCRIPT, *args], env=sm_env(legacy_keras=True),
                           capture_output=True, text=True, timeout=600)
     assert "SM_DONE" in proc.stdout, proc.stderr[-3000:]
     features = np.load(tmp_path / "features.npz")
-    return h5, [features[f"arr_{i}"] for i in range(len(SM_RESNET_FEATURES))]
+    return h5, [features[f"arr_{i}"] for i in range(len(_sm_features(name)))]
 
 
-@pytest.mark.parametrize("name", ["resnet18", pytest.param("resnet50", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["resnet18", "resnext50", pytest.param("resnet50", marks=pytest.mark.slow)])
 def test_sm_resnet_loads_sms_weights_file_and_gives_its_features(tmp_path, name, monkeypatch):
-    """tfseg's resnet18/50 is classification_models' network: sm's own weights file loads into it by
-    layer name and every feature map sm's U-Net skips from is sm's, on a real Kvasir image; with 1
-    input channel the gray image gives the RGB features of the same gray image. ``imagenet``
+    """tfseg's resnet18/50 and resnext50 are classification_models' networks: sm's own weights file
+    loads into them (by layer name; ResNeXt's 32 generated-name kernels per grouped convolution in
+    their numbered order) and every feature map sm's U-Net skips from is sm's, on a real Kvasir image;
+    with 1 input channel the gray image gives the RGB features of the same gray image. ``imagenet``
     downloads the file from its URL (here a file:// URL), checks its md5 and loads it the same way."""
     import hashlib
 
@@ -270,14 +276,15 @@ def test_sm_resnet_loads_sms_weights_file_and_gives_its_features(tmp_path, name,
     for a, b in zip(gray(g), rgb(np.repeat(g, 3, axis=-1))):
         np.testing.assert_allclose(_np(a), _np(b), rtol=1e-4, atol=1e-4 * np.abs(_np(b)).max())
 
-    depth = int(name[len("resnet"):])
+    table = sm_resnet.IMAGENET_RESNEXT if name.startswith("resnext") else sm_resnet.IMAGENET
+    depth = int(name.removeprefix("resnext").removeprefix("resnet"))
     served = tmp_path / "release"
     served.mkdir()
-    file_name = sm_resnet.IMAGENET[depth][0]
+    file_name = table[depth][0]
     (served / file_name).write_bytes(open(h5, "rb").read())
     md5 = hashlib.md5((served / file_name).read_bytes()).hexdigest()
     monkeypatch.setattr(sm_resnet, "WEIGHTS_URL", served.as_uri() + "/")
-    monkeypatch.setitem(sm_resnet.IMAGENET, depth, (file_name, md5))
+    monkeypatch.setitem(table, depth, (file_name, md5))
     get_file = keras.utils.get_file  # into this test's directory, not ~/.keras
     (tmp_path / "cache").mkdir()
     monkeypatch.setattr(keras.utils, "get_file", lambda *a, **k: get_file(*a, **k, cache_dir=str(tmp_path / "cache")))
@@ -304,6 +311,21 @@ def test_sm_resnet_weights_errors(tmp_path, monkeypatch):
         build_encoder("resnet34", (64, 64, 3), weights=wrong)
     with pytest.raises(ModelError, match=r"depth=20; expected one of \[18, 34, 50, 101, 152\]"):
         sm_resnet.SMResNet(20)
+
+    # a ResNeXt file whose named layers are all there but whose 32-way grouped kernels are not
+    model = sm_resnet.ResNeXt50(input_shape=(64, 64, 3))
+    no_groups = str(tmp_path / "resnext50_no_groups.h5")
+    with h5py.File(no_groups, "w") as f:
+        kept = [layer for layer in model.layers if layer.weights and getattr(layer, "groups", 1) == 1]
+        f.attrs["layer_names"] = [layer.name.encode() for layer in kept]
+        for layer in kept:
+            g = f.create_group(layer.name)
+            g.attrs["weight_names"] = [f"{layer.name}/w{i}".encode() for i in range(len(layer.weights))]
+            for i, w in enumerate(layer.get_weights()):
+                g.create_dataset(f"{layer.name}/w{i}", data=w)
+    with pytest.raises(ModelError, match=r"has 0 generated-name conv2d kernels, resnext50's grouped convolutions take "
+                                         r"512; expected sm's resnext50_imagenet_1000_no_top.h5"):
+        build_encoder("resnext50", (64, 64, 3), weights=no_groups)
 
     def offline(*args, **kwargs):
         raise Exception("URL fetch failure on https://github.com/qubvel/...: None -- [Errno -3]")

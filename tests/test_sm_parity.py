@@ -111,10 +111,10 @@ def test_sm_twins_same_trainable_params_and_shape(sm_arch):
 
 
 @pytest.mark.slow
-def test_sm_unet_resnet18_and_resnet34_same_trainable_params_and_shape():
-    """segmentation_models' most used Kaggle backbones (classification_models' ResNets, not in
-    keras.applications): tfseg builds the same network (tfseg.models.sm_resnet)."""
-    _compare("Unet", ["resnet18", "resnet34"])
+def test_sm_unet_resnet18_resnet34_resnext50_same_trainable_params_and_shape():
+    """segmentation_models' most used Kaggle backbones (classification_models' ResNets and ResNeXts,
+    not in keras.applications): tfseg builds the same network (tfseg.models.sm_resnet)."""
+    _compare("Unet", ["resnet18", "resnet34", "resnext50"])
 
 
 def test_sm_bridge_rejects_unknown_sm_arch_without_importing_sm():

@@ -1,4 +1,4 @@
-"""segmentation_models' ResNets in Keras 3: ``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``, ``resnet152``.
+"""segmentation_models' ResNets and ResNeXts in Keras 3: ``resnet18`` ... ``resnet152``, ``resnext50``, ``resnext101``.
 
 ``sm.Unet("resnet34")`` does not take its encoder from keras.applications (which has no ResNet18 or
 ResNet34, and whose ResNet50 is another network) but from classification_models 1.0: a
@@ -17,6 +17,15 @@ tfseg builds the same graph under the same layer names, so that
   by layer name) load into it, and ``sm.Unet("resnet34", encoder_weights="imagenet")`` ports
   with the same weights;
 - ``tfseg.models.unet.Unet("resnet34", ...)`` has sm's parameter count exactly.
+
+ResNeXt50 and ResNeXt101 (``sm.Unet("resnext50")``) come from the same library and share the stem
+and the names, but their units are post-activation bottlenecks: 1x1 convolution -> BN -> ReLU, a
+3x3 convolution in 32 groups -> BN -> ReLU, 1x1 convolution to twice the width -> BN, the sum with
+the (projected, ``sc`` + ``sc_bn``) shortcut and a ReLU (``stage{s}_unit{u}_relu``); widths 128,
+256, 512, 1024; no final BatchNorm. classification_models builds each grouped convolution from 32
+sliced ``Conv2D`` layers with generated names (``conv2d_17`` ...); tfseg uses one ``Conv2D(groups=32)``
+named ``stage{s}_unit{u}_conv2`` and, reading sm's file, joins the 32 kernels of each unit in the
+order the generated names number them.
 
 The functions take keras.applications' arguments, so the encoder table (:mod:`tfseg.models.encoders`)
 builds them like any keras.applications model.
@@ -42,15 +51,32 @@ IMAGENET = {
     101: ("resnet101_imagenet_1000_no_top.h5", "1016e7663980d5597a4e224d915c342d"),
     152: ("resnet152_imagenet_1000_no_top.h5", "5867b94098df4640918941115db93734"),
 }
+RESNEXT_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+RESNEXT_GROUPS = 32
+IMAGENET_RESNEXT = {
+    50: ("resnext50_imagenet_1000_no_top.h5", "7ade5c8aac9194af79b1724229bdaa50"),
+    101: ("resnext101_imagenet_1000_no_top.h5", "91fe0126320e49f6ee607a0719828c7e"),
+}
 
 
 def _bn(name: str, scale: bool = True):
     return keras.layers.BatchNormalization(momentum=0.99, epsilon=2e-5, scale=scale, name=name)
 
 
-def _conv(filters: int, size: int, strides: int, name: str):
-    return keras.layers.Conv2D(filters, size, strides=strides, use_bias=False, kernel_initializer="he_uniform",
-                               name=name)
+def _conv(filters: int, size: int, strides: int, name: str, init: str = "he_uniform"):
+    return keras.layers.Conv2D(filters, size, strides=strides, use_bias=False, kernel_initializer=init, name=name)
+
+
+def _stem(input_tensor, input_shape, init: str):
+    """classification_models' stem: input BN without scale, 7x7/2 convolution, BN, ReLU, 3x3/2 max pool.
+    Returns (the model's input tensor, the stem's output)."""
+    image = input_tensor if input_tensor is not None else keras.Input(input_shape or (None, None, 3), name="data")
+    x = _bn("bn_data", scale=False)(image)
+    x = keras.layers.ZeroPadding2D(3, name="pad0")(x)
+    x = _conv(64, 7, 2, "conv0", init)(x)
+    x = _relu("relu0")(_bn("bn0")(x))
+    x = keras.layers.ZeroPadding2D(1, name="pooling0_pad")(x)
+    return image, keras.layers.MaxPooling2D(3, strides=2, name="pooling0")(x)
 
 
 def _relu(name: str):
@@ -106,14 +132,8 @@ def SMResNet(  # noqa: N802 - a model constructor, named as keras.applications' 
         raise ModelError(f"SMResNet: depth={depth!r}; expected one of {sorted(DEPTHS)}")
     if include_top:
         raise ModelError("SMResNet: include_top=True is not supported; tfseg uses ResNets as encoders")
-    image = input_tensor if input_tensor is not None else keras.Input(input_shape or (None, None, 3), name="data")
     units, bottleneck = DEPTHS[depth]
-    x = _bn("bn_data", scale=False)(image)
-    x = keras.layers.ZeroPadding2D(3, name="pad0")(x)
-    x = _conv(64, 7, 2, "conv0")(x)
-    x = _relu("relu0")(_bn("bn0")(x))
-    x = keras.layers.ZeroPadding2D(1, name="pooling0_pad")(x)
-    x = keras.layers.MaxPooling2D(3, strides=2, name="pooling0")(x)
+    image, x = _stem(input_tensor, input_shape, "he_uniform")
     for stage, count in enumerate(units):
         for unit in range(count):
             strides = 2 if unit == 0 and stage > 0 else 1
@@ -122,42 +142,130 @@ def SMResNet(  # noqa: N802 - a model constructor, named as keras.applications' 
     inputs = keras.utils.get_source_inputs(image) if input_tensor is not None else image
     model = keras.Model(inputs, x, name=f"resnet{depth}")
     if weights is not None:
-        load_weights(model, depth, weights)
+        load_weights(model, f"resnet{depth}", weights)
     return model
 
 
-def load_weights(model: keras.Model, depth: int, weights: str) -> None:
-    """Load ``imagenet`` (sm's file for ``depth``, downloaded) or a weights file into ``model``."""
+def _resnext_unit(x, filters: int, stage: int, unit: int, strides: int, project: bool):
+    """One ResNeXt bottleneck (``stage{stage}_unit{unit}_*``), post-activation, 32-group 3x3."""
+    p = f"stage{stage}_unit{unit}_"
+    y = _conv(filters, 1, 1, p + "conv1", "glorot_uniform")(x)
+    y = _relu(p + "relu1")(_bn(p + "bn1")(y))
+    y = keras.layers.ZeroPadding2D(1, name=p + "pad2")(y)
+    y = keras.layers.Conv2D(filters, 3, strides=strides, groups=RESNEXT_GROUPS, use_bias=False,
+                            kernel_initializer="glorot_uniform", name=p + "conv2")(y)
+    y = _relu(p + "relu2")(_bn(p + "bn2")(y))
+    y = _bn(p + "bn3")(_conv(filters * 2, 1, 1, p + "conv3", "glorot_uniform")(y))
+    shortcut = _bn(p + "sc_bn")(_conv(filters * 2, 1, strides, p + "sc", "glorot_uniform")(x)) if project else x
+    return _relu(p + "relu")(keras.layers.Add(name=p + "add")([y, shortcut]))
+
+
+def SMResNeXt(  # noqa: N802 - a model constructor, named as keras.applications' are
+    depth: int,
+    include_top: bool = False,
+    weights: str | None = None,
+    input_tensor=None,
+    input_shape=None,
+) -> keras.Model:
+    """classification_models' ResNeXt-``depth`` (32x4d) without its classifier, on 0..255 input.
+
+    Args and errors as :func:`SMResNet` (depth 50 or 101; sm's files ``resnext{depth}_imagenet_1000_no_top.h5``).
+
+    Returns:
+        ``keras.Model`` named ``resnext{depth}``: [B, H, W, C] -> [B, H/32, W/32, 2048].
+    """
+    if depth not in RESNEXT_DEPTHS:
+        raise ModelError(f"SMResNeXt: depth={depth!r}; expected one of {sorted(RESNEXT_DEPTHS)}")
+    if include_top:
+        raise ModelError("SMResNeXt: include_top=True is not supported; tfseg uses ResNeXts as encoders")
+    image, x = _stem(input_tensor, input_shape, "glorot_uniform")
+    for stage, count in enumerate(RESNEXT_DEPTHS[depth]):
+        for unit in range(count):
+            strides = 2 if unit == 0 and stage > 0 else 1
+            x = _resnext_unit(x, 128 * 2**stage, stage + 1, unit + 1, strides, project=unit == 0)
+    inputs = keras.utils.get_source_inputs(image) if input_tensor is not None else image
+    model = keras.Model(inputs, x, name=f"resnext{depth}")
+    if weights is not None:
+        load_weights(model, f"resnext{depth}", weights)
+    return model
+
+
+def _weights_path(model_name: str, weights: str) -> str:
+    """The file for ``weights``: sm's ImageNet file for ``model_name`` (downloaded once, md5 checked), or the path."""
+    files = {f"resnet{d}": v for d, v in IMAGENET.items()} | {f"resnext{d}": v for d, v in IMAGENET_RESNEXT.items()}
     if weights == "imagenet":
-        name, md5 = IMAGENET[depth]
-        path = keras.utils.get_file(name, WEIGHTS_URL + name, cache_subdir="models", file_hash=md5)
-    elif not os.path.isfile(weights):
+        name, md5 = files[model_name]
+        return keras.utils.get_file(name, WEIGHTS_URL + name, cache_subdir="models", file_hash=md5)
+    if not os.path.isfile(weights):
         raise ModelError(f"encoder_weights={weights!r}: no such file; expected null, 'imagenet' or the path of "
-                         f"an sm resnet{depth} weights file (.h5, e.g. {IMAGENET[depth][0]})")
-    else:
-        path = weights
-    if path.endswith(".weights.h5"):
-        model.load_weights(path)
-        return
+                         f"an sm {model_name} weights file (.h5, e.g. {files[model_name][0]})")
+    return weights
+
+
+def _h5_layers(path: str) -> dict[str, list]:
+    """Layer name -> its weight arrays, in file order, from a Keras HDF5 weights or model file."""
     import h5py
+
+    def text(v):
+        return v.decode() if isinstance(v, bytes) else str(v)
 
     with h5py.File(path, "r") as f:
         group = f["model_weights"] if "model_weights" in f else f
-        names = {n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs.get("layer_names", [])}
-    missing = [layer.name for layer in model.layers if layer.weights and layer.name not in names]
+        layers = {}
+        for name in map(text, group.attrs.get("layer_names", [])):
+            g = group.get(name)
+            layers[name] = [g[text(w)][()] for w in g.attrs.get("weight_names", [])] if g is not None else []
+        return layers
+
+
+def load_weights(model: keras.Model, model_name, weights: str) -> None:
+    """Load ``imagenet`` (sm's file for ``model_name``, downloaded) or a weights file into ``model``.
+
+    ``model_name`` is ``resnet{depth}`` or ``resnext{depth}`` (a bare depth means a ResNet). sm's HDF5
+    files are matched by layer name; a ResNeXt's grouped convolutions take the file's generated-name
+    ``conv2d*`` kernels 32 at a time, in the order of their numbers. A ``.weights.h5`` file saved
+    from tfseg's model loads as Keras loads it.
+    """
+    import re
+
+    import numpy as np
+
+    model_name = f"resnet{model_name}" if isinstance(model_name, int) else model_name
+    path = _weights_path(model_name, weights)
+    if path.endswith(".weights.h5"):
+        model.load_weights(path)
+        return
+    stored = _h5_layers(path)
+    grouped = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D) and layer.groups > 1]
+    generated = sorted((int(m.group(1) or 0), name) for name in stored
+                       if (m := re.fullmatch(r"conv2d(?:_(\d+))?", name)) and stored[name])
+    expected = sum(layer.groups for layer in grouped)
+    missing = [layer.name for layer in model.layers if layer.weights and layer not in grouped
+               and not stored.get(layer.name)]
+    file_name = f"{model_name}_imagenet_1000_no_top.h5"
     if missing:
-        raise ModelError(f"encoder_weights={weights!r}: {path} has no weights for layer {missing[0]!r} of "
-                         f"resnet{depth} ({len(missing)} layers missing); expected sm's {IMAGENET[depth][0]}")
-    model.load_weights(path, by_name=True)
+        raise ModelError(f"encoder_weights={weights!r}: {path} has no weights for layer {missing[0]!r} of {model_name} "
+                         f"({len(missing)} layers missing); expected sm's {file_name}")
+    if len(generated) != expected:
+        raise ModelError(f"encoder_weights={weights!r}: {path} has {len(generated)} generated-name conv2d kernels, "
+                         f"{model_name}'s grouped convolutions take {expected}; expected sm's {file_name}")
+    for layer in model.layers:
+        if layer.weights and layer not in grouped:
+            layer.set_weights(stored[layer.name])
+    for i, layer in enumerate(grouped):
+        names = [name for _, name in generated[i * layer.groups:(i + 1) * layer.groups]]
+        layer.set_weights([np.concatenate([stored[n][0] for n in names], axis=-1)])
 
 
-def _variant(depth: int):
+def _variant(family, depth: int):
     def build(include_top=False, weights=None, input_tensor=None, input_shape=None):
-        return SMResNet(depth, include_top, weights, input_tensor, input_shape)
+        return family(depth, include_top, weights, input_tensor, input_shape)
 
-    build.__name__ = build.__qualname__ = f"ResNet{depth}"
-    build.__doc__ = f"segmentation_models' ResNet{depth} (:func:`SMResNet` with depth={depth})."
+    name = ("ResNeXt" if family is SMResNeXt else "ResNet") + str(depth)
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = f"segmentation_models' {name} (:func:`{family.__name__}` with depth={depth})."
     return build
 
 
-ResNet18, ResNet34, ResNet50, ResNet101, ResNet152 = (_variant(d) for d in DEPTHS)
+ResNet18, ResNet34, ResNet50, ResNet101, ResNet152 = (_variant(SMResNet, d) for d in DEPTHS)
+ResNeXt50, ResNeXt101 = (_variant(SMResNeXt, d) for d in RESNEXT_DEPTHS)

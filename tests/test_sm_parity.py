@@ -111,10 +111,11 @@ def test_sm_twins_same_trainable_params_and_shape(sm_arch):
 
 
 @pytest.mark.slow
-def test_sm_unet_resnet18_resnet34_resnext50_same_trainable_params_and_shape():
-    """segmentation_models' most used Kaggle backbones (classification_models' ResNets and ResNeXts,
-    not in keras.applications): tfseg builds the same network (tfseg.models.sm_resnet)."""
-    _compare("Unet", ["resnet18", "resnet34", "resnext50"])
+def test_sm_unet_classification_models_backbones_same_trainable_params_and_shape():
+    """segmentation_models' most used Kaggle backbones (classification_models' ResNets, ResNeXts and SE
+    networks, not in keras.applications): tfseg builds the same networks (tfseg.models.sm_resnet,
+    tfseg.models.sm_senet)."""
+    _compare("Unet", ["resnet18", "resnet34", "resnext50", "seresnet50", "seresnext50"])
 
 
 def test_sm_bridge_rejects_unknown_sm_arch_without_importing_sm():

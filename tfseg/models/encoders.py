@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import keras
 
 from tfseg.errors import ModelError
+from tfseg.models.sm_senet import features as senet_features
 from tfseg.registry import Registry
 
 TORCH = ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))
@@ -184,6 +185,10 @@ for _depth in (18, 34, 50, 101, 152):
     ENCODERS.register(f"resnet{_depth}", EncoderSpec(f"tfseg.models.sm_resnet:ResNet{_depth}", _SM_RESNET, None))
 for _depth in (50, 101):
     ENCODERS.register(f"resnext{_depth}", EncoderSpec(f"tfseg.models.sm_resnet:ResNeXt{_depth}", _SM_RESNET, None))
+# segmentation_models' SE networks (tfseg.models.sm_senet): torch-style input, each stride's last unit.
+for _name, _ctor in (("seresnet50", "SEResNet50"), ("seresnet101", "SEResNet101"), ("seresnet152", "SEResNet152"),
+                     ("seresnext50", "SEResNeXt50"), ("seresnext101", "SEResNeXt101"), ("senet154", "SENet154")):
+    ENCODERS.register(_name, EncoderSpec(f"tfseg.models.sm_senet:{_ctor}", senet_features(_name), TORCH))
 for _depth, _b3, _b4 in ((50, 4, 6), (101, 4, 23), (152, 8, 36)):
     ENCODERS.register(
         f"resnet{_depth}v1",

@@ -10,8 +10,8 @@ The sm model is wrapped so that it follows tfseg's model contract: it takes floa
 and normalizes them inside with the table's constants for that encoder name (segmentation_models'
 own models expect ``sm.get_preprocessing(name)`` outside; caffe-style encoders such as VGG get
 the per-channel mean subtracted but no RGB->BGR flip), and its output passes through a float32
-layer named ``output``. classification_models' networks (resnet*, resnext*, seresnet*, senet154) get
-no normalization: they normalize inside (their input BatchNorm, ``bn_data``, or their own first layers).
+layer named ``output``. Backbones whose table row has no constants get none: classification_models'
+ResNets and ResNeXts (and seresnet18/34, not in the table) normalize their own input (``bn_data``).
 """
 
 from __future__ import annotations

@@ -51,6 +51,14 @@ IMAGENET = {
     101: ("resnet101_imagenet_1000_no_top.h5", "1016e7663980d5597a4e224d915c342d"),
     152: ("resnet152_imagenet_1000_no_top.h5", "5867b94098df4640918941115db93734"),
 }
+IMAGENET_SENET = {
+    "seresnet50": ("seresnet50_imagenet_1000_no_top.h5", "043777781b0d5ca756474d60bf115ef1"),
+    "seresnet101": ("seresnet101_imagenet_1000_no_top.h5", "1c373b0c196918713da86951d1239007"),
+    "seresnet152": ("seresnet152_imagenet_1000_no_top.h5", "f58d4c1a511c7445ab9a2c2b83ee4e7b"),
+    "seresnext50": ("seresnext50_imagenet_1000_no_top.h5", "b0f23d2e1cd406d67335fb92d85cc279"),
+    "seresnext101": ("seresnext101_imagenet_1000_no_top.h5", "e48708cbe40071cc3356016c37f6c9c7"),
+    "senet154": ("senet154_imagenet_1000_no_top.h5", "d854ff2cd7e6a87b05a8124cd283e0f2"),
+}
 RESNEXT_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 RESNEXT_GROUPS = 32
 IMAGENET_RESNEXT = {
@@ -193,6 +201,7 @@ def SMResNeXt(  # noqa: N802 - a model constructor, named as keras.applications'
 def _weights_path(model_name: str, weights: str) -> str:
     """The file for ``weights``: sm's ImageNet file for ``model_name`` (downloaded once, md5 checked), or the path."""
     files = {f"resnet{d}": v for d, v in IMAGENET.items()} | {f"resnext{d}": v for d, v in IMAGENET_RESNEXT.items()}
+    files |= IMAGENET_SENET
     if weights == "imagenet":
         name, md5 = files[model_name]
         return keras.utils.get_file(name, WEIGHTS_URL + name, cache_subdir="models", file_hash=md5)
@@ -218,13 +227,23 @@ def _h5_layers(path: str) -> dict[str, list]:
         return layers
 
 
-def load_weights(model: keras.Model, model_name, weights: str) -> None:
+_GENERATED = {keras.layers.Conv2D: "conv2d", keras.layers.BatchNormalization: "batch_normalization"}
+
+
+def load_weights(model: keras.Model, model_name, weights: str, order=None, by_name: bool = True) -> None:
     """Load ``imagenet`` (sm's file for ``model_name``, downloaded) or a weights file into ``model``.
 
-    ``model_name`` is ``resnet{depth}`` or ``resnext{depth}`` (a bare depth means a ResNet). sm's HDF5
-    files are matched by layer name; a ResNeXt's grouped convolutions take the file's generated-name
-    ``conv2d*`` kernels 32 at a time, in the order of their numbers. A ``.weights.h5`` file saved
-    from tfseg's model loads as Keras loads it.
+    sm's HDF5 files hold classification_models' layers: named ones (the ResNets' and ResNeXts' own
+    layers) and ones Keras named when they were made (``conv2d_17``, ``batch_normalization_4``: the
+    32 slices of each ResNeXt grouped convolution; every layer of the SE networks), whose numbers
+    give the order they were made in. With ``by_name`` the model's layers are matched by name and
+    only its grouped convolutions take generated-name kernels (``groups`` at a time, joined along the
+    output channels); otherwise each layer of ``order`` (the model's weighted layers in the order
+    classification_models makes them) takes the next generated-name layer of its type. A
+    ``.weights.h5`` file saved from tfseg's model loads as Keras loads it.
+
+    Raises:
+        ModelError: missing file, or a file whose layers do not fit the model (naming the first).
     """
     import re
 
@@ -236,25 +255,43 @@ def load_weights(model: keras.Model, model_name, weights: str) -> None:
         model.load_weights(path)
         return
     stored = _h5_layers(path)
-    grouped = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D) and layer.groups > 1]
-    generated = sorted((int(m.group(1) or 0), name) for name in stored
-                       if (m := re.fullmatch(r"conv2d(?:_(\d+))?", name)) and stored[name])
-    expected = sum(layer.groups for layer in grouped)
-    missing = [layer.name for layer in model.layers if layer.weights and layer not in grouped
-               and not stored.get(layer.name)]
+    order = [layer for layer in (order or model.layers) if layer.weights]
     file_name = f"{model_name}_imagenet_1000_no_top.h5"
+    queues: dict[str, list] = {kind: [] for kind in _GENERATED.values()}
+    for name in stored:
+        m = re.fullmatch(r"(conv2d|batch_normalization)(?:_(\d+))?", name)
+        if m and stored[name]:
+            queues[m.group(1)].append((int(m.group(2) or 0), name))
+    for queue in queues.values():
+        queue.sort()
+
+    def generated(layer) -> bool:
+        return not by_name or getattr(layer, "groups", 1) > 1
+
+    missing = [layer.name for layer in order if not generated(layer) and not stored.get(layer.name)]
     if missing:
         raise ModelError(f"encoder_weights={weights!r}: {path} has no weights for layer {missing[0]!r} of {model_name} "
                          f"({len(missing)} layers missing); expected sm's {file_name}")
-    if len(generated) != expected:
-        raise ModelError(f"encoder_weights={weights!r}: {path} has {len(generated)} generated-name conv2d kernels, "
-                         f"{model_name}'s grouped convolutions take {expected}; expected sm's {file_name}")
-    for layer in model.layers:
-        if layer.weights and layer not in grouped:
-            layer.set_weights(stored[layer.name])
-    for i, layer in enumerate(grouped):
-        names = [name for _, name in generated[i * layer.groups:(i + 1) * layer.groups]]
-        layer.set_weights([np.concatenate([stored[n][0] for n in names], axis=-1)])
+    for kind in queues:
+        needed = sum(getattr(layer, "groups", 1) for layer in order
+                     if generated(layer) and _GENERATED.get(type(layer)) == kind)
+        if len(queues[kind]) != needed:
+            raise ModelError(f"encoder_weights={weights!r}: {path} has {len(queues[kind])} generated-name {kind} "
+                             f"layers, {model_name} takes {needed}; expected sm's {file_name}")
+    taken = {kind: 0 for kind in queues}
+    for layer in order:
+        if not generated(layer):
+            values = stored[layer.name]
+        else:
+            kind, n = _GENERATED[type(layer)], getattr(layer, "groups", 1)
+            parts = [stored[name] for _, name in queues[kind][taken[kind]:taken[kind] + n]]
+            taken[kind] += n
+            values = parts[0] if n == 1 else [np.concatenate([part[0] for part in parts], axis=-1)]
+        try:
+            layer.set_weights(values)
+        except ValueError as err:
+            raise ModelError(f"encoder_weights={weights!r}: {path} does not fit layer {layer.name!r} of {model_name} "
+                             f"({err}); expected sm's {file_name}") from None
 
 
 def _variant(family, depth: int):

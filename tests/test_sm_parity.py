@@ -115,7 +115,7 @@ def test_sm_unet_classification_models_backbones_same_trainable_params_and_shape
     """segmentation_models' most used Kaggle backbones (classification_models' ResNets, ResNeXts and SE
     networks, not in keras.applications): tfseg builds the same networks (tfseg.models.sm_resnet,
     tfseg.models.sm_senet)."""
-    _compare("Unet", ["resnet18", "resnet34", "resnext50", "seresnet50", "seresnext50"])
+    _compare("Unet", ["resnet18", "resnet34", "seresnet18", "resnext50", "seresnet50", "seresnext50"])
 
 
 def test_sm_bridge_rejects_unknown_sm_arch_without_importing_sm():
@@ -154,3 +154,16 @@ def test_sm_bridge_builds_sm_unet_in_tfseg_contract():
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
     assert line.split()[1:] == ["output", "float32", "(1,", "64,", "64,", "2)", "1.0", "True", "{0.9}"]
     assert "RESNET [] (None, 64, 64, 1)" in proc.stdout.splitlines()
+
+
+def test_every_sm_backbone_has_a_tfseg_twin_of_the_same_name():
+    """A notebook's sm.Unet(name) ports by its import for every backbone segmentation_models has."""
+    from tests.conftest import require_sm
+    from tfseg.models.encoders import encoder_names
+
+    require_sm()
+    script = "import segmentation_models as sm; print(sorted(sm.Backbones._default_feature_layers))"
+    proc = subprocess.run([sys.executable, "-c", script], env=sm_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sm_names = set(json.loads(proc.stdout.strip().splitlines()[-1].replace("'", '"')))
+    assert len(sm_names) > 25 and sm_names <= set(encoder_names()), sorted(sm_names - set(encoder_names()))

@@ -15,11 +15,13 @@ Preprocessing is stored as per-channel ``mean``/``std`` in 0..255 units (RGB ord
 - ``caffe`` (VGG, keras' ResNet v1): ``x - [123.68, 116.78, 103.94]``; these were trained on BGR input,
   so the first convolution's pretrained kernel is flipped to RGB order instead of flipping the image.
 - ``tf`` (MobileNet v1/v2/v3, ResNet v2, Inception, Xception): ``x / 127.5 - 1``.
-- none (segmentation_models' ``resnet18`` ... ``resnet152``, ``resnext50``, ``resnext101``,
-  :mod:`tfseg.models.sm_resnet`): the network's own input BatchNorm normalizes the 0..255 pixels.
+- none (segmentation_models' ``resnet18`` ... ``resnet152``, ``seresnet18``, ``seresnet34``,
+  ``resnext50``, ``resnext101``, :mod:`tfseg.models.sm_resnet`): the network's own input BatchNorm
+  normalizes the 0..255 pixels.
 
-The constructors are keras.applications' models, except segmentation_models' ResNets and ResNeXts
-(the names ``resnet18/34/50/101/152`` and ``resnext50/101`` mean what they mean in ``sm.Unet``);
+The constructors are keras.applications' models, except segmentation_models' own networks
+(:mod:`tfseg.models.sm_resnet`, :mod:`tfseg.models.sm_senet`: ``resnet18`` ... ``resnet152``,
+``resnext50/101``, ``seresnet*``, ``seresnext50/101``, ``senet154`` mean what they mean in ``sm.Unet``);
 keras.applications' ResNet v1 is ``resnet50v1``, ``resnet101v1``, ``resnet152v1``. Every
 keras.applications image model is here but NASNetMobile and NASNetLarge, whose cells interleave
 branches of different strides.
@@ -183,6 +185,8 @@ ENCODERS.register(
 _SM_RESNET = {2: "relu0", 4: "stage2_unit1_relu1", 8: "stage3_unit1_relu1", 16: "stage4_unit1_relu1"}
 for _depth in (18, 34, 50, 101, 152):
     ENCODERS.register(f"resnet{_depth}", EncoderSpec(f"tfseg.models.sm_resnet:ResNet{_depth}", _SM_RESNET, None))
+for _depth in (18, 34):
+    ENCODERS.register(f"seresnet{_depth}", EncoderSpec(f"tfseg.models.sm_resnet:SEResNet{_depth}", _SM_RESNET, None))
 for _depth in (50, 101):
     ENCODERS.register(f"resnext{_depth}", EncoderSpec(f"tfseg.models.sm_resnet:ResNeXt{_depth}", _SM_RESNET, None))
 # segmentation_models' SE networks (tfseg.models.sm_senet): torch-style input, each stride's last unit.

@@ -11,7 +11,7 @@ and normalizes them inside with the table's constants for that encoder name (seg
 own models expect ``sm.get_preprocessing(name)`` outside; caffe-style encoders such as VGG get
 the per-channel mean subtracted but no RGB->BGR flip), and its output passes through a float32
 layer named ``output``. Backbones whose table row has no constants get none: classification_models'
-ResNets and ResNeXts (and seresnet18/34, not in the table) normalize their own input (``bn_data``).
+ResNets, SE-ResNet18/34 and ResNeXts normalize their own input (``bn_data``).
 """
 
 from __future__ import annotations

@@ -58,7 +58,10 @@ IMAGENET_SENET = {
     "seresnext50": ("seresnext50_imagenet_1000_no_top.h5", "b0f23d2e1cd406d67335fb92d85cc279"),
     "seresnext101": ("seresnext101_imagenet_1000_no_top.h5", "e48708cbe40071cc3356016c37f6c9c7"),
     "senet154": ("senet154_imagenet_1000_no_top.h5", "d854ff2cd7e6a87b05a8124cd283e0f2"),
+    "seresnet18": ("seresnet18_imagenet_1000_no_top.h5", "a46e5cd4114ac946ecdc58741e8d92ea"),
+    "seresnet34": ("seresnet34_imagenet_1000_no_top.h5", "3348fd049f1f9ad307c070ff2b6ec4cb"),
 }
+SE_DEPTHS = (18, 34)  # classification_models' pre-activation SE-ResNets
 RESNEXT_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 RESNEXT_GROUPS = 32
 IMAGENET_RESNEXT = {
@@ -91,8 +94,29 @@ def _relu(name: str):
     return keras.layers.Activation("relu", name=name)
 
 
-def _unit(x, filters: int, stage: int, unit: int, strides: int, bottleneck: bool, project: bool):
-    """One pre-activation residual unit (``stage{stage}_unit{unit}_*``)."""
+SE_REDUCTION = 16
+SE_LAYERS = ("se_reduce", "se_expand")  # the SE convolutions: classification_models leaves them unnamed
+
+
+def squeeze_excite(x, prefix: str, conv=None):
+    """classification_models' channel squeeze-and-excitation (``{prefix}se_*``): global average pool, 1x1
+    convolution to 1/16 of the channels, ReLU, 1x1 convolution back, sigmoid, product with ``x``.
+    ``conv(filters, name)`` makes the two convolutions (default: ``Conv2D`` with bias, he_uniform)."""
+    def default(filters, name):
+        return keras.layers.Conv2D(filters, 1, kernel_initializer="he_uniform", name=name)
+
+    conv = conv or default
+    channels = x.shape[-1]
+    s = keras.layers.GlobalAveragePooling2D(keepdims=True, name=prefix + "se_pool")(x)
+    s = _relu(prefix + "se_relu")(conv(channels // SE_REDUCTION, prefix + SE_LAYERS[0])(s))
+    s = keras.layers.Activation("sigmoid", name=prefix + "se_sigmoid")(conv(channels, prefix + SE_LAYERS[1])(s))
+    return keras.layers.Multiply(name=prefix + "se_mul")([x, s])
+
+
+def _unit(x, filters: int, stage: int, unit: int, strides: int, bottleneck: bool, project: bool,
+          attention: bool = False):
+    """One pre-activation residual unit (``stage{stage}_unit{unit}_*``), with SE before the sum when
+    ``attention`` (SE-ResNet18/34)."""
     p = f"stage{stage}_unit{unit}_"
     y = _relu(p + "relu1")(_bn(p + "bn1")(x))
     out = filters * 4 if bottleneck else filters
@@ -110,6 +134,8 @@ def _unit(x, filters: int, stage: int, unit: int, strides: int, bottleneck: bool
         y = _relu(p + "relu2")(_bn(p + "bn2")(y))
         y = keras.layers.ZeroPadding2D(1, name=p + "pad2")(y)
         y = _conv(filters, 3, 1, p + "conv2")(y)
+    if attention:
+        y = squeeze_excite(y, p)
     return keras.layers.Add(name=p + "add")([y, shortcut])
 
 
@@ -119,8 +145,10 @@ def SMResNet(  # noqa: N802 - a model constructor, named as keras.applications' 
     weights: str | None = None,
     input_tensor=None,
     input_shape=None,
+    attention: bool = False,
 ) -> keras.Model:
-    """classification_models' ResNet-``depth`` without its classifier, on 0..255 input.
+    """classification_models' ResNet-``depth`` (SE-ResNet with ``attention``) without its classifier, on
+    0..255 input.
 
     Args:
         depth: 18, 34, 50, 101 or 152.
@@ -138,6 +166,9 @@ def SMResNet(  # noqa: N802 - a model constructor, named as keras.applications' 
     """
     if depth not in DEPTHS:
         raise ModelError(f"SMResNet: depth={depth!r}; expected one of {sorted(DEPTHS)}")
+    if attention and depth not in SE_DEPTHS:
+        raise ModelError(f"SMResNet: attention=True (SE-ResNet) is for depth {' or '.join(map(str, SE_DEPTHS))}; "
+                         f"got {depth} (seresnet50 and deeper are tfseg.models.sm_senet's)")
     if include_top:
         raise ModelError("SMResNet: include_top=True is not supported; tfseg uses ResNets as encoders")
     units, bottleneck = DEPTHS[depth]
@@ -145,12 +176,14 @@ def SMResNet(  # noqa: N802 - a model constructor, named as keras.applications' 
     for stage, count in enumerate(units):
         for unit in range(count):
             strides = 2 if unit == 0 and stage > 0 else 1
-            x = _unit(x, 64 * 2**stage, stage + 1, unit + 1, strides, bottleneck, project=unit == 0)
+            x = _unit(x, 64 * 2**stage, stage + 1, unit + 1, strides, bottleneck, project=unit == 0,
+                      attention=attention)
     x = _relu("relu1")(_bn("bn1")(x))
     inputs = keras.utils.get_source_inputs(image) if input_tensor is not None else image
-    model = keras.Model(inputs, x, name=f"resnet{depth}")
+    name = f"{'se' if attention else ''}resnet{depth}"
+    model = keras.Model(inputs, x, name=name)
     if weights is not None:
-        load_weights(model, f"resnet{depth}", weights)
+        load_weights(model, name, weights)
     return model
 
 
@@ -235,12 +268,13 @@ def load_weights(model: keras.Model, model_name, weights: str, order=None, by_na
 
     sm's HDF5 files hold classification_models' layers: named ones (the ResNets' and ResNeXts' own
     layers) and ones Keras named when they were made (``conv2d_17``, ``batch_normalization_4``: the
-    32 slices of each ResNeXt grouped convolution; every layer of the SE networks), whose numbers
-    give the order they were made in. With ``by_name`` the model's layers are matched by name and
-    only its grouped convolutions take generated-name kernels (``groups`` at a time, joined along the
-    output channels); otherwise each layer of ``order`` (the model's weighted layers in the order
-    classification_models makes them) takes the next generated-name layer of its type. A
-    ``.weights.h5`` file saved from tfseg's model loads as Keras loads it.
+    32 slices of each ResNeXt grouped convolution, the SE-ResNets' SE convolutions, every layer of the
+    SE networks), whose numbers give the order they were made in. With ``by_name`` the model's layers
+    are matched by name and only its grouped and SE convolutions take generated-name layers (a
+    grouped one ``groups`` kernels at a time, joined along the output channels); otherwise each
+    layer of ``order`` (the model's weighted layers in the order classification_models makes them)
+    takes the next generated-name layer of its type. A ``.weights.h5`` file saved from tfseg's model
+    loads as Keras loads it.
 
     Raises:
         ModelError: missing file, or a file whose layers do not fit the model (naming the first).
@@ -265,8 +299,8 @@ def load_weights(model: keras.Model, model_name, weights: str, order=None, by_na
     for queue in queues.values():
         queue.sort()
 
-    def generated(layer) -> bool:
-        return not by_name or getattr(layer, "groups", 1) > 1
+    def generated(layer) -> bool:  # grouped convolutions and SE convolutions are unnamed in sm's files
+        return not by_name or getattr(layer, "groups", 1) > 1 or layer.name.endswith(SE_LAYERS)
 
     missing = [layer.name for layer in order if not generated(layer) and not stored.get(layer.name)]
     if missing:
@@ -294,15 +328,17 @@ def load_weights(model: keras.Model, model_name, weights: str, order=None, by_na
                              f"({err}); expected sm's {file_name}") from None
 
 
-def _variant(family, depth: int):
+def _variant(family, depth: int, **options):
     def build(include_top=False, weights=None, input_tensor=None, input_shape=None):
-        return family(depth, include_top, weights, input_tensor, input_shape)
+        return family(depth, include_top, weights, input_tensor, input_shape, **options)
 
-    name = ("ResNeXt" if family is SMResNeXt else "ResNet") + str(depth)
+    name = ("SE" if options.get("attention") else "") + ("ResNeXt" if family is SMResNeXt else "ResNet") + str(depth)
     build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"segmentation_models' {name} (:func:`{family.__name__}` with depth={depth})."
+    build.__doc__ = (f"segmentation_models' {name} (:func:`{family.__name__}` with depth={depth}"
+                     + "".join(f", {k}={v!r}" for k, v in options.items()) + ").")
     return build
 
 
 ResNet18, ResNet34, ResNet50, ResNet101, ResNet152 = (_variant(SMResNet, d) for d in DEPTHS)
+SEResNet18, SEResNet34 = (_variant(SMResNet, d, attention=True) for d in SE_DEPTHS)
 ResNeXt50, ResNeXt101 = (_variant(SMResNeXt, d) for d in RESNEXT_DEPTHS)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import keras
 
 from tfseg.errors import ModelError
-from tfseg.models.sm_resnet import load_weights
+from tfseg.models.sm_resnet import load_weights, squeeze_excite
 
 # name -> (units per stage, block kind, groups, 3x3 stem)
 VARIANTS = {
@@ -37,7 +37,6 @@ VARIANTS = {
     "seresnext101": ((3, 4, 23, 3), "seresnext", 32, False),
     "senet154": ((3, 8, 36, 3), "senet", 64, True),
 }
-REDUCTION = 16
 
 
 class _Maker:
@@ -67,11 +66,7 @@ def _pad(name):
 
 
 def _se(make: _Maker, x, p: str):
-    channels = x.shape[-1]
-    s = keras.layers.GlobalAveragePooling2D(keepdims=True, name=p + "se_pool")(x)
-    s = _relu(p + "se_relu")(make.conv(channels // REDUCTION, 1, p + "se_reduce", bias=True)(s))
-    s = keras.layers.Activation("sigmoid", name=p + "se_sigmoid")(make.conv(channels, 1, p + "se_expand", bias=True)(s))
-    return keras.layers.Multiply(name=p + "se_mul")([x, s])
+    return squeeze_excite(x, p, lambda filters, name: make.conv(filters, 1, name, bias=True))
 
 
 def _unit(make: _Maker, x, filters: int, kind: str, groups: int, strides: int, first: bool, p: str):

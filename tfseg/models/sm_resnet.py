@@ -78,16 +78,32 @@ def _conv(filters: int, size: int, strides: int, name: str, init: str = "he_unif
     return keras.layers.Conv2D(filters, size, strides=strides, use_bias=False, kernel_initializer=init, name=name)
 
 
-def _stem(input_tensor, input_shape, init: str):
-    """classification_models' stem: input BN without scale, 7x7/2 convolution, BN, ReLU, 3x3/2 max pool.
-    Returns (the model's input tensor, the stem's output)."""
-    image = input_tensor if input_tensor is not None else keras.Input(input_shape or (None, None, 3), name="data")
+def _stem(image, init: str):
+    """classification_models' stem on ``image``: input BN without scale, 7x7/2 convolution, BN, ReLU, 3x3/2
+    max pool."""
     x = _bn("bn_data", scale=False)(image)
     x = keras.layers.ZeroPadding2D(3, name="pad0")(x)
     x = _conv(64, 7, 2, "conv0", init)(x)
     x = _relu("relu0")(_bn("bn0")(x))
     x = keras.layers.ZeroPadding2D(1, name="pooling0_pad")(x)
-    return image, keras.layers.MaxPooling2D(3, strides=2, name="pooling0")(x)
+    return keras.layers.MaxPooling2D(3, strides=2, name="pooling0")(x)
+
+
+def model_input(constructor: str, include_top: bool, input_tensor, input_shape, name: str = "data"):
+    """The input of a classification_models network built as an encoder (``include_top`` must be False)."""
+    if include_top:
+        raise ModelError(f"{constructor}: include_top=True is not supported; tfseg builds it as an encoder")
+    return input_tensor if input_tensor is not None else keras.Input(input_shape or (None, None, 3), name=name)
+
+
+def finish(image, input_tensor, output, name: str, weights: str | None, **load_options) -> keras.Model:
+    """The ``keras.Model`` named ``name`` from ``image`` (or the sources of ``input_tensor``) to ``output``,
+    with ``weights`` loaded (:func:`load_weights`) when given."""
+    inputs = keras.utils.get_source_inputs(image) if input_tensor is not None else image
+    model = keras.Model(inputs, output, name=name)
+    if weights is not None:
+        load_weights(model, name, weights, **load_options)
+    return model
 
 
 def _relu(name: str):
@@ -169,22 +185,16 @@ def SMResNet(  # noqa: N802 - a model constructor, named as keras.applications' 
     if attention and depth not in SE_DEPTHS:
         raise ModelError(f"SMResNet: attention=True (SE-ResNet) is for depth {' or '.join(map(str, SE_DEPTHS))}; "
                          f"got {depth} (seresnet50 and deeper are tfseg.models.sm_senet's)")
-    if include_top:
-        raise ModelError("SMResNet: include_top=True is not supported; tfseg uses ResNets as encoders")
     units, bottleneck = DEPTHS[depth]
-    image, x = _stem(input_tensor, input_shape, "he_uniform")
+    image = model_input("SMResNet", include_top, input_tensor, input_shape)
+    x = _stem(image, "he_uniform")
     for stage, count in enumerate(units):
         for unit in range(count):
             strides = 2 if unit == 0 and stage > 0 else 1
             x = _unit(x, 64 * 2**stage, stage + 1, unit + 1, strides, bottleneck, project=unit == 0,
                       attention=attention)
     x = _relu("relu1")(_bn("bn1")(x))
-    inputs = keras.utils.get_source_inputs(image) if input_tensor is not None else image
-    name = f"{'se' if attention else ''}resnet{depth}"
-    model = keras.Model(inputs, x, name=name)
-    if weights is not None:
-        load_weights(model, name, weights)
-    return model
+    return finish(image, input_tensor, x, f"{'se' if attention else ''}resnet{depth}", weights)
 
 
 def _resnext_unit(x, filters: int, stage: int, unit: int, strides: int, project: bool):
@@ -217,18 +227,13 @@ def SMResNeXt(  # noqa: N802 - a model constructor, named as keras.applications'
     """
     if depth not in RESNEXT_DEPTHS:
         raise ModelError(f"SMResNeXt: depth={depth!r}; expected one of {sorted(RESNEXT_DEPTHS)}")
-    if include_top:
-        raise ModelError("SMResNeXt: include_top=True is not supported; tfseg uses ResNeXts as encoders")
-    image, x = _stem(input_tensor, input_shape, "glorot_uniform")
+    image = model_input("SMResNeXt", include_top, input_tensor, input_shape)
+    x = _stem(image, "glorot_uniform")
     for stage, count in enumerate(RESNEXT_DEPTHS[depth]):
         for unit in range(count):
             strides = 2 if unit == 0 and stage > 0 else 1
             x = _resnext_unit(x, 128 * 2**stage, stage + 1, unit + 1, strides, project=unit == 0)
-    inputs = keras.utils.get_source_inputs(image) if input_tensor is not None else image
-    model = keras.Model(inputs, x, name=f"resnext{depth}")
-    if weights is not None:
-        load_weights(model, f"resnext{depth}", weights)
-    return model
+    return finish(image, input_tensor, x, f"resnext{depth}", weights)
 
 
 def _weights_path(model_name: str, weights: str) -> str:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import keras
 
 from tfseg.errors import ModelError
-from tfseg.models.sm_resnet import load_weights, squeeze_excite
+from tfseg.models.sm_resnet import finish, model_input, squeeze_excite
 
 # name -> (units per stage, block kind, groups, 3x3 stem)
 VARIANTS = {
@@ -121,12 +121,9 @@ def SMSENet(  # noqa: N802 - a model constructor, named as keras.applications' a
     """
     if name not in VARIANTS:
         raise ModelError(f"SMSENet: name={name!r}; expected one of {sorted(VARIANTS)}")
-    if include_top:
-        raise ModelError(f"SMSENet: include_top=True is not supported; tfseg uses {name} as an encoder")
     units, kind, groups, stem3x3 = VARIANTS[name]
     make = _Maker()
-    image = input_tensor if input_tensor is not None else keras.Input(input_shape or (None, None, 3), name="input")
-    x = image
+    x = image = model_input("SMSENet", include_top, input_tensor, input_shape, name="input")
     if stem3x3:
         for i, (filters, strides) in enumerate(((64, 2), (64, 1), (128, 1))):
             x = make.conv(filters, 3, f"conv0_{i + 1}", strides=strides)(_pad(f"pad0_{i + 1}")(x))
@@ -140,11 +137,7 @@ def SMSENet(  # noqa: N802 - a model constructor, named as keras.applications' a
             strides = 2 if unit == 0 and stage > 0 else 1
             x = _unit(make, x, 256 * 2**stage, kind, groups, strides, stage == 0 and unit == 0,
                       f"stage{stage + 1}_unit{unit + 1}_")
-    inputs = keras.utils.get_source_inputs(image) if input_tensor is not None else image
-    model = keras.Model(inputs, x, name=name)
-    if weights is not None:
-        load_weights(model, name, weights, order=make.order, by_name=False)
-    return model
+    return finish(image, input_tensor, x, name, weights, order=make.order, by_name=False)
 
 
 def features(name: str) -> dict[int, str]:

@@ -118,6 +118,13 @@ def test_sm_unet_classification_models_backbones_same_trainable_params_and_shape
     _compare("Unet", ["resnet18", "resnet34", "seresnet18", "resnext50", "seresnet50", "seresnext50"])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("sm_arch", ["FPN", "Linknet", "PSPNet"])
+def test_sm_twins_on_classification_models_backbones(sm_arch):
+    """FPN, Linknet and PSPNet on sm's own networks (pre-activation ResNet, SE-ResNet, ResNeXt, SE-ResNeXt)."""
+    _compare(sm_arch, ["resnet34", "seresnet18", "resnext50", "seresnext50"])
+
+
 def test_sm_bridge_rejects_unknown_sm_arch_without_importing_sm():
     from tfseg.errors import ModelError
 

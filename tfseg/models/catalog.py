@@ -52,12 +52,13 @@ def describe(cfg) -> tuple[str, object]:
     model = build_model(model_cfg)
     trainable = sum(math.prod(w.shape) for w in model.trainable_weights)
     total = model.count_params()
-    takes_backbone = _uses_encoder(model) or model_cfg.arch.startswith("sm.")
+    has_encoder = any(layer.name == "encoder" for layer in model.layers)
+    takes_backbone = has_encoder or model_cfg.arch.startswith("sm.")
     lines = [f"model.arch {model_cfg.arch}" + (f", backbone {model_cfg.backbone}" if takes_backbone else ""),
              f"input  {_shape(model.input_shape)}  float32, 0..255 (the model normalizes)",
              f"output {_shape(model.output_shape)}  {model.output.dtype}, {_activation(model_cfg, model)}",
              f"parameters {total:,} ({trainable:,} trainable)"]
-    if _uses_encoder(model):
+    if has_encoder:
         encoder = model.get_layer("encoder")
         lines.append(f"encoder    {encoder.count_params():,} of them"
                      + (" (frozen)" if not encoder.trainable else ""))
@@ -71,10 +72,6 @@ def _activation(cfg, model) -> str:
     """The configured activation as the builders resolve it (``auto``: by the class count)."""
     name = resolve_activation(cfg.activation, int(model.output_shape[-1]))
     return "logits" if name == "linear" else name
-
-
-def _uses_encoder(model) -> bool:
-    return any(layer.name == "encoder" for layer in model.layers)
 
 
 def _shape(shape) -> str:

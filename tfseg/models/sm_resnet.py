@@ -84,7 +84,7 @@ def _stem(image, init: str):
     x = _bn("bn_data", scale=False)(image)
     x = keras.layers.ZeroPadding2D(3, name="pad0")(x)
     x = _conv(64, 7, 2, "conv0", init)(x)
-    x = _relu("relu0")(_bn("bn0")(x))
+    x = relu("relu0")(_bn("bn0")(x))
     x = keras.layers.ZeroPadding2D(1, name="pooling0_pad")(x)
     return keras.layers.MaxPooling2D(3, strides=2, name="pooling0")(x)
 
@@ -106,8 +106,18 @@ def finish(image, input_tensor, output, name: str, weights: str | None, **load_o
     return model
 
 
-def _relu(name: str):
+def relu(name: str):
+    """A ReLU layer named ``name``."""
     return keras.layers.Activation("relu", name=name)
+
+
+def units(counts):
+    """The residual units of a network with ``counts`` units per stage, in order: (stage, unit, strides,
+    name prefix), stage and unit from 0; the first unit of every stage but the first has stride 2
+    (the stem's max pooling halves before the first)."""
+    for stage, count in enumerate(counts):
+        for unit in range(count):
+            yield stage, unit, (2 if unit == 0 and stage > 0 else 1), f"stage{stage + 1}_unit{unit + 1}_"
 
 
 SE_REDUCTION = 16
@@ -124,30 +134,28 @@ def squeeze_excite(x, prefix: str, conv=None):
     conv = conv or default
     channels = x.shape[-1]
     s = keras.layers.GlobalAveragePooling2D(keepdims=True, name=prefix + "se_pool")(x)
-    s = _relu(prefix + "se_relu")(conv(channels // SE_REDUCTION, prefix + SE_LAYERS[0])(s))
+    s = relu(prefix + "se_relu")(conv(channels // SE_REDUCTION, prefix + SE_LAYERS[0])(s))
     s = keras.layers.Activation("sigmoid", name=prefix + "se_sigmoid")(conv(channels, prefix + SE_LAYERS[1])(s))
     return keras.layers.Multiply(name=prefix + "se_mul")([x, s])
 
 
-def _unit(x, filters: int, stage: int, unit: int, strides: int, bottleneck: bool, project: bool,
-          attention: bool = False):
-    """One pre-activation residual unit (``stage{stage}_unit{unit}_*``), with SE before the sum when
-    ``attention`` (SE-ResNet18/34)."""
-    p = f"stage{stage}_unit{unit}_"
-    y = _relu(p + "relu1")(_bn(p + "bn1")(x))
+def _unit(x, filters: int, p: str, strides: int, bottleneck: bool, project: bool, attention: bool = False):
+    """One pre-activation residual unit (layers ``{p}*``), with SE before the sum when ``attention``
+    (SE-ResNet18/34)."""
+    y = relu(p + "relu1")(_bn(p + "bn1")(x))
     out = filters * 4 if bottleneck else filters
     shortcut = _conv(out, 1, strides, p + "sc")(y) if project else x
     if bottleneck:
         y = _conv(filters, 1, 1, p + "conv1")(y)
-        y = _relu(p + "relu2")(_bn(p + "bn2")(y))
+        y = relu(p + "relu2")(_bn(p + "bn2")(y))
         y = keras.layers.ZeroPadding2D(1, name=p + "pad2")(y)
         y = _conv(filters, 3, strides, p + "conv2")(y)
-        y = _relu(p + "relu3")(_bn(p + "bn3")(y))
+        y = relu(p + "relu3")(_bn(p + "bn3")(y))
         y = _conv(out, 1, 1, p + "conv3")(y)
     else:
         y = keras.layers.ZeroPadding2D(1, name=p + "pad1")(y)
         y = _conv(filters, 3, strides, p + "conv1")(y)
-        y = _relu(p + "relu2")(_bn(p + "bn2")(y))
+        y = relu(p + "relu2")(_bn(p + "bn2")(y))
         y = keras.layers.ZeroPadding2D(1, name=p + "pad2")(y)
         y = _conv(filters, 3, 1, p + "conv2")(y)
     if attention:
@@ -185,30 +193,26 @@ def SMResNet(  # noqa: N802 - a model constructor, named as keras.applications' 
     if attention and depth not in SE_DEPTHS:
         raise ModelError(f"SMResNet: attention=True (SE-ResNet) is for depth {' or '.join(map(str, SE_DEPTHS))}; "
                          f"got {depth} (seresnet50 and deeper are tfseg.models.sm_senet's)")
-    units, bottleneck = DEPTHS[depth]
+    counts, bottleneck = DEPTHS[depth]
     image = model_input("SMResNet", include_top, input_tensor, input_shape)
     x = _stem(image, "he_uniform")
-    for stage, count in enumerate(units):
-        for unit in range(count):
-            strides = 2 if unit == 0 and stage > 0 else 1
-            x = _unit(x, 64 * 2**stage, stage + 1, unit + 1, strides, bottleneck, project=unit == 0,
-                      attention=attention)
-    x = _relu("relu1")(_bn("bn1")(x))
+    for stage, unit, strides, prefix in units(counts):
+        x = _unit(x, 64 * 2**stage, prefix, strides, bottleneck, project=unit == 0, attention=attention)
+    x = relu("relu1")(_bn("bn1")(x))
     return finish(image, input_tensor, x, f"{'se' if attention else ''}resnet{depth}", weights)
 
 
-def _resnext_unit(x, filters: int, stage: int, unit: int, strides: int, project: bool):
-    """One ResNeXt bottleneck (``stage{stage}_unit{unit}_*``), post-activation, 32-group 3x3."""
-    p = f"stage{stage}_unit{unit}_"
+def _resnext_unit(x, filters: int, p: str, strides: int, project: bool):
+    """One ResNeXt bottleneck (layers ``{p}*``), post-activation, 32-group 3x3."""
     y = _conv(filters, 1, 1, p + "conv1", "glorot_uniform")(x)
-    y = _relu(p + "relu1")(_bn(p + "bn1")(y))
+    y = relu(p + "relu1")(_bn(p + "bn1")(y))
     y = keras.layers.ZeroPadding2D(1, name=p + "pad2")(y)
     y = keras.layers.Conv2D(filters, 3, strides=strides, groups=RESNEXT_GROUPS, use_bias=False,
                             kernel_initializer="glorot_uniform", name=p + "conv2")(y)
-    y = _relu(p + "relu2")(_bn(p + "bn2")(y))
+    y = relu(p + "relu2")(_bn(p + "bn2")(y))
     y = _bn(p + "bn3")(_conv(filters * 2, 1, 1, p + "conv3", "glorot_uniform")(y))
     shortcut = _bn(p + "sc_bn")(_conv(filters * 2, 1, strides, p + "sc", "glorot_uniform")(x)) if project else x
-    return _relu(p + "relu")(keras.layers.Add(name=p + "add")([y, shortcut]))
+    return relu(p + "relu")(keras.layers.Add(name=p + "add")([y, shortcut]))
 
 
 def SMResNeXt(  # noqa: N802 - a model constructor, named as keras.applications' are
@@ -229,10 +233,8 @@ def SMResNeXt(  # noqa: N802 - a model constructor, named as keras.applications'
         raise ModelError(f"SMResNeXt: depth={depth!r}; expected one of {sorted(RESNEXT_DEPTHS)}")
     image = model_input("SMResNeXt", include_top, input_tensor, input_shape)
     x = _stem(image, "glorot_uniform")
-    for stage, count in enumerate(RESNEXT_DEPTHS[depth]):
-        for unit in range(count):
-            strides = 2 if unit == 0 and stage > 0 else 1
-            x = _resnext_unit(x, 128 * 2**stage, stage + 1, unit + 1, strides, project=unit == 0)
+    for stage, unit, strides, prefix in units(RESNEXT_DEPTHS[depth]):
+        x = _resnext_unit(x, 128 * 2**stage, prefix, strides, project=unit == 0)
     return finish(image, input_tensor, x, f"resnext{depth}", weights)
 
 
@@ -268,7 +270,7 @@ def _h5_layers(path: str) -> dict[str, list]:
 _GENERATED = {keras.layers.Conv2D: "conv2d", keras.layers.BatchNormalization: "batch_normalization"}
 
 
-def load_weights(model: keras.Model, model_name, weights: str, order=None, by_name: bool = True) -> None:
+def load_weights(model: keras.Model, model_name: str, weights: str, order=None, by_name: bool = True) -> None:
     """Load ``imagenet`` (sm's file for ``model_name``, downloaded) or a weights file into ``model``.
 
     sm's HDF5 files hold classification_models' layers: named ones (the ResNets' and ResNeXts' own
@@ -288,7 +290,6 @@ def load_weights(model: keras.Model, model_name, weights: str, order=None, by_na
 
     import numpy as np
 
-    model_name = f"resnet{model_name}" if isinstance(model_name, int) else model_name
     path = _weights_path(model_name, weights)
     if path.endswith(".weights.h5"):
         model.load_weights(path)
@@ -333,17 +334,18 @@ def load_weights(model: keras.Model, model_name, weights: str, order=None, by_na
                              f"({err}); expected sm's {file_name}") from None
 
 
-def _variant(family, depth: int, **options):
+def variant(family, key, title: str, **options):
+    """``title``: ``family(key, ...)`` as a keras.applications-style constructor (``include_top``,
+    ``weights``, ``input_tensor``, ``input_shape``), which the encoder table calls."""
     def build(include_top=False, weights=None, input_tensor=None, input_shape=None):
-        return family(depth, include_top, weights, input_tensor, input_shape, **options)
+        return family(key, include_top, weights, input_tensor, input_shape, **options)
 
-    name = ("SE" if options.get("attention") else "") + ("ResNeXt" if family is SMResNeXt else "ResNet") + str(depth)
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = (f"segmentation_models' {name} (:func:`{family.__name__}` with depth={depth}"
+    build.__name__ = build.__qualname__ = title
+    build.__doc__ = (f"segmentation_models' {title} (:func:`{family.__name__}` with {key!r}"
                      + "".join(f", {k}={v!r}" for k, v in options.items()) + ").")
     return build
 
 
-ResNet18, ResNet34, ResNet50, ResNet101, ResNet152 = (_variant(SMResNet, d) for d in DEPTHS)
-SEResNet18, SEResNet34 = (_variant(SMResNet, d, attention=True) for d in SE_DEPTHS)
-ResNeXt50, ResNeXt101 = (_variant(SMResNeXt, d) for d in RESNEXT_DEPTHS)
+ResNet18, ResNet34, ResNet50, ResNet101, ResNet152 = (variant(SMResNet, d, f"ResNet{d}") for d in DEPTHS)
+SEResNet18, SEResNet34 = (variant(SMResNet, d, f"SEResNet{d}", attention=True) for d in SE_DEPTHS)
+ResNeXt50, ResNeXt101 = (variant(SMResNeXt, d, f"ResNeXt{d}") for d in RESNEXT_DEPTHS)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import keras
 
 from tfseg.errors import ModelError
-from tfseg.models.sm_resnet import finish, model_input, squeeze_excite
+from tfseg.models.sm_resnet import finish, model_input, relu, squeeze_excite, units, variant
 
 # name -> (units per stage, block kind, groups, 3x3 stem)
 VARIANTS = {
@@ -57,10 +57,6 @@ class _Maker:
         return self._keep(keras.layers.BatchNormalization(momentum=0.99, epsilon=1e-5, name=name))
 
 
-def _relu(name):
-    return keras.layers.Activation("relu", name=name)
-
-
 def _pad(name):
     return keras.layers.ZeroPadding2D(1, name=name)
 
@@ -78,10 +74,10 @@ def _unit(make: _Maker, x, filters: int, kind: str, groups: int, strides: int, f
         width = filters // 2 if kind == "seresnext" else filters
         mid_strides = strides
         y = make.conv(filters // 2 if kind == "senet" else width, 1, p + "conv1")(x)
-    y = _relu(p + "relu1")(make.bn(p + "bn1")(y))
+    y = relu(p + "relu1")(make.bn(p + "bn1")(y))
     y = _pad(p + "pad2")(y)
     y = make.conv(width, 3, p + "conv2", strides=mid_strides, groups=groups)(y)
-    y = _relu(p + "relu2")(make.bn(p + "bn2")(y))
+    y = relu(p + "relu2")(make.bn(p + "bn2")(y))
     y = make.bn(p + "bn3")(make.conv(filters, 1, p + "conv3")(y))
     shortcut = x
     if strides != 1 or x.shape[-1] != filters:
@@ -91,7 +87,7 @@ def _unit(make: _Maker, x, filters: int, kind: str, groups: int, strides: int, f
             shortcut = make.conv(filters, 1, p + "sc", strides=strides)(x)
         shortcut = make.bn(p + "sc_bn")(shortcut)
     y = _se(make, y, p)
-    return _relu(p + "relu")(keras.layers.Add(name=p + "add")([y, shortcut]))
+    return relu(p + "relu")(keras.layers.Add(name=p + "add")([y, shortcut]))
 
 
 def SMSENet(  # noqa: N802 - a model constructor, named as keras.applications' are
@@ -121,40 +117,28 @@ def SMSENet(  # noqa: N802 - a model constructor, named as keras.applications' a
     """
     if name not in VARIANTS:
         raise ModelError(f"SMSENet: name={name!r}; expected one of {sorted(VARIANTS)}")
-    units, kind, groups, stem3x3 = VARIANTS[name]
+    counts, kind, groups, stem3x3 = VARIANTS[name]
     make = _Maker()
     x = image = model_input("SMSENet", include_top, input_tensor, input_shape, name="input")
     if stem3x3:
         for i, (filters, strides) in enumerate(((64, 2), (64, 1), (128, 1))):
             x = make.conv(filters, 3, f"conv0_{i + 1}", strides=strides)(_pad(f"pad0_{i + 1}")(x))
-            x = _relu("relu0" if i == 2 else f"relu0_{i + 1}")(make.bn(f"bn0_{i + 1}")(x))
+            x = relu("relu0" if i == 2 else f"relu0_{i + 1}")(make.bn(f"bn0_{i + 1}")(x))
     else:
         x = make.conv(64, 7, "conv0", strides=2)(keras.layers.ZeroPadding2D(3, name="pad0")(x))
-        x = _relu("relu0")(make.bn("bn0")(x))
+        x = relu("relu0")(make.bn("bn0")(x))
     x = keras.layers.MaxPooling2D(3, strides=2, name="pooling0")(_pad("pooling0_pad")(x))
-    for stage, count in enumerate(units):
-        for unit in range(count):
-            strides = 2 if unit == 0 and stage > 0 else 1
-            x = _unit(make, x, 256 * 2**stage, kind, groups, strides, stage == 0 and unit == 0,
-                      f"stage{stage + 1}_unit{unit + 1}_")
+    for stage, unit, strides, prefix in units(counts):
+        x = _unit(make, x, 256 * 2**stage, kind, groups, strides, stage == 0 and unit == 0, prefix)
     return finish(image, input_tensor, x, name, weights, order=make.order, by_name=False)
 
 
 def features(name: str) -> dict[int, str]:
     """sm's skip layers of ``name`` by stride: the stem's last ReLU, then each stride's last unit output."""
-    units = VARIANTS[name][0]
-    return {2: "relu0", **{2 ** (s + 2): f"stage{s + 1}_unit{units[s]}_relu" for s in range(3)}}
-
-
-def _variant(name: str, title: str):
-    def build(include_top=False, weights=None, input_tensor=None, input_shape=None):
-        return SMSENet(name, include_top, weights, input_tensor, input_shape)
-
-    build.__name__ = build.__qualname__ = title
-    build.__doc__ = f"segmentation_models' {title} (:func:`SMSENet` with name={name!r})."
-    return build
+    counts = VARIANTS[name][0]
+    return {2: "relu0", **{2 ** (s + 2): f"stage{s + 1}_unit{counts[s]}_relu" for s in range(3)}}
 
 
 SEResNet50, SEResNet101, SEResNet152, SEResNeXt50, SEResNeXt101, SENet154 = (
-    _variant(n, t) for n, t in zip(VARIANTS, ("SEResNet50", "SEResNet101", "SEResNet152", "SEResNeXt50",
-                                               "SEResNeXt101", "SENet154")))
+    variant(SMSENet, n, t) for n, t in zip(VARIANTS, ("SEResNet50", "SEResNet101", "SEResNet152", "SEResNeXt50",
+                                                      "SEResNeXt101", "SENet154")))

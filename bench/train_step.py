@@ -191,25 +191,28 @@ class _VerboseCapture:
 
     def __init__(self):
         import ctypes
-        import tempfile
 
         self._fflush = ctypes.CDLL(None).fflush
         sys.stdout.flush()
         sys.stdout = os.fdopen(os.dup(1), "w", buffering=1)
         self._null = os.open(os.devnull, os.O_WRONLY)
-        self._path = Path(tempfile.mkstemp(prefix="onednn-", suffix=".log")[1])
         os.dup2(self._null, 1)
 
     def start(self) -> None:
+        import tempfile
+
         self._fflush(None)
-        fd = os.open(self._path, os.O_WRONLY | os.O_TRUNC)
+        fd, self._path = tempfile.mkstemp(prefix="onednn-", suffix=".log")
         os.dup2(fd, 1)
         os.close(fd)
 
     def stop(self) -> list[str]:
         self._fflush(None)
         os.dup2(self._null, 1)
-        return self._path.read_text().splitlines()
+        path = Path(self._path)
+        lines = path.read_text().splitlines()
+        path.unlink()
+        return lines
 
 
 def _matmul_gflops() -> float:
@@ -321,7 +324,7 @@ def kernels(args, variants, base: list[str]) -> None:
         lambda v: {**_env(v), "ONEDNN_VERBOSE": "1", "TF_NUM_INTEROP_THREADS": "1"}, args.rounds, cwd=ROOT,
         on_reply=lambda v, answer: rounds[v].append(answer["kernels"]))
 
-    tables, info = {}, {}
+    tables = {}
     for v in variants:
         conv_keys = {k for r in rounds[v] for k in r["conv"]}
         kinds = {k for r in rounds[v] for k in r["kinds"]}
@@ -329,8 +332,7 @@ def kernels(args, variants, base: list[str]) -> None:
             "conv": {k: tuple(statistics.median(r["conv"].get(k, (0.0, 0.0))[i] for r in rounds[v]) for i in (0, 1))
                      for k in conv_keys},
             "kinds": {k: statistics.median(r["kinds"].get(k, 0.0) for r in rounds[v]) for k in kinds}}
-        info[v] = {"matmul_gflops": ready[v]["matmul_gflops"], "step_s": args.batch / statistics.median(speeds[v])}
-    peak = max(i["matmul_gflops"] for i in info.values())
+    peak = max(ready[v]["matmul_gflops"] for v in variants)
     conv_total = {v: [t["kinds"].get("convolution", 0.0), sum(g for _, g in t["conv"].values())]
                   for v, t in tables.items()}
 
@@ -352,7 +354,8 @@ def kernels(args, variants, base: list[str]) -> None:
     for kind in sorted({k for t in tables.values() for k in t["kinds"]} - {"convolution"}):
         row(kind, [(t["kinds"].get(kind, 0.0), 0) for t in tables.values()])
     row("all oneDNN kernels", [(sum(t["kinds"].values()), 0) for t in tables.values()])
-    row("training step (wall, under verbose)", [(info[v]["step_s"] * 1e3, 0) for v in variants])
+    row("training step (wall, under verbose)", [(args.batch / statistics.median(speeds[v]) * 1e3, 0)
+                                                 for v in variants])
     row("all convolutions at the matmul rate", [(gf / peak * 1e3, 0) for _, gf in conv_total.values()])
 
 

@@ -31,6 +31,10 @@ Variants:
     tfseg-xla     tfseg compiled with jit_compile=True.
     <variant>-interop1  any of these with TF_NUM_INTEROP_THREADS=1 (TensorFlow runs one op at a time,
                   each on both cores; the default lets independent ops share them).
+    <variant>-fusible   any of these with TensorFlow's auto-clustering of the element-wise ops only
+                  (TF_XLA_FLAGS: --tf_xla_auto_jit=2 --tf_xla_cpu_global_jit
+                  --tf_xla_ops_to_cluster=FUSIBLE): XLA fuses the chains of element-wise ops between
+                  the convolutions, which stay oneDNN's.
 
 Usage (``--bn-micro`` times one BatchNormalization layer, Keras 3 against tf_keras fused/unfused;
 ``--profile`` sums the op time of a training step by op type for each variant; ``--kernels`` times
@@ -65,6 +69,9 @@ def _env(variant: str) -> dict:
     if variant.endswith("-interop1"):
         env["TF_NUM_INTEROP_THREADS"] = "1"
         variant = variant.removesuffix("-interop1")
+    if variant.endswith("-fusible"):
+        env["TF_XLA_FLAGS"] = "--tf_xla_auto_jit=2 --tf_xla_cpu_global_jit --tf_xla_ops_to_cluster=FUSIBLE"
+        variant = variant.removesuffix("-fusible")
     if variant.startswith("sm"):
         env["SM_FRAMEWORK"] = "tf.keras"
         if variant != "sm-keras3":
@@ -113,7 +120,7 @@ def worker(args) -> None:
     """Build, compile, take the first step, warm up, then run rounds on request from stdin."""
     import numpy as np
 
-    variant = args.worker.removesuffix("-interop1")
+    variant = args.worker.removesuffix("-interop1").removesuffix("-fusible")
     model, prep = _build(variant, args.size)
     keras = sys.modules[type(model).__module__.split(".")[0]]
     x, y = _data(args.size, args.batch)

@@ -81,17 +81,17 @@ SM_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _sm_counts(cases) -> dict:
-    proc = subprocess.run([sys.executable, "-c", SM_SCRIPT, json.dumps(cases)], env=sm_env(), capture_output=True,
-                          text=True, timeout=1200)
+def _sm_counts(cases, legacy_keras: bool = False) -> dict:
+    proc = subprocess.run([sys.executable, "-c", SM_SCRIPT, json.dumps(cases)], env=sm_env(legacy_keras),
+                          capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
     return json.loads(line[len("RESULT"):])
 
 
-def _compare(sm_arch: str, backbones) -> None:
+def _compare(sm_arch: str, backbones, legacy_keras: bool = False) -> None:
     cases = [(sm_arch, b, _size(sm_arch)) for b in backbones]
-    sm_counts = _sm_counts(cases)
+    sm_counts = _sm_counts(cases, legacy_keras)
     for _, backbone, size in cases:
         model = _tfseg(SM_TWINS[sm_arch], backbone, size)
         ref = sm_counts[f"{sm_arch}/{backbone}"]
@@ -123,6 +123,25 @@ def test_sm_unet_classification_models_backbones_same_trainable_params_and_shape
 def test_sm_twins_on_classification_models_backbones(sm_arch):
     """FPN, Linknet and PSPNet on sm's own networks (pre-activation ResNet, SE-ResNet, ResNeXt, SE-ResNeXt)."""
     _compare(sm_arch, ["resnet34", "seresnet18", "resnext50", "seresnext50"])
+
+
+# sm 1.0.1 on tf_keras, at 64x64 (PSPNet 96x96), 1 class: trainable parameters. sm skips from the DenseNet
+# transitions' convolutions (pool2_conv, pool3_conv, pool4_conv), before their pooling, half the channels
+# of the block outputs.
+SM_DENSENET121 = {"unet": 12_059_345, "fpn": 9_825_793, "linknet": 8_267_121, "pspnet": 3_143_297}
+
+
+@pytest.mark.parametrize("arch", sorted(SM_DENSENET121))
+def test_densenet_twins_match_sm_counts(arch):
+    model = _tfseg(arch, "densenet121", _size("PSPNet" if arch == "pspnet" else "Unet"))
+    assert _trainable(model) == SM_DENSENET121[arch]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sm_arch", sorted(SM_TWINS))
+def test_sm_twins_on_densenet(sm_arch):
+    """sm's DenseNets fail to build under Keras 3, so sm runs on tf_keras here."""
+    _compare(sm_arch, ["densenet121", "densenet169", "densenet201"], legacy_keras=True)
 
 
 def test_sm_bridge_rejects_unknown_sm_arch_without_importing_sm():

@@ -220,7 +220,7 @@ for _depth in (121, 169, 201):
     ENCODERS.register(
         f"densenet{_depth}",
         EncoderSpec(
-            f"DenseNet{_depth}", {2: "conv1_relu", 4: "pool2_relu", 8: "pool3_relu", 16: "pool4_relu"}, TORCH
+            f"DenseNet{_depth}", {2: "conv1_relu", 4: "pool2_conv", 8: "pool3_conv", 16: "pool4_conv"}, TORCH
         ),
     )
 ENCODERS.register(

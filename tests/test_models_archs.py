@@ -239,3 +239,31 @@ def test_pix2pix_options():
         build_model(_cfg("pix2pix_unet", (32, 32, 3), options={"frozen": True}))
     with pytest.raises(ModelError, match="input width 100 is not divisible by 32"):
         build_model(_cfg("pix2pix_unet", (64, 100, 3)))
+
+
+def test_unet_encoder_features_picks_the_skip_strides():
+    from tfseg.models.unet import Unet
+
+    # VGG has a full-resolution block: (16, 8, 4, 2, 1) skips from it too, as sm's encoder_features can
+    model = Unet("vgg16", input_shape=(64, 64, 3), encoder_weights=None, encoder_features=(16, 8, 4, 2, 1))
+    concat = model.get_layer("decoder_stage4_concat")
+    assert [tuple(t.shape[1:]) for t in concat.input] == [(64, 64, 32), (64, 64, 64)]
+    default = Unet("vgg16", input_shape=(64, 64, 3), encoder_weights=None)
+    assert "decoder_stage4_concat" not in {layer.name for layer in default.layers}
+    # fewer strides than blocks: the last blocks upsample without a skip
+    short = Unet("efficientnetb0", input_shape=(64, 64, 3), encoder_weights=None, encoder_features=[16, 8])
+    assert {layer.name for layer in short.layers if layer.name.endswith("_concat")} == {
+        "decoder_stage0_concat", "decoder_stage1_concat"}
+
+
+@pytest.mark.parametrize("backbone, features, bad", [
+    ("efficientnetb0", ["block6a_expand_activation"], "'block6a_expand_activation'"),  # sm's layer names
+    ("efficientnetb0", (16, 8, 4, 2, 1), "1"),  # EfficientNet has no stride-1 feature
+    ("convnexttiny", (16, 8, 4, 2), "2"),  # nor ConvNeXt a stride-2 one
+])
+def test_unet_encoder_features_rejects_what_the_encoder_lacks(backbone, features, bad):
+    from tfseg.models.unet import Unet
+
+    with pytest.raises(ModelError, match=rf"unet: encoder_features=.*: {bad} is not a feature stride of {backbone}; "
+                                         r"expected 'default' or strides, deepest first, from \["):
+        Unet(backbone, input_shape=(64, 64, 3), encoder_weights=None, encoder_features=features)

@@ -182,6 +182,32 @@ def test_sm_bridge_builds_sm_unet_in_tfseg_contract():
     assert "RESNET [] (None, 64, 64, 1)" in proc.stdout.splitlines()
 
 
+def test_sm_bridge_offline_imagenet_says_to_pass_a_file(tmp_path):
+    """sm downloads its backbones' weights with keras' get_file; offline (here: every URL through a proxy
+    that refuses) the bridge says what to do instead of keras' bare ``Exception``."""
+    from tests.conftest import require_sm
+
+    require_sm()
+    script = textwrap.dedent("""
+        from tfseg.config import ModelConfig
+        from tfseg.errors import ModelError
+        from tfseg.models import build_model
+        try:
+            build_model(ModelConfig(arch="sm.Unet", backbone="mobilenetv2", input_shape=(64, 64, 3), classes=1,
+                                    encoder_weights="imagenet"))
+        except ModelError as err:
+            print("ERROR", err)
+    """)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "HOME": str(tmp_path), "KERAS_HOME": str(tmp_path / "keras"),
+           "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+    env.pop("TF_USE_LEGACY_KERAS", None)
+    env.pop("SM_FRAMEWORK", None)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ERROR sm.Unet('mobilenetv2'): could not download ImageNet weights (offline?); pass encoder_weights=<path" \
+        in proc.stdout, proc.stdout[-2000:]
+
+
 def test_every_sm_backbone_has_a_tfseg_twin_of_the_same_name():
     """A notebook's sm.Unet(name) ports by its import for every backbone segmentation_models has."""
     from tests.conftest import require_sm

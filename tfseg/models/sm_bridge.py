@@ -79,6 +79,13 @@ def build_sm_model(cfg: ModelConfig) -> keras.Model:
     except (ValueError, KeyError, TypeError) as err:
         first = str(err).splitlines()[0] if str(err) else repr(err)
         raise ModelError(f"sm.{name}({cfg.backbone!r}): {first}") from None
+    except Exception as err:  # keras' get_file raises a bare Exception when the download fails
+        if cfg.encoder_weights != "imagenet":
+            raise
+        first = str(err).splitlines()[0] if str(err) else repr(err)
+        raise ModelError(f"sm.{name}({cfg.backbone!r}): could not download ImageNet weights (offline?); pass "
+                         f"encoder_weights=<path to the backbone's .h5 weights file> or null "
+                         f"({type(err).__name__}: {first})") from None
 
     image = keras.Input(shape, name="image")
     x = image

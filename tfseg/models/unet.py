@@ -31,7 +31,7 @@ from tfseg.errors import ModelError
 from tfseg.models import ARCHS
 from tfseg.models.blocks import DECODER_BLOCKS, conv3x3_bn_relu
 from tfseg.models.common import freeze_encoder, segmentation_head
-from tfseg.models.encoders import available_strides, encoder_on_input
+from tfseg.models.encoders import available_strides, encoder_on_input, get_encoder_spec
 
 ARCH = "unet"
 SIZE_MULTIPLE = 32
@@ -77,18 +77,15 @@ def Unet(  # noqa: N802 - the segmentation_models name, so notebooks port by cha
         [B, H * 2**len(decoder_filters) / 32, ..., classes] (H x W for five blocks).
 
     Raises:
-        ModelError: unknown backbone or block type, input size not divisible by 32, bad weights.
+        ModelError: unknown backbone or block type, a stride the encoder lacks in ``encoder_features``,
+            input size not divisible by 32, bad weights.
     """
     if decoder_block_type not in DECODER_BLOCKS:
         raise ModelError(f"Received: decoder_block_type={decoder_block_type!r}. Expected one of "
                          f"{sorted(DECODER_BLOCKS)}")
     if not decoder_filters:
         raise ModelError("unet: decoder_filters must name at least one block, e.g. [256, 128, 64, 32, 16]")
-    if encoder_features == "default":
-        skip_strides = available_strides(backbone_name, SKIP_STRIDES)
-    else:
-        skip_strides = tuple(int(s) for s in encoder_features)
-    skip_strides = skip_strides[: len(decoder_filters)]
+    skip_strides = _skip_strides(backbone_name, encoder_features)[: len(decoder_filters)]
 
     image, (x, *skips), encoder = encoder_on_input(backbone_name, input_shape, encoder_weights,
                                                    (32, *skip_strides), arch=ARCH, multiple=SIZE_MULTIPLE)
@@ -107,6 +104,22 @@ def Unet(  # noqa: N802 - the segmentation_models name, so notebooks port by cha
     if weights is not None:
         model.load_weights(weights)
     return model
+
+
+def _skip_strides(backbone_name: str, encoder_features) -> tuple[int, ...]:
+    """The encoder strides to skip from: ``default``, or the strides given, each one the encoder has."""
+    if isinstance(encoder_features, str) and encoder_features == "default":
+        return available_strides(backbone_name, SKIP_STRIDES)
+    have = [s for s in get_encoder_spec(backbone_name).strides if s < 32]
+    entries = [encoder_features] if isinstance(encoder_features, (str, int)) else list(encoder_features)
+    for entry in entries:
+        if isinstance(entry, bool) or not isinstance(entry, int) or entry not in have:
+            raise ModelError(
+                f"unet: encoder_features={encoder_features!r}: {entry!r} is not a feature stride of "
+                f"{backbone_name}; expected 'default' or strides, deepest first, from {have} (tfseg picks "
+                "segmentation_models' skip layers by stride, not by layer name: docs/models.md lists them)"
+            )
+    return tuple(entries)
 
 
 def _ends_with_pooling(encoder: keras.Model) -> bool:

@@ -14,6 +14,7 @@ import importlib
 import keras
 
 from tfseg.config import ModelConfig
+from tfseg.models.sm_port import load_sm_weights as load_sm_weights  # segmentation_models' files, by name
 from tfseg.registry import Registry
 
 ARCHS: Registry = Registry("arch")

@@ -6,6 +6,12 @@ convolution's kernel ``[k, k, 3, F] -> [k, k, C, F]`` as segmentation_models_pyt
 ``in_channels`` does: C = 1 sums the RGB kernels; otherwise channel i takes RGB channel ``i % 3``
 and the kernel is scaled by ``3 / C``. For caffe-style encoders (VGG, ResNet v1, trained on BGR)
 the kernel is flipped to RGB order first, so the model always takes RGB (or gray) input.
+
+A weights file is loaded as Keras loads it (by topology); a Keras 2 HDF5 file (``.h5``) that does not
+fit that way is matched by layer name (:func:`tfseg.models.sm_port.load_by_name`): segmentation_models'
+and the ``efficientnet`` package's EfficientNet files (no input ``Normalization``, which tfseg sets from
+the encoder table), or a whole sm model's file (its decoder's layers are left aside). Every weighted layer
+of the encoder must be in it with the right shapes.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import numpy as np
 
 from tfseg.errors import ModelError
 from tfseg.models.encoders import adapt_constants
+from tfseg.models.sm_port import is_keras2_h5, load_by_name
 
 
 def adapt_first_kernel(kernel: np.ndarray, channels: int, bgr: bool = False) -> np.ndarray:
@@ -51,27 +58,39 @@ def _pretrained_source(name: str, spec, weights: str) -> keras.Model:
                 f"encoder_weights={weights!r}: no such file; expected null, 'imagenet' or the path "
                 f"of a {spec.model_name} weights file (.h5 / .weights.h5)"
             )
+    shape = (None, None, 3) if spec.exact else (max(spec.min_size, 75), max(spec.min_size, 75), 3)
+    own = ":" in spec.constructor  # tfseg's constructors (sm's networks) load files their own way
+    source = None
     try:
-        return spec.make(
-            include_top=False,
-            weights=weights,
-            input_shape=(None, None, 3)
-            if spec.exact
-            else (max(spec.min_size, 75), max(spec.min_size, 75), 3),
-        )
+        if weights == "imagenet" or own:
+            return spec.make(include_top=False, weights=weights, input_shape=shape)
+        source = spec.make(include_top=False, weights=None, input_shape=shape)
+        source.load_weights(weights)  # what keras.applications does with a file
+        return source
     except ModelError:
         raise
     except Exception as err:  # download failures surface as Exception from keras' get_file
+        first = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         if weights == "imagenet":
             raise ModelError(
                 f"could not download ImageNet weights for {name} (offline?); pass "
-                f"encoder_weights=<path to .h5/.weights.h5 file> ({type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else ''})"
+                f"encoder_weights=<path to .h5/.weights.h5 file> ({first})"
             ) from None
+        if source is None or not is_keras2_h5(weights):
+            raise ModelError(
+                f"encoder_weights={weights!r}: could not load it into {spec.model_name} ({first})"
+            ) from None
+    # A Keras 2 HDF5 file that Keras' topological load does not fit (the efficientnet package's
+    # EfficientNet, as sm saves and publishes it, lacks keras.applications' input Normalization; a whole
+    # sm model holds a decoder too): its layers of the encoder's names, every one required.
+    try:
+        load_by_name(source, weights, spec.model_name)
+    except ModelError as err:
+        text = str(err).removeprefix(weights)  # the message starts with the file's path
         raise ModelError(
-            f"encoder_weights={weights!r}: could not load it into {spec.model_name} "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+            f"encoder_weights={weights!r}{text} (Keras' topological load failed too: {first})"
         ) from None
+    return source
 
 
 def load_pretrained(backbone: keras.Model, name: str, spec, weights: str, channels: int) -> None:

@@ -17,6 +17,7 @@ from tests.conftest import require_sm, sm_env
 from tfseg.errors import ModelError
 from tfseg.models.common import freeze_encoder, unfreeze_encoder
 from tfseg.models.encoders import ENCODERS, adapt_constants, build_encoder, encoder_names, get_encoder_spec
+from tfseg.models.fpn import FPN
 from tfseg.models.unet import Unet
 from tfseg.models.weights import adapt_first_kernel
 
@@ -45,15 +46,16 @@ def test_table_lists_the_issue_encoders_and_real_constructors():
     wanted |= {f"resnet{d}{v}" for d in (50, 101, 152) for v in ("", "v1", "v2")} | {"resnet18", "resnet34"}
     wanted |= {"mobilenetv3small", "mobilenetv3large"} | {f"convnext{v}" for v in ("tiny", "small", "base", "large",
                                                                                   "xlarge")}
+    wanted |= {"nasnetmobile", "nasnetlarge"}
     assert wanted <= names
     for name, spec in ENCODERS.items():
         assert callable(spec.resolve()), name
         assert spec.strides[0] == 32 and set(spec.features) >= {4, 8, 16}, name
         assert 2 in spec.features or name.startswith("convnext"), name  # ConvNeXt's stem has stride 4
-    # every keras.applications image model is in the table, NASNet aside (docs/models.md says why)
+    # every keras.applications image model is in the table
     used = {spec.constructor for _, spec in ENCODERS.items()}
     models = {n for n in dir(keras.applications) if n[0].isupper() and callable(getattr(keras.applications, n))}
-    assert models - used == {"NASNetLarge", "NASNetMobile"}
+    assert {"NASNetMobile", "NASNetLarge", "VGG16"} <= models and models - used == set(), sorted(models - used)
 
 
 def test_unknown_backbone_names_the_nearest():
@@ -68,6 +70,12 @@ def test_bad_stride_and_unfixed_size_are_clear_errors():
         build_encoder("inceptionv3", (None, None, 3))
     with pytest.raises(ModelError, match="too small; the smallest size that works is 75"):
         build_encoder("inceptionv3", (64, 64, 3))
+    # keras' NASNet cells compare static shapes to decide when to downsample: with None sizes keras builds
+    # another network (no downsampling adjust blocks) that fails when it runs
+    with pytest.raises(ModelError, match="nasnetmobile needs a fixed input size"):
+        build_encoder("nasnetmobile", (None, 64, 3))
+    with pytest.raises(ModelError, match="input width 16 is too small; the smallest size that works is 32$"):
+        build_encoder("nasnetlarge", (64, 16, 3))
 
 
 def test_adapt_first_kernel_follows_smp_rule():
@@ -126,6 +134,147 @@ def test_encoder_with_keras_own_preprocessing_equals_keras_model(tmp_path, name,
         gray = build_encoder(name, (64, 64, 1), weights=path, strides=(32,))(g)
         gray = gray[0] if isinstance(gray, list) else gray
         np.testing.assert_allclose(_np(gray), _np(reference(np.repeat(g, 3, axis=-1))), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# NASNet (keras.applications' NASNetMobile and NASNetLarge)
+# ---------------------------------------------------------------------------------------------
+
+# keras' NASNet layers whose ReLU a segmentation model should skip from, at strides 16, 8, 4 and 2: the last
+# normal cell before each reduction cell, the stem's first reduction cell, the stem's convolution.
+_NASNET_LAST_CELLS = {"NASNetMobile": ("normal_concat_8", "normal_concat_3", "reduction_concat_stem_1", "stem_bn1"),
+                      "NASNetLarge": ("normal_concat_12", "normal_concat_5", "reduction_concat_stem_1", "stem_bn1")}
+
+
+def _kvasir(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first Kvasir-SEG image [1, size, size, 3] in 0..255 and its mask [1, size, size, 1] in {0, 1}."""
+    from PIL import Image
+
+    from tests.conftest import shared_path
+
+    root = shared_path("kvasir_seg")
+    path = sorted((root / "images").glob("*.jpg"))[0]
+    image = np.asarray(Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR), "float32")
+    mask = np.asarray(Image.open(root / "masks" / path.name).convert("L").resize((size, size), Image.NEAREST)) > 127
+    return image[None], mask[None, ..., None].astype("float32")
+
+
+def _nasnet_source(ctor: str, size: int, path: str) -> keras.Model:
+    """keras' ``ctor`` (weights=None) at a fixed size, BatchNorm statistics and affine terms moved from their
+    defaults (a wrongly matched BatchNorm then shows), its weights saved to ``path``."""
+    keras.utils.set_random_seed(5)
+    model = getattr(keras.applications, ctor)(include_top=False, weights=None, input_shape=(size, size, 3))
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 1.5, n), rng.normal(0, 0.1, n), rng.normal(0, 0.2, n),
+                               rng.uniform(0.5, 1.5, n)])
+    model.save_weights(path)
+    return model
+
+
+def _nasnet_features(source: keras.Model, ctor: str, image: np.ndarray) -> list[np.ndarray]:
+    """keras' own features at strides 32, 16, 8, 4, 2 on ``image`` (0..255, keras' preprocess_input applied),
+    found apart from tfseg's table: the model's output, the ReLU of :data:`_NASNET_LAST_CELLS`; the stem's is
+    valid-padded (input/2 - 1 wide) and is zero-padded at the bottom and right, where a 'same' one pads."""
+    names = _NASNET_LAST_CELLS[ctor]
+    model = keras.Model(source.input, [source.output] + [source.get_layer(n).output for n in names])
+    out = [_np(f) for f in model(keras.applications.nasnet.preprocess_input(image.copy()))]
+    out[1:] = [np.maximum(f, 0.0) for f in out[1:]]
+    assert out[-1].shape[1] == image.shape[1] // 2 - 1
+    out[-1] = np.pad(out[-1], ((0, 0), (0, 1), (0, 1), (0, 0)))
+    return out
+
+
+def _assert_features(got, expected):
+    for stride, a, b in zip((32, 16, 8, 4, 2), got, expected):
+        assert a.shape == b.shape, (stride, a.shape, b.shape)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max(), err_msg=f"stride {stride}")
+
+
+@pytest.fixture(scope="module")
+def nasnet_mobile(tmp_path_factory):
+    """(weights file, keras' NASNetMobile at 64x64 holding those weights)."""
+    path = str(tmp_path_factory.mktemp("nasnet") / "NASNetMobile.weights.h5")
+    return path, _nasnet_source("NASNetMobile", 64, path)
+
+
+def test_nasnetmobile_unet_loads_a_weights_file_and_skips_from_each_strides_last_cell(nasnet_mobile):
+    """tfseg's nasnetmobile, loaded from a file of keras' NASNetMobile(weights=None), gives keras' own features
+    on a real Kvasir image (tf-style preprocessing inside the model, keras' preprocess_input outside): the
+    output at stride 32, the ReLU of normal cells 8 and 3 and of the stem's first reduction cell at 16, 8, 4,
+    and the stem's 31x31 ReLU zero-padded to 32x32 at stride 2; the U-Net skips from all four and trains (its
+    encoder frozen: an eager step through NASNet's backward pass takes 5 to 15 s here; the slow NASNetLarge
+    test trains one unfrozen)."""
+    path, source = nasnet_mobile
+    image, mask = _kvasir(64)
+    model = Unet("nasnetmobile", input_shape=(64, 64, 3), classes=1, encoder_weights=path, encoder_freeze=True,
+                 decoder_filters=(16, 16, 8, 8, 8))
+    got = [_np(f) for f in model.get_layer("encoder")(image)]
+    _assert_features(got, _nasnet_features(source, "NASNetMobile", image))
+    concat_inputs = [layer.input for layer in model.layers if isinstance(layer, keras.layers.Concatenate)]
+    skips = [tuple(inputs[1].shape[1:]) for inputs in concat_inputs]  # (upsampled, skip)
+    assert skips == [(4, 4, 528), (8, 8, 264), (16, 16, 44), (32, 32, 32)]
+    assert model.output.shape == (None, 64, 64, 1)
+    head = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)][-1]
+    kernel = _np(head.kernel).copy()
+    model.compile(optimizer="adam", loss="binary_crossentropy", run_eagerly=True)  # tracing takes minutes
+    assert np.isfinite(model.train_on_batch(image, mask))
+    assert not np.allclose(_np(head.kernel), kernel)
+
+
+def test_nasnetmobile_gray_fpn_at_another_size_loads_the_file_and_trains(nasnet_mobile):
+    """With 1 input channel (and at 96x96, the file made at 64x64) FPN loads the same file: the stem kernel is
+    the sum of the RGB kernels, every other weight is the file's; its features are input/stride and it trains
+    (encoder frozen, as in the U-Net test)."""
+    path, source = nasnet_mobile
+    image, mask = _kvasir(96)
+    gray = image.mean(-1, keepdims=True)
+    model = FPN("nasnetmobile", input_shape=(96, 96, 1), classes=1, activation="sigmoid", encoder_weights=path,
+                encoder_freeze=True, pyramid_block_filters=16)
+    encoder = model.get_layer("encoder")
+    assert [tuple(t.shape[1:3]) for t in encoder.outputs] == [(96 // s, 96 // s) for s in (32, 16, 8, 4, 2)]
+    weighted = [[layer for layer in m.layers if layer.weights and layer.name != "preprocess"]
+                for m in (source, encoder)]
+    assert [layer.name for layer in weighted[0]] == [layer.name for layer in weighted[1]]
+    kernel = encoder.get_layer("stem_conv1").get_weights()[0]
+    np.testing.assert_allclose(kernel, source.get_layer("stem_conv1").get_weights()[0].sum(2, keepdims=True), rtol=1e-6)
+    for a, b in zip(*weighted):
+        if a.name != "stem_conv1":
+            for u, v in zip(a.get_weights(), b.get_weights(), strict=True):
+                np.testing.assert_array_equal(u, v, err_msg=a.name)
+    assert model.output.shape == (None, 96, 96, 1)
+    model.compile(optimizer="adam", loss="binary_crossentropy", run_eagerly=True)
+    assert np.isfinite(model.train_on_batch(gray, mask))
+
+
+@pytest.mark.slow
+def test_nasnetlarge_loads_a_weights_file_and_linknet_pspnet_take_nasnet(tmp_path):
+    """NASNetLarge (85M parameters, 1039 layers) as NASNetMobile: loaded from a file of keras' own model it gives
+    keras' features (the ReLU of normal cells 12 and 5 at strides 16 and 8) on a real Kvasir image, and its
+    U-Net takes a training step with the encoder trainable, every NASNet weight getting a gradient; Linknet and
+    PSPNet build on nasnetmobile."""
+    from tfseg.models.linknet import Linknet
+    from tfseg.models.pspnet import PSPNet
+
+    image, mask = _kvasir(64)
+    path = str(tmp_path / "NASNetLarge.weights.h5")
+    source = _nasnet_source("NASNetLarge", 64, path)
+    model = Unet("nasnetlarge", input_shape=(64, 64, 3), classes=1, encoder_weights=path,
+                 decoder_filters=(16, 16, 8, 8, 8))
+    got = [_np(f) for f in model.get_layer("encoder")(image)]
+    _assert_features(got, _nasnet_features(source, "NASNetLarge", image))
+    encoder = model.get_layer("encoder")
+    before = [_np(w).copy() for w in encoder.trainable_weights]
+    model.compile(optimizer="adam", loss="binary_crossentropy", run_eagerly=True)
+    assert np.isfinite(model.train_on_batch(image, mask))
+    unchanged = [w.path for w, b in zip(encoder.trainable_weights, before) if np.array_equal(_np(w), b)]
+    assert not unchanged, unchanged[:5]
+
+    assert Linknet("nasnetmobile", input_shape=(128, 128, 3), encoder_weights=None).output.shape == (None, 128, 128, 1)
+    psp = PSPNet("nasnetmobile", input_shape=(96, 96, 3), classes=2, encoder_weights=None, psp_conv_filters=16)
+    assert psp.output.shape == (None, 96, 96, 2)
 
 
 def test_caffe_encoder_takes_rgb_and_equals_keras_on_its_preprocessed_bgr(tmp_path):

@@ -14,7 +14,7 @@ Preprocessing is stored as per-channel ``mean``/``std`` in 0..255 units (RGB ord
   [.229, .224, .225]``.
 - ``caffe`` (VGG, keras' ResNet v1): ``x - [123.68, 116.78, 103.94]``; these were trained on BGR input,
   so the first convolution's pretrained kernel is flipped to RGB order instead of flipping the image.
-- ``tf`` (MobileNet v1/v2/v3, ResNet v2, Inception, Xception): ``x / 127.5 - 1``.
+- ``tf`` (MobileNet v1/v2/v3, ResNet v2, Inception, Xception, NASNet): ``x / 127.5 - 1``.
 - none (segmentation_models' ``resnet18`` ... ``resnet152``, ``seresnet18``, ``seresnet34``,
   ``resnext50``, ``resnext101``, :mod:`tfseg.models.sm_resnet`): the network's own input BatchNorm
   normalizes the 0..255 pixels.
@@ -23,8 +23,9 @@ The constructors are keras.applications' models, except segmentation_models' own
 (:mod:`tfseg.models.sm_resnet`, :mod:`tfseg.models.sm_senet`: ``resnet18`` ... ``resnet152``,
 ``resnext50/101``, ``seresnet*``, ``seresnext50/101``, ``senet154`` mean what they mean in ``sm.Unet``);
 keras.applications' ResNet v1 is ``resnet50v1``, ``resnet101v1``, ``resnet152v1``. Every
-keras.applications image model is here but NASNetMobile and NASNetLarge, whose cells interleave
-branches of different strides.
+keras.applications image model is here, NASNetMobile and NASNetLarge (``nasnetmobile``, ``nasnetlarge``)
+included: the first cell after each reduction cell also takes a tensor of twice its resolution, but the
+last cell at each stride outputs that stride alone, and that is the skip (see the table's comment).
 
 ConvNeXt's stem is a 4x4 convolution of stride 4, so it has no stride-2 features: U-Net and Linknet
 then skip from strides 16, 8 and 4 (their last two blocks upsample without a skip, as
@@ -70,8 +71,8 @@ class EncoderSpec:
         bgr: the pretrained weights expect BGR input (caffe style).
         builtin_norm: the keras model has its own Rescaling + Normalization (EfficientNet v1);
             tfseg sets that Normalization to ``norm`` instead of adding a layer.
-        exact: feature maps are exactly input/stride (``False`` for valid-padded Inception and
-            Xception: tfseg zero-pads them to input/stride, which needs a fixed input size).
+        exact: feature maps are exactly input/stride (``False`` for valid-padded Inception, Xception
+            and NASNet's stem: tfseg zero-pads them to input/stride, which needs a fixed input size).
         min_size: the smallest input side keras.applications accepts.
         kwargs: extra constructor arguments.
     """
@@ -245,6 +246,15 @@ ENCODERS.register(
         min_size=71,
     ),
 )
+# NASNet: at strides 2 to 16 the ReLU of the last cell's output (stem_bn1, the stem's first reduction cell,
+# normal cells 3 and 8 (Mobile) or 5 and 12 (Large)) as the next reduction cell takes it; keras names that
+# ReLU automatically, so it is reached as the input of that cell's 1x1 convolution. The stem convolution is
+# valid-padded: stride 2 is one pixel short and zero-padded. Keras' cells compare static shapes to decide
+# when to downsample their second input, so NASNet needs a fixed input size (exact=False asks for one).
+for _v, _cells in (("Mobile", ("stem_1", "stem_2", "reduce_4", "reduce_8")),
+                   ("Large", ("stem_1", "stem_2", "reduce_6", "reduce_12"))):
+    _features = {s: f"reduction_conv_1_{c}/input" for s, c in zip((2, 4, 8, 16), _cells)}
+    ENCODERS.register(f"nasnet{_v.lower()}", EncoderSpec(f"NASNet{_v}", _features, TF, exact=False, min_size=32))
 
 
 def encoder_names() -> list[str]:

@@ -52,8 +52,7 @@ def keras_probs(model, x, logits=False, classes=1):
 @pytest.mark.parametrize(("fmt", "tol"), [("savedmodel", 1e-5), ("tflite", 1e-4), ("onnx", 1e-4)])
 def test_export_reload_matches_keras(tmp_path, fmt, tol):
     if fmt == "onnx":
-        pytest.importorskip("tf2onnx")
-        pytest.importorskip("onnxruntime")
+        _need_onnx()
     model = small_model(size=None, classes=1, logits=True)
     x = kvasir_batch(64)
     out = export_model(model, fmt, tmp_path / f"m.{fmt}", input_shape=(64, 64, 3))
@@ -62,6 +61,62 @@ def test_export_reload_matches_keras(tmp_path, fmt, tol):
     assert 0.0 <= y.min() and y.max() <= 1.0  # logits were turned into probabilities inside
     np.testing.assert_allclose(y, keras_probs(model, x, logits=True), atol=tol)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _need_onnx():
+    for name in ("tf2onnx", "onnxruntime"):
+        pytest.importorskip(name, reason=f"{name} is not installed (pip install tfseg[export])")
+
+
+def normalization_model(size=32):
+    """Keras' ``Normalization`` layer with constant mean and variance, as EfficientNet encoders begin."""
+    import keras
+
+    inp = keras.Input((size, size, 3))
+    x = keras.layers.Rescaling(1 / 255)(inp)
+    x = keras.layers.Normalization(mean=[0.485, 0.456, 0.406], variance=[0.052, 0.050, 0.050])(x)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(x)
+    x = keras.layers.BatchNormalization()(x)
+    out = keras.layers.Conv2D(1, 1, activation="sigmoid", name="output")(x)
+    model = keras.Model(inp, out)
+    rng = np.random.default_rng(1)
+    model.set_weights([rng.normal(0, 0.5, w.shape).astype(np.float32) if w.ndim > 1 else w
+                       for w in model.get_weights()])
+    return model
+
+
+def _onnx_feeds(path) -> list[str]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return [i.name for i in session.get_inputs()]
+
+
+def test_onnx_export_of_a_normalization_layer_takes_only_the_image(tmp_path):
+    """The audit: the kvasir recipe's ONNX (EfficientNet: keras' Normalization layer) asked for
+    `.../normalization_1/Sub/y:0` and `.../Sqrt/x:0` besides `image`; now they are constants."""
+    _need_onnx()
+    model = normalization_model(32)
+    x = kvasir_batch(32)
+    out = export_model(model, "onnx", tmp_path / "norm.onnx")
+    assert _onnx_feeds(out) == ["image"]
+    np.testing.assert_allclose(load_serving("onnx", out)(x), keras_probs(model, x), atol=1e-4)
+    assert [p.name for p in tmp_path.iterdir()] == ["norm.onnx"]
+
+
+@pytest.mark.slow
+def test_onnx_export_of_an_efficientnet_unet_matches_keras(tmp_path):
+    """The kvasir recipe's architecture (unet, efficientnetb0; no download: random weights)."""
+    _need_onnx()
+    from tfseg.config import ModelConfig
+    from tfseg.models import build_model
+
+    model = build_model(ModelConfig(arch="unet", backbone="efficientnetb0", input_shape=(64, 64, 3), classes=1,
+                                    encoder_weights=None))
+    x = kvasir_batch(64)
+    out = export_model(model, "onnx", tmp_path / "effb0.onnx")
+    assert _onnx_feeds(out) == ["image"]
+    np.testing.assert_allclose(load_serving("onnx", out)(x), keras_probs(model, x), atol=1e-4)
 
 
 def test_savedmodel_multiclass_fixed_size_and_refuses_overwrite(tmp_path):

@@ -14,6 +14,7 @@ model's free size). Outputs are written atomically: under a temporary name, rena
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -109,18 +110,54 @@ def export_tflite(model, path: str | os.PathLike, input_shape=None) -> Path:
 
 
 def export_onnx(model, path: str | os.PathLike, input_shape=None, opset: int = ONNX_OPSET) -> Path:
-    """Write an ONNX model with tf2onnx (``pip install tfseg[export]``: tf2onnx, onnx, onnxruntime)."""
+    """Write a self-contained ONNX model with tf2onnx (``pip install tfseg[export]``: tf2onnx, onnx, onnxruntime).
+
+    The serving function is frozen first: its variables and the tensors it captures (the values of
+    Keras' ``Normalization`` layer, which EfficientNet encoders have) become constants of the graph.
+    ``tf2onnx.convert.from_function`` would make each captured tensor one more graph input besides
+    ``image`` (``.../normalization_1/Sub/y:0``) that a runtime then asks for. The written model has
+    exactly one input, ``image``, and one output, ``probabilities``; anything else is a ModelError.
+    """
     try:
         import tf2onnx
     except ImportError:
         raise ModelError("ONNX export needs tf2onnx: pip install 'tf2onnx>=1.17' onnx onnxruntime "
                          "(or pip install tfseg[export]).") from None
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
     path = Path(path)
     _fresh_output(path)
     h, w = _size(model, input_shape, static=True)
-    fn = serving_function(model, h, w)
-    proto, _ = tf2onnx.convert.from_function(fn, input_signature=fn.input_signature, opset=opset)
+    concrete = serving_function(model, h, w).get_concrete_function()
+    frozen = convert_variables_to_constants_v2(concrete)
+    inputs = [t.name for t in frozen.inputs]
+    outputs = [t.name for t in frozen.outputs]
+    rename = {inputs[0]: "image", **dict(zip(outputs, sorted(concrete.structured_outputs)))}
+    with _quiet_tf2onnx():
+        proto, _ = tf2onnx.convert.from_graph_def(frozen.graph.as_graph_def(), name="serve", input_names=inputs,
+                                                  output_names=outputs, opset=opset, tensors_to_rename=rename)
+    initializers = {t.name for t in proto.graph.initializer}
+    feeds = [i.name for i in proto.graph.input if i.name not in initializers]
+    if feeds != ["image"] or [o.name for o in proto.graph.output] != ["probabilities"]:
+        raise ModelError(f"ONNX export: the converted graph takes {feeds} and returns "
+                         f"{[o.name for o in proto.graph.output]}. Expected ['image'] and ['probabilities'].")
     return atomic_write_bytes(path, proto.SerializeToString())
+
+
+@contextlib.contextmanager
+def _quiet_tf2onnx():
+    """Keep tf2onnx's INFO lines and TensorFlow's v1-API deprecation notes (its graph freezing) off stderr."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("tf2onnx", "tensorflow")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def export_model(model, fmt: str, path: str | os.PathLike, input_shape=None) -> Path:

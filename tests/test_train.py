@@ -90,6 +90,64 @@ def test_train_fold_writes_the_run_layout(tmp_path):
     assert load_config(fold_dir / "config.yaml") == cfg
 
 
+# What a user writes to load a checkpoint in a fresh Python (each claim of docs/training.md in its own
+# process: a module imported earlier would register the classes and hide a missing registration).
+LOAD_AFTER_IMPORT_TFSEG = """
+import sys
+import tfseg
+assert "keras" not in sys.modules and "tensorflow" not in sys.modules, "import tfseg must stay light"
+import keras
+model = keras.models.load_model(sys.argv[1])
+assert type(model.loss).__name__ == "SegLoss", model.loss
+assert type(model.optimizer._learning_rate).__name__ == "WarmupDecay"
+print("LOADED", model.output_shape)
+"""
+LOAD_WITH_KERAS_ONLY = """
+import sys
+import keras
+model = keras.models.load_model(sys.argv[1], compile=False)  # the model alone: keras suffices
+assert not [m for m in sys.modules if m.startswith("tfseg")]
+import tfseg  # after keras: registers at once
+model = keras.models.load_model(sys.argv[1])
+print("LOADED", model.output_shape, type(model.loss).__name__)
+"""
+
+
+def test_checkpoints_load_with_keras_after_import_tfseg_in_a_fresh_process(tmp_path):
+    """The audit: best.keras did not load with `keras.models.load_model(p)` even after `import tfseg`
+    (`Could not locate class 'WarmupDecay'`, then 'SegLoss')."""
+    from tfseg.train import run
+
+    cfg = load_config(tiny_config(tmp_path, n=9, epochs=1), ["train.schedule=cosine", "train.folds=3"])
+    run(cfg, "0")
+    for name in ("best.keras", "last.keras"):
+        path = tmp_path / "runs" / "tiny" / "fold0" / name
+        for script in (LOAD_AFTER_IMPORT_TFSEG, LOAD_WITH_KERAS_ONLY):
+            proc = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
+                                  cwd=tmp_path, timeout=300)
+            assert proc.returncode == 0 and "LOADED (None, 32, 32, 1)" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_import_tfseg_registers_every_class_it_saves():
+    """Every module that registers a Keras-serializable class is in tfseg.SERIALIZABLE_MODULES, and
+    each registered class is known to Keras under its ``tfseg>`` name."""
+    import re
+
+    import tfseg
+
+    registering = sorted(
+        "tfseg." + ".".join(path.relative_to(ROOT / "tfseg").with_suffix("").parts)
+        for path in (ROOT / "tfseg").rglob("*.py")
+        if re.search(r"^@[\w.]*register_keras_serializable", path.read_text(), re.MULTILINE))
+    assert registering == sorted(tfseg.SERIALIZABLE_MODULES)
+    for module in registering:
+        source = (ROOT / Path(*module.split("."))).with_suffix(".py").read_text()
+        names = re.findall(r"register_keras_serializable\(package=\"tfseg\"\)\s*\nclass (\w+)", source)
+        assert names, module
+        for name in names:
+            assert keras.saving.get_registered_object(f"tfseg>{name}") is not None, name
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     params = tiny_config(tmp_path)
     assert cli.main(["train", "--config", str(params), "--set", "train.monitor=val_dice"]) == 2

@@ -130,7 +130,7 @@ class ModelConfig:
     backbone: str = opt("mobilenetv2", "Encoder name for architectures that take one (`tfseg.models.ENCODERS`).")
     input_shape: Optional[tuple[Optional[int], Optional[int], int]] = opt(
         None, "[height, width, channels]; null = data.image_size + data.channels ([null, null, channels], "
-              "any size, when data.val_size differs from image_size).")
+              "any size, when data.val_size differs from image_size). Its channels must equal data.channels.")
     classes: Optional[int] = opt(None, "Output classes; null = data.classes.", min=1)
     activation: str = opt("auto", "Output activation: auto (sigmoid for 1 class, softmax otherwise), "
                                   "sigmoid, softmax, or linear (logits).",
@@ -248,11 +248,17 @@ class Config:
     def replace(self, **sections) -> Config:
         """Return a copy with whole sections or ``section={key: value}`` updates replaced."""
         new = {}
+        origins = dict(getattr(self, "_origins", {}))
         for name, value in sections.items():
+            changed = value if isinstance(value, dict) else to_dict(getattr(self, name))
+            for key in changed:
+                origins.pop(f"{name}.{key}", None)  # set here, in code: no file or --set to name
             if isinstance(value, dict):
                 value = _build_section(name, {**to_dict(getattr(self, name)), **value})
             new[name] = value
-        return _resolve(dataclasses.replace(self, **new))
+        cfg = _resolve(dataclasses.replace(self, **new), origins)
+        object.__setattr__(cfg, "_origins", origins)
+        return cfg
 
 
 SECTION_TYPES = {f.name: f.default_factory for f in fields(Config)}
@@ -343,47 +349,90 @@ def _check_range(value: Any, f: dataclasses.Field, key: str) -> None:
             raise ConfigError(f"{key}: {value!r} is out of range; expected at most {meta['max']}")
 
 
-def _build_section(name: str, values: dict) -> Any:
+def _build_section(name: str, values: dict, origins: dict[str, str] | None = None) -> Any:
     cls = SECTION_TYPES[name]
     hints = typing.get_type_hints(cls)
     valid = {f.name: f for f in fields(cls)}
     kwargs = {}
     for key, value in values.items():
-        if key not in valid:
-            hint = nearest(key, valid)
-            did = f" (did you mean '{name}.{hint}'?)" if hint else ""
-            raise ConfigError(f"unknown key '{name}.{key}'{did}; valid keys of '{name}': {sorted(valid)}")
         full = f"{name}.{key}"
-        coerced = _coerce(value, hints[key], full)
-        _check_range(coerced, valid[key], full)
+        try:
+            if key not in valid:
+                hint = nearest(key, valid)
+                did = f" (did you mean '{name}.{hint}'?)" if hint else ""
+                raise ConfigError(f"unknown key '{full}'{did}; valid keys of '{name}': {sorted(valid)}")
+            coerced = _coerce(value, hints[key], full)
+            _check_range(coerced, valid[key], full)
+        except ConfigError as err:
+            raise ConfigError(blame((origins or {}).get(full), full, str(err))) from None
         kwargs[key] = coerced
     return cls(**kwargs)
 
 
-def _resolve(cfg: Config) -> Config:
+def _resolve(cfg: Config, origins: dict[str, str] | None = None) -> Config:
     """Fill derived values (model input shape and classes from data) and check cross-section rules."""
+    origins = origins or {}
+
+    def fail(key: str, message: str):
+        raise ConfigError(blame(origins.get(key), key, message))
+
     model = cfg.model
     updates = {}
     if model.classes is None:
         updates["classes"] = cfg.data.classes
     val_size = cfg.data.val_size
     if val_size is not None and cfg.data.fit != "random_crop":
-        raise ConfigError(f"data.val_size: {list(val_size)} needs data.fit: random_crop (validation windows are "
-                          f"central crops), got data.fit: {cfg.data.fit}")
+        fail("data.val_size", f"data.val_size: {list(val_size)} needs data.fit: random_crop (validation windows "
+                              f"are central crops), got data.fit: {cfg.data.fit}")
     if val_size is not None and min(val_size) < 1:
-        raise ConfigError(f"data.val_size: expected two positive sizes, got {list(val_size)}")
+        fail("data.val_size", f"data.val_size: expected two positive sizes, got {list(val_size)}")
     if model.input_shape is None:
         flexible = val_size is not None and tuple(val_size) != tuple(cfg.data.image_size)
         updates["input_shape"] = ((None, None) if flexible else tuple(cfg.data.image_size)) + (cfg.data.channels,)
+    elif model.input_shape[-1] != cfg.data.channels:
+        # The images decode to data.channels channels; a model taking another number fails in its
+        # first step (a Keras traceback) or on the first image predicted.
+        shape, want, channels = _flow(model.input_shape), model.input_shape[-1], cfg.data.channels
+        fix = "Expected the same number (model.input_shape: null follows data.image_size and data.channels)"
+        if origins.get("data.channels", "").startswith("--set "):
+            fail("data.channels", f"data.channels: images would decode to {channels} channel(s), but "
+                                  f"model.input_shape {shape} ({origins.get('model.input_shape', 'the default')}) "
+                                  f"takes {want}. {fix}")
+        fail("model.input_shape", f"model.input_shape: {shape} takes {want} channel(s), but data.channels is "
+                                  f"{channels} ({origins.get('data.channels', 'the default')}). {fix}")
     if updates:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(model, **updates))
     if cfg.model.classes != cfg.data.classes:
-        raise ConfigError(f"model.classes: {cfg.model.classes} differs from data.classes: {cfg.data.classes}; "
-                          "set one of them (model.classes: null follows data.classes)")
+        fail("model.classes", f"model.classes: {cfg.model.classes} differs from data.classes: {cfg.data.classes}; "
+                              "set one of them (model.classes: null follows data.classes)")
     for i, op in enumerate(cfg.augment.ops):
         if not isinstance(op, dict) or "name" not in op:
-            raise ConfigError(f"augment.ops[{i}]: expected a mapping with a 'name', got {op!r}")
+            fail("augment.ops", f"augment.ops[{i}]: expected a mapping with a 'name', got {op!r}")
     return cfg
+
+
+def blame(origin: str | None, key: str, message: str) -> str:
+    """``message`` about ``key``, prefixed with where the key's value came from.
+
+    ``origin`` is what :func:`key_origin` returns: ``--set key=value`` replaces the message's own
+    leading ``key: `` (``--set train.lr=abc: expected a number, got 'abc'``); a file's path is put in
+    front (``configs/x.yaml: train.lr: ...``); None (a default) leaves the message as it is.
+    """
+    if not origin:
+        return message
+    if origin.startswith("--set "):
+        return f"{origin}: {message.removeprefix(f'{key}: ')}"
+    return f"{origin}: {message}"
+
+
+def key_origin(cfg: Config, key: str) -> str | None:
+    """Where the value of ``section.key`` in ``cfg`` came from, for error messages.
+
+    Returns ``--set section.key=value`` (the override as typed), the path of the params file that
+    set it, or None when it is a default (or ``cfg`` was not made by :func:`load_config` /
+    :func:`config_from_dict`; copies made with ``dataclasses.replace`` forget where keys came from).
+    """
+    return getattr(cfg, "_origins", {}).get(key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,29 +442,34 @@ def _resolve(cfg: Config) -> Config:
 
 def _parse_override(text: str) -> tuple[str, str, Any]:
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. train.lr=1e-4")
+        raise ConfigError(f"--set {text}: expected section.key=value, e.g. train.lr=1e-4")
     path, raw = text.split("=", 1)
     parts = path.strip().split(".")
     if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. train.lr=1e-4")
+        raise ConfigError(f"--set {text}: expected section.key=value, e.g. train.lr=1e-4")
     section, key = parts
     if section not in SECTIONS:
         hint = nearest(section, SECTIONS)
         did = f" (did you mean '{hint}'?)" if hint else ""
-        raise ConfigError(f"--set {text!r}: unknown section '{section}'{did}; expected one of {list(SECTIONS)}")
+        raise ConfigError(f"--set {text}: unknown section '{section}'{did}; expected one of {list(SECTIONS)}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({err.__class__.__name__})") from None
+        raise ConfigError(f"--set {text}: the value is not valid YAML ({err.__class__.__name__})") from None
     return section, key, value
 
 
 def config_from_dict(data: dict | None, overrides=(), source: str = "config") -> Config:
-    """Build a :class:`Config` from a params dictionary and ``section.key=value`` overrides."""
+    """Build a :class:`Config` from a params dictionary and ``section.key=value`` overrides.
+
+    A bad value's error names where it came from: ``--set section.key=value`` for an override,
+    ``source`` (the params file's path) for a key of ``data``; see :func:`key_origin`.
+    """
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of sections {list(SECTIONS)}, got {type(data).__name__}")
     raw: dict[str, dict] = {}
+    origins: dict[str, str] = {}
     for section, values in data.items():
         if section not in SECTIONS:
             hint = nearest(section, SECTIONS)
@@ -426,14 +480,15 @@ def config_from_dict(data: dict | None, overrides=(), source: str = "config") ->
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section '{section}' must be a mapping, got {values!r}")
         raw[section] = dict(values)
+        origins.update({f"{section}.{key}": source for key in values})
     for text in overrides:
         section, key, value = _parse_override(text)
         raw.setdefault(section, {})[key] = value
-    try:
-        sections = {name: _build_section(name, raw.get(name, {})) for name in SECTIONS}
-    except ConfigError as err:
-        raise ConfigError(f"{source}: {err}") from None
-    return _resolve(Config(**sections))
+        origins[f"{section}.{key}"] = f"--set {text.strip()}"
+    sections = {name: _build_section(name, raw.get(name, {}), origins) for name in SECTIONS}
+    cfg = _resolve(Config(**sections), origins)
+    object.__setattr__(cfg, "_origins", origins)  # not a field: configs compare by their values only
+    return cfg
 
 
 def load_config(path: str | os.PathLike | None = None, overrides=()) -> Config:
@@ -461,6 +516,11 @@ def load_config(path: str | os.PathLike | None = None, overrides=()) -> Config:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}: not valid YAML{where}") from None
     return config_from_dict(data, overrides, source=str(path))
+
+
+def _flow(value: Any) -> str:
+    """A value as one line of YAML: ``[null, null, 1]``."""
+    return yaml.safe_dump(_plain(value), default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def _plain(value: Any) -> Any:

@@ -10,7 +10,8 @@ that slices (a NumPy array, a memory map, or the zarr view of a tiled TIFF:
 
 Geometry. Tiles of ``tile`` output pixels are laid on a grid with step
 ``tile x (1 - overlap)``, spread evenly so the last tile ends on the image border (nnU-Net's
-rule). A model whose output is smaller than its input (the original U-Net: 572 -> 388) reads
+rule); a model built for a fixed rectangle (352 x 480) gets rectangular tiles, each axis on its
+own grid. A model whose output is smaller than its input (the original U-Net: 572 -> 388) reads
 ``margin = (in - out) / 2`` extra pixels on each side. Outside the image, windows are padded
 with zeros (what "same" convolutions see at the border of a full image). With ``downscale`` d
 the whole grid lives on the image reduced d times (block mean), and the probabilities are
@@ -176,16 +177,44 @@ def prefetch(items: Iterator, depth: int = 2) -> Iterator:
 
 @dataclass(frozen=True)
 class TileSpec:
-    """Sizes the model imposes: ``in_size`` read per tile, ``out_size`` predicted per tile."""
+    """Sizes the model imposes: ``in_size`` read per tile, ``out_size`` predicted per tile.
+
+    Tiles are square unless ``in_width`` / ``out_width`` are given (a model built for a fixed
+    rectangular input, e.g. CamVid's 352 x 480): ``in_size`` and ``out_size`` are then the heights
+    and each width defaults to its height.
+    """
 
     in_size: int
     out_size: int
     classes: int
     channels: int
+    in_width: int | None = None
+    out_width: int | None = None
+
+    def __post_init__(self):  # widths equal to the heights are stored as None: one spelling per spec
+        if (self.in_width or self.in_size) == self.in_size and (self.out_width or self.out_size) == self.out_size:
+            object.__setattr__(self, "in_width", None)
+            object.__setattr__(self, "out_width", None)
+
+    @property
+    def in_hw(self) -> tuple[int, int]:
+        """(height, width) read per tile."""
+        return self.in_size, self.in_width or self.in_size
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        """(height, width) predicted per tile."""
+        return self.out_size, self.out_width or self.out_size
 
     @property
     def margin(self) -> int:
         return (self.in_size - self.out_size) // 2
+
+    @property
+    def margins(self) -> tuple[int, int]:
+        """(top, left) margin: input pixels read around the predicted part of a tile."""
+        (ih, iw), (oh, ow) = self.in_hw, self.out_hw
+        return (ih - oh) // 2, (iw - ow) // 2
 
 
 def iter_bands(predict: Callable[[np.ndarray], np.ndarray], image, spec: TileSpec, *, overlap: float = 0.5,
@@ -195,7 +224,8 @@ def iter_bands(predict: Callable[[np.ndarray], np.ndarray], image, spec: TileSpe
     """Predict ``image`` tile by tile and yield finished bands of rows, top to bottom.
 
     Args:
-        predict: float32 [batch_size, in, in, C] -> [batch_size, out, out, K] probabilities.
+        predict: float32 [batch_size, in_h, in_w, C] -> [batch_size, out_h, out_w, K] probabilities
+            (``spec.in_hw``, ``spec.out_hw``; square unless the model imposes a rectangle).
             It is always called with exactly ``batch_size`` tiles (the last batch is padded)
             so a compiled model traces once.
         image: array-like uint8/float [H, W, C] with C = spec.channels (NumPy, memmap, zarr).
@@ -218,12 +248,12 @@ def iter_bands(predict: Callable[[np.ndarray], np.ndarray], image, spec: TileSpe
         raise DataError(f"image has {C} channels. Expected {spec.channels}, the model's input channels.")
     if batch_size < 1 or downscale < 1:
         raise ConfigError(f"infer.batch_size={batch_size}, infer.downscale={downscale}. Expected both >= 1.")
-    d, T, m, K = downscale, spec.out_size, spec.margin, spec.classes
+    d, K = downscale, spec.classes
+    (Th, Tw), (my, mx), (ih, iw) = spec.out_hw, spec.margins, spec.in_hw
     h, w = -(-H // d), -(-W // d)  # ceil: the downscaled image
-    ys, xs = positions(h, T, overlap), positions(w, T, overlap)
-    prof = weight_profile(T, blend, sigma_scale)
-    wmap = np.outer(prof, prof)[..., None]
-    acc_h, acc_w = T, max(w, T)
+    ys, xs = positions(h, Th, overlap), positions(w, Tw, overlap)
+    wmap = np.outer(weight_profile(Th, blend, sigma_scale), weight_profile(Tw, blend, sigma_scale))[..., None]
+    acc_h, acc_w = Th, max(w, Tw)
     acc = np.zeros((acc_h, acc_w, K), np.float32)
     wsum = np.zeros((acc_h, acc_w, 1), np.float32)
     bar = None
@@ -258,12 +288,12 @@ def iter_bands(predict: Callable[[np.ndarray], np.ndarray], image, spec: TileSpe
     def batches() -> Iterator[tuple[np.ndarray, int, list]]:
         # Fixed-size batches of tiles read straight into their buffer, with the grid positions
         # of the batch's tiles (and of the skipped tiles between them) in grid order.
-        buf = np.zeros((batch_size, spec.in_size, spec.in_size, C), np.float32)
+        buf = np.zeros((batch_size, ih, iw, C), np.float32)
         pending: list = []
         n_real = 0
         for y in ys:
             for x in xs:
-                t = read_window(image, y - m, x - m, spec.in_size, spec.in_size, d, out=buf[n_real])
+                t = read_window(image, y - my, x - mx, ih, iw, d, out=buf[n_real])
                 slot = None if skip_background and is_background(t) else n_real
                 pending.append((y, x, slot))
                 n_real += slot is not None
@@ -281,15 +311,15 @@ def iter_bands(predict: Callable[[np.ndarray], np.ndarray], image, spec: TileSpe
         pred = None
         if n_real:
             pred = np.asarray(predict(buf), dtype=np.float32)
-            if pred.shape[1:] != (T, T, K):
-                raise DataError(f"model returned tiles of shape {pred.shape[1:]}. Expected {(T, T, K)}.")
+            if pred.shape[1:] != (Th, Tw, K):
+                raise DataError(f"model returned tiles of shape {pred.shape[1:]}. Expected {(Th, Tw, K)}.")
         for y, x, slot in pending:
             if y > top:
                 yield from shift_to(y)
-            ww = min(T, acc_w - x)
+            ww = min(Tw, acc_w - x)
             if slot is not None:
-                acc[:T, x:x + ww] += pred[slot, :, :ww] * wmap[:, :ww]
-            wsum[:T, x:x + ww] += wmap[:, :ww]  # skipped tiles count as probability 0
+                acc[:, x:x + ww] += pred[slot, :, :ww] * wmap[:, :ww]
+            wsum[:, x:x + ww] += wmap[:, :ww]  # skipped tiles count as probability 0
         if bar is not None:
             bar.update(len(pending))
 

@@ -121,3 +121,49 @@ def test_models_with_an_impossible_size_exits_2_one_line(project_root):
     assert res.stderr.strip().splitlines() == [
         "tfseg models: error: pix2pix_unet: input height 100 is not divisible by 32; the nearest sizes that work "
         "are 96 and 128"]
+
+
+@pytest.mark.parametrize(("argv", "flag"), [
+    (["evaluate", "--run", "runs/x", "--fold", "x"], "--fold"),
+    (["evaluate", "--run", "runs/x", "--fold", "0,"], "--fold"),
+    (["predict", "--run", "runs/x", "--folds", "0,x", "--input", "a.png", "--output", "out"], "--folds"),
+    (["train", "--fold", "first"], "--fold"),
+])
+def test_fold_arguments_name_the_flag(capsys, argv, flag):
+    """The audit: `evaluate --fold x` was reported as `infer.folds: 'x'`, a key the user never set."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    value = argv[argv.index(flag) + 1]
+    assert capsys.readouterr().err == (f"tfseg {argv[0]}: error: argument {flag}: {value!r}: expected `all` or "
+                                       "fold numbers such as 0 or 0,2\n")
+
+
+def test_evaluate_on_a_damaged_shard_is_one_line_naming_it(tmp_path, capsys):
+    """The audit: `tfseg evaluate --data <folder with a truncated shard>` ended in a 27-line DataLossError,
+    whose message names no file; the CLI finds the shard and names it."""
+    import keras
+
+    from tests.conftest import shared_path
+    from tfseg.config import dump_config, load_config
+    from tfseg.data import sources
+    from tfseg.data.tfrecord import shard_files, write_tfrecords
+
+    cfg = load_config(None, [f"data.root={shared_path('isbi2012_em_membrane')}", "data.source=folder",
+                             "data.classes=1", "data.channels=1", "data.image_size=[32,32]", "data.fit=resize",
+                             "data.image_format=png", "data.shards=2", "data.workers=1",
+                             f"data.tfrecord_dir={tmp_path / 'shards'}"])
+    write_tfrecords(cfg.data, entries=sources.list_entries(cfg.data)[:4], progress=False)
+    run = tmp_path / "run"
+    dump_config(cfg, run / "config.yaml")
+    inp = keras.Input((32, 32, 1))
+    (run / "fold0").mkdir()
+    keras.Model(inp, keras.layers.Conv2D(1, 1, activation="sigmoid")(inp)).save(run / "fold0" / "best.keras")
+    damaged = shard_files(tmp_path / "shards")[1]
+    with open(damaged, "r+b") as fh:
+        fh.truncate(100)
+    assert main(["evaluate", "--run", str(run), "--data", str(tmp_path / "shards"),
+                 "--output", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tfseg evaluate: error: {damaged}: unreadable (truncated record at 0")
+    assert err.count("\n") == 1 and f"tfseg verify {tmp_path / 'shards'}" in err

@@ -171,3 +171,10 @@ def test_cli_export_from_run(tmp_path, capsys):
     assert main(["export", "--run", str(run), "--fold", "0", "--format", "tflite",
                  "--output", str(tmp_path / "n.tflite")]) == 2
     assert "fold 0 not trained" in capsys.readouterr().err
+    for fold in ("x", "all", "0,1"):  # the audit: `--fold x` was reported as `infer.folds: 'x'`
+        with pytest.raises(SystemExit) as exit_:
+            main(["export", "--run", str(run), "--fold", fold, "--format", "tflite",
+                  "--output", str(tmp_path / "x.tflite")])
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err == (f"tfseg export: error: argument --fold: {fold!r}: expected one fold "
+                                           "number such as 0\n")

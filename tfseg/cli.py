@@ -13,7 +13,9 @@ This is the one module that imports everything, lazily: each command's implement
 imported only when that command runs, so ``tfseg --help`` answers at once.
 
 A user error (:class:`tfseg.errors.TfsegError`) prints one line to stderr and exits 2, with no
-traceback; so does a missing file given on the command line.
+traceback; so do a missing file given on the command line and a damaged TFRecord shard
+(TensorFlow's ``DataLossError``, raised deep inside ``fit`` or a prediction loop: the line names
+the shard, found by reading the shards that the command reads).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
+from pathlib import Path
 
 from tfseg.errors import TfsegError
 
@@ -46,6 +50,24 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None = "params.y
                    help="override one config key, value parsed as YAML; repeatable")
 
 
+def fold_list(text: str) -> str:
+    """argparse type of ``--fold``/``--folds``: ``all`` or fold numbers such as ``0`` or ``0,2``.
+
+    The numbers' range is checked where the run's folds are known.
+    """
+    value = text.strip()
+    if value == "all" or (value and all(part.strip().isdigit() for part in value.split(","))):
+        return value
+    raise argparse.ArgumentTypeError(f"{text!r}: expected `all` or fold numbers such as 0 or 0,2")
+
+
+def one_fold(text: str) -> str:
+    """argparse type of ``export --fold``: one fold number."""
+    if text.strip().isdigit():
+        return text.strip()
+    raise argparse.ArgumentTypeError(f"{text!r}: expected one fold number such as 0")
+
+
 def _args_tfrecords(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--output", metavar="DIR", help="shard folder (default: data.tfrecord_dir)")
@@ -58,13 +80,15 @@ def _args_verify(p: argparse.ArgumentParser) -> None:
 
 def _args_train(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
-    p.add_argument("--fold", default="0", metavar="K|all", help="fold to train, or `all` (default: 0)")
+    p.add_argument("--fold", default="0", type=fold_list, metavar="K|all",
+                   help="fold to train, `all`, or a list such as 0,2 (default: 0)")
 
 
 def _args_evaluate(p: argparse.ArgumentParser) -> None:
     _add_config_args(p, default=None)
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="runs/<name> folder of a training run")
-    p.add_argument("--fold", default="all", metavar="K|all", help="fold(s) to evaluate (default: all)")
+    p.add_argument("--fold", default="all", type=fold_list, metavar="K|all",
+                   help="fold(s) to evaluate (default: all)")
     p.add_argument("--data", metavar="PATH", help="a folder of images+masks or of TFRecord shards; "
                    "default: each fold's out-of-fold records")
     p.add_argument("--output", metavar="DIR", help="where to write the per-image table (default: the run)")
@@ -73,7 +97,8 @@ def _args_evaluate(p: argparse.ArgumentParser) -> None:
 def _args_predict(p: argparse.ArgumentParser) -> None:
     _add_config_args(p, default=None)
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="runs/<name> folder of a training run")
-    p.add_argument("--folds", default=None, metavar="all|0,2", help="folds to ensemble (default: infer.folds)")
+    p.add_argument("--folds", default=None, type=fold_list, metavar="all|0,2",
+                   help="folds to ensemble (default: infer.folds)")
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
                    help="image files, folders, TFRecord shards or huge TIFFs")
     p.add_argument("--output", required=True, metavar="OUT",
@@ -84,7 +109,8 @@ def _args_predict(p: argparse.ArgumentParser) -> None:
 def _args_export(p: argparse.ArgumentParser) -> None:
     _add_config_args(p, default=None)
     p.add_argument("--run", required=True, metavar="RUN_DIR", help="runs/<name> folder of a training run")
-    p.add_argument("--fold", default="0", metavar="K", help="fold whose best model to export (default: 0)")
+    p.add_argument("--fold", default="0", type=one_fold, metavar="K",
+                   help="fold whose best model to export (default: 0)")
     p.add_argument("--format", required=True, choices=["savedmodel", "tflite", "onnx"])
     p.add_argument("--output", required=True, metavar="PATH")
 
@@ -175,9 +201,73 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"tfseg {args.command}: error: {err.filename or err}: file not found", file=sys.stderr)
         return 2
+    except Exception as err:
+        message = damaged_shard_message(err, args)
+        if message is None:
+            raise
+        print(f"tfseg {args.command}: error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"tfseg {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def damaged_shard_message(err: BaseException, args: argparse.Namespace) -> str | None:
+    """One line for TensorFlow's ``DataLossError`` (a truncated or corrupted TFRecord); None for others.
+
+    TensorFlow's message names no file, so the shards that the command reads (its config's
+    ``data.tfrecord_dir``, ``--data``, ``--input``) are read through, framing and checksums only,
+    until one fails; the line names that shard.
+    """
+    tf = sys.modules.get("tensorflow")
+    if tf is None or not isinstance(err, tf.errors.DataLossError):
+        return None
+    for shard in _shards_read_by(args):
+        problem = _unreadable(tf, shard)
+        if problem:
+            folder = Path(shard).parent
+            return (f"{shard}: unreadable ({problem}). Expected a complete shard; `tfseg verify {folder}` "
+                    "checks them all, `tfseg tfrecords --overwrite` writes them again")
+    return (f"a TFRecord shard is unreadable ({_tf_detail(err)}). Expected complete shards; "
+            "`tfseg verify DIR` names the bad one")
+
+
+def _tf_detail(err) -> str:
+    """The useful part of a TensorFlow error message: ``truncated record at 430755 failed with ...``."""
+    lines = [line for line in str(getattr(err, "message", err)).splitlines() if "record" in line.lower()]
+    text = re.sub(r"\{\{.*?\}\}|\[Op:.*|\[\[.*", "", lines[-1] if lines else str(err)).replace("'", "")
+    return re.sub(r"\s+name:\s*$", "", text).strip()
+
+
+def _unreadable(tf, shard: str) -> str | None:
+    try:
+        for _ in tf.data.TFRecordDataset(shard):
+            pass
+    except tf.errors.OpError as err:
+        return _tf_detail(err)
+    return None
+
+
+def _shards_read_by(args: argparse.Namespace) -> list[str]:
+    """The ``.tfrec`` files a command reads: its paths on the command line, then its config's shards."""
+    from tfseg.data.tfrecord import shard_files
+
+    paths = [getattr(args, "data", None), *(getattr(args, "input", None) or [])]
+    try:
+        from tfseg.config import load_config
+
+        run = getattr(args, "run", None)
+        config = args.config if getattr(args, "config", None) or not run else Path(run) / "config.yaml"
+        paths.append(load_config(config, getattr(args, "overrides", ())).data.tfrecord_dir)
+    except Exception:  # noqa: BLE001 - no config, no shards to search there
+        pass
+    shards: list[str] = []
+    for path in filter(None, paths):
+        if str(path).endswith(".tfrec") and os.path.isfile(path):
+            shards.append(str(path))
+        elif os.path.isdir(path):
+            shards += [str(f) for f in shard_files(str(path)) if str(f) not in shards]
+    return shards
 
 
 if __name__ == "__main__":

@@ -216,11 +216,15 @@ def test_keras_tiled_equals_full_image_prediction():
     np.testing.assert_allclose(pred.predict(img), 1 / (1 + np.exp(-full)), atol=1e-5)
 
 
-def make_run(root, folds=(0, 1), channels=1, threshold=0.5):
+def make_run(root, folds=(0, 1), channels=1, threshold=0.5, fit="random_crop", image_size=(64, 64),
+             make_model=None):
+    """A run of ``tiny_model`` folds whose config says it trained with ``data.fit: fit`` (random_crop:
+    on full-resolution crops, so predicted by tiles; resize: on whole images resized to image_size)."""
     from tfseg.config import dump_config, load_config
 
     run = root / "runs" / "tiny"
     cfg = load_config(None, [f"data.channels={channels}", "data.classes=1", "infer.tile_size=64",
+                             f"data.fit={fit}", f"data.image_size={list(image_size)}",
                              "infer.batch_size=2", f"infer.threshold={threshold}",
                              "submit.pixel_order=column", "submit.id_column=id",
                              "submit.rle_column=predicted"])
@@ -228,7 +232,7 @@ def make_run(root, folds=(0, 1), channels=1, threshold=0.5):
     models = {}
     for k in folds:
         (run / f"fold{k}").mkdir(parents=True)
-        models[k] = tiny_model(kernel=3, channels=channels)
+        models[k] = tiny_model(kernel=3, channels=channels) if make_model is None else make_model()
         models[k].save(run / f"fold{k}" / "best.keras")
     return run, models
 

@@ -1,13 +1,18 @@
-"""Prediction with a trained run: fold ensembles, test-time augmentation, sliding windows.
+"""Prediction with a trained run: fold ensembles, test-time augmentation, sliding windows or
+whole resized images.
 
     predictor = Predictor.from_run("runs/kvasir", folds="all", infer=cfg.infer)
     probs = predictor.predict(image)        # float32 [H, W, K] in 0..1, any image size
     mask = predictor.predict_mask(image)    # uint8 [H, W]: 0/1 (binary) or class indices
 
 The ensemble is the mean of the folds' probabilities, each fold's being the mean over the TTA
-transforms (:mod:`tfseg.tta`) after inverting each. Tiles go through the streaming engine of
-:mod:`tfseg.tiling_predict`, so huge TIFFs are read window by window (``tfseg.data.tiling``).
-Binary models are thresholded at ``infer.threshold``, multiclass ones take the argmax.
+transforms (:mod:`tfseg.tta`) after inverting each. An image meets the model as the run trained
+(``infer.fit``, :func:`whole_image_size`): a run trained on whole images resized to
+``data.image_size`` (``data.fit: resize``) predicts each image whole at that size and resizes the
+probabilities back (:mod:`tfseg.resize_predict`); a run trained on full-resolution crops or tiles
+predicts by sliding windows, through the streaming engine of :mod:`tfseg.tiling_predict`, so
+huge TIFFs are read window by window (``tfseg.data.tiling``). Binary models are thresholded at
+``infer.threshold``, multiclass ones take the argmax.
 
 ``tfseg predict`` (:func:`cli_predict`) writes a folder of mask PNGs (0/255 for binary, class
 indices otherwise; ``<stem>_prob.npy`` beside them with ``infer.save_probabilities``) or a
@@ -25,9 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tfseg.config import Config, InferConfig
+from tfseg.config import Config, DataConfig, InferConfig
 from tfseg.errors import ConfigError, DataError, ModelError, RunError
-from tfseg.tiling_predict import TileSpec, band_to_mask, iter_bands, predict_mask, predict_tiled
+from tfseg.resize_predict import iter_resized, resize_as_training, whole_image_size
+from tfseg.tiling_predict import TileSpec, band_to_mask, iter_bands
 from tfseg.tta import with_tta
 
 _FOLD_DIR = re.compile(r"^fold(\d+)$")
@@ -153,61 +159,132 @@ def keras_predict_fn(model) -> Callable[[np.ndarray], np.ndarray]:
     return predict
 
 
-def tile_spec(model, tile_size: int) -> TileSpec:
-    """Tile sizes of a model: a fixed-size model imposes its own input size, others take ``tile_size``."""
+def tile_spec(model, tile_size: int | Sequence[int], key: str = "infer.tile_size") -> TileSpec:
+    """Tile sizes of a model: a fixed-size model imposes its own input size, others take ``tile_size``.
+
+    Args:
+        model: a Keras model with one image input [B, H, W, C].
+        tile_size: side of square tiles, or [height, width], for a model that takes any size.
+        key: the config key that set ``tile_size``, for error messages.
+
+    Raises:
+        ConfigError: the model cannot take tiles of that size (one line naming the nearest sizes it
+            takes, e.g. 96 and 104 for a U-Net that halves its input three times).
+        ModelError: several inputs, or a margin (input - output) that is odd.
+    """
     in_shape, out_shape = model.input_shape, model.output_shape
     if isinstance(in_shape, list) or len(in_shape) != 4:
         raise ModelError(f"model input {in_shape}. Expected one image input [B, H, W, C].")
     _, h, w, c = in_shape
-    if h != w:
-        raise ModelError(f"model input {h}x{w}. Expected square tiles (same height and width).")
-    size = int(h) if h is not None else int(tile_size)
-    out = out_shape[1]
-    if h is None:  # a free-size model: ask it what a tile of this size becomes
+    if h is not None and w is not None:  # a fixed-size model: its own size, square or not
+        oh, ow = out_shape[1:3]
+        size, out = (int(h), int(w)), (int(oh or h), int(ow or w))
+    else:  # a free-size model: run a tile of this size through it (Keras' compute_output_shape
+        # does not check that a U-Net's skips still match, so 100 -> 96 would seem to work)
+        size = (int(tile_size), int(tile_size)) if np.isscalar(tile_size) else tuple(int(v) for v in tile_size)
+        out = _probe(model, size, int(c), key)
+    for i, axis in enumerate(("height", "width")):
+        if (size[i] - out[i]) % 2:
+            raise ModelError(f"model maps an input {axis} of {size[i]} to {out[i]} pixels. Expected an even margin.")
+    return TileSpec(in_size=size[0], out_size=out[0], classes=int(out_shape[-1]), channels=int(c),
+                    in_width=size[1], out_width=out[1])
+
+
+def _output_hw(model, hw: tuple[int, int], channels: int) -> tuple[int, int]:
+    # An eager call, not predict_on_batch: its compiled function, once called with several sizes,
+    # retraces for any size (None), which some layers cannot trace.
+    y = model(np.zeros((1, *hw, channels), np.float32), training=False)
+    return int(y.shape[1]), int(y.shape[2])
+
+
+def _probe(model, hw: tuple[int, int], channels: int, key: str) -> tuple[int, int]:
+    """Output [h, w] of ``model`` for an input ``hw``, or a one-line error naming the sizes it takes."""
+    try:
+        return _output_hw(model, hw, channels)
+    except Exception as err:  # noqa: BLE001 - a shape error deep inside the model (Concatenate...)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+    multiple = _size_multiple(model, channels)
+    bad = [v for v in dict.fromkeys(hw) if multiple and v % multiple]
+    if not bad:
+        raise ModelError(f"{key}: the model cannot predict {hw[0]}x{hw[1]} inputs ({first}).")
+    near = sorted({v for b in bad for v in (b // multiple * multiple, (b // multiple + 1) * multiple) if v > 0})
+    sizes = f"sizes that work are {' and '.join(map(str, near))}" if len(near) > 1 else f"size that works is {near[0]}"
+    value = hw[0] if hw[0] == hw[1] else list(hw)
+    raise ConfigError(f"{key}: {value} does not fit the model, whose input sides must be multiples of {multiple}; "
+                      f"the nearest {sizes}")
+
+
+def _size_multiple(model, channels: int, largest: int = 7) -> int | None:
+    """The smallest power of two D (up to 2**largest) whose odd multiples the model takes as input sides."""
+    def takes(e: int) -> bool:
+        d = 2 ** e
+        k = max(3, -(-64 // d) | 1)  # odd, and d * k >= 64 (some encoders need a minimum size)
         try:
-            out = model.compute_output_shape((1, size, size, c))[1]
-        except Exception:  # noqa: BLE001 - layers without compute_output_shape: same size
-            out = size
-    out = size if out is None else int(out)
-    if (size - int(out)) % 2:
-        raise ModelError(f"model maps {size} to {out} pixels. Expected an even margin.")
-    return TileSpec(in_size=size, out_size=int(out), classes=int(out_shape[-1]), channels=int(c))
+            _output_hw(model, (d * k, d * k), channels)
+            return True
+        except Exception:  # noqa: BLE001
+            return False
+
+    lo, hi = 0, largest
+    if not takes(hi):
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if takes(mid) else (mid + 1, hi)
+    return 2 ** lo
 
 
 # ---------------------------------------------------------------------------------------------
 # The predictor
 # ---------------------------------------------------------------------------------------------
 class Predictor:
-    """Fold ensemble x TTA x sliding windows.
+    """Fold ensemble x TTA x (sliding windows or one resized whole image).
 
     Args:
         models: Keras models (or batch predictors ``f(x) -> probs`` with ``spec`` given).
         infer: the ``infer`` section (tile size, overlap, blending, batch, TTA, threshold...).
-        spec: tile sizes; derived from the first Keras model when None.
+        spec: tile sizes; derived from the first Keras model when None (for ``resize_to``, its
+            input must be ``resize_to`` with an output of the same size).
+        resize_to: [height, width]: predict each image whole, resized to this size (the training
+            size of a ``data.fit: resize`` run), and resize the probabilities back
+            (:mod:`tfseg.resize_predict`); None: sliding windows at the image's resolution.
+            :meth:`from_run` takes it from the run's config (:func:`whole_image_size`).
     """
 
-    def __init__(self, models: Sequence, infer: InferConfig | None = None, spec: TileSpec | None = None):
+    def __init__(self, models: Sequence, infer: InferConfig | None = None, spec: TileSpec | None = None,
+                 resize_to: Sequence[int] | None = None):
         if not models:
             raise RunError("Predictor: no model. Expected at least one fold.")
         self.infer = infer or InferConfig()
-        self.spec = spec or tile_spec(models[0], self.infer.tile_size)
+        self.resize_to = None if resize_to is None else (int(resize_to[0]), int(resize_to[1]))
+        key = "data.image_size" if self.resize_to else "infer.tile_size"
+        self.spec = spec or tile_spec(models[0], self.resize_to or self.infer.tile_size, key)
+        _check_sizes(self.spec, self.resize_to, self.infer.tta, getattr(models[0], "input_shape", None))
         fns = [keras_predict_fn(m) if hasattr(m, "predict_on_batch") else m for m in models]
         self._fns = [with_tta(f, self.infer.tta) for f in fns]
         self.models = list(models)
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, folds: str | Sequence[int] = "all",
-                 infer: InferConfig | None = None) -> Predictor:
+                 infer: InferConfig | None = None, data: DataConfig | None = None) -> Predictor:
         """Load ``run_dir/fold<k>/best.keras`` for the requested folds (``infer.threshold_from: oof``
-        reads the threshold of the run's out-of-fold sweep, :func:`resolve_threshold`)."""
+        reads the threshold of the run's out-of-fold sweep, :func:`resolve_threshold`).
+
+        ``data`` (default: the run's ``config.yaml``) says how the run trained: with
+        ``infer.fit: auto``, a ``data.fit: resize`` run predicts whole images resized to
+        ``data.image_size``, others by tiles (:func:`whole_image_size`).
+        """
         paths = select_folds(run_dir, folds)
         infer = resolve_threshold(run_dir, infer or InferConfig())
-        predictor = cls([load_model(p) for p in paths.values()], infer)
+        if data is None and infer.fit != "tile":
+            data = load_run_config(run_dir).data
+        resize_to = None if infer.fit == "tile" else whole_image_size(infer, data)
+        predictor = cls([load_model(p) for p in paths.values()], infer, resize_to=resize_to)
         predictor.folds = list(paths)
         return predictor
 
     def predict_batch(self, x: np.ndarray) -> np.ndarray:
-        """Mean over folds (each a TTA mean) of float32 [B, in, in, C] -> [B, out, out, K]."""
+        """Mean over folds (each a TTA mean) of float32 [B, in_h, in_w, C] -> [B, out_h, out_w, K]."""
         total = None
         for fn in self._fns:
             y = fn(x)
@@ -219,20 +296,36 @@ class Predictor:
         return dict(overlap=i.overlap, blend=i.blend, sigma_scale=i.sigma_scale, batch_size=i.batch_size,
                     downscale=i.downscale, skip_background=i.skip_background, progress=progress)
 
+    def bands(self, image, *, progress: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+        """Probabilities of an image [H, W, C] as ``(y0, float32 [h, W, K])`` row bands, top to bottom:
+        from the sliding windows, or from the whole image predicted at ``resize_to`` and resized back."""
+        image = _checked(image, self.spec)
+        if self.resize_to is None:
+            yield from iter_bands(self.predict_batch, image, self.spec, **self._kwargs(progress))
+            return
+        probs = self.predict_batch(resize_as_training(image, self.resize_to)[None])[0]
+        yield from iter_resized(probs, image.shape[:2])
+
     def predict(self, image, *, out: np.ndarray | None = None, progress: bool = False) -> np.ndarray:
         """Probabilities [H, W, K] of an image [H, W, C] (array-like), dtype ``infer.accumulator``
         (float16/float32; ``disk`` needs ``out``, e.g. an ``np.memmap``)."""
-        dtype = "float32" if self.infer.accumulator == "disk" else self.infer.accumulator
-        return predict_tiled(self.predict_batch, _checked(image, self.spec), self.spec, dtype=dtype, out=out,
-                             **self._kwargs(progress))
+        image = _checked(image, self.spec)
+        if out is None:
+            dtype = "float32" if self.infer.accumulator == "disk" else self.infer.accumulator
+            out = np.zeros((*image.shape[:2], self.spec.classes), np.dtype(dtype))
+        for y0, band in self.bands(image, progress=progress):
+            out[y0:y0 + band.shape[0]] = band
+        return out
 
     def predict_mask(self, image, *, out: np.ndarray | None = None, probabilities: np.ndarray | None = None,
                      progress: bool = False) -> np.ndarray:
         """uint8 [H, W] mask (0/1 or class indices) of an image [H, W, C], written band by band."""
-        return predict_mask(self.predict_batch, _checked(image, self.spec), self.spec,
-                            threshold=self.infer.threshold, out=out, probabilities=probabilities,
-                            **self._kwargs(progress))
-
+        image = _checked(image, self.spec)
+        if out is None:
+            out = np.zeros(image.shape[:2], np.uint8)
+        for y0, band in self.mask_bands(image, probabilities=probabilities, progress=progress):
+            out[y0:y0 + band.shape[0]] = band
+        return out
 
     def mask_bands(self, image, *, probabilities: np.ndarray | None = None,
                    progress: bool = False) -> Iterator[tuple[int, np.ndarray]]:
@@ -241,11 +334,29 @@ class Predictor:
         Nothing full-size is kept (write the bands to a file as they come, e.g.
         :func:`tfseg.predict_cli.write_mask_tiff`); ``probabilities`` [H, W, K] is filled too when given.
         """
-        for y0, band in iter_bands(self.predict_batch, _checked(image, self.spec), self.spec,
-                                   **self._kwargs(progress)):
+        for y0, band in self.bands(image, progress=progress):
             if probabilities is not None:
                 probabilities[y0:y0 + band.shape[0]] = band
             yield y0, band_to_mask(band, self.infer.threshold)
+
+
+def _check_sizes(spec: TileSpec, resize_to: tuple[int, int] | None, tta: int, input_shape) -> None:
+    """Whole-image prediction needs a model that takes ``resize_to`` and returns that size; quarter
+    turns (``infer.tta: 8``) need square inputs unless the model takes any size."""
+    if resize_to is not None:
+        if spec.in_hw != resize_to:
+            raise ModelError(f"model input {spec.in_hw[0]}x{spec.in_hw[1]}, but whole images are predicted at "
+                             f"data.image_size {resize_to[0]}x{resize_to[1]} (infer.fit). Expected the run's "
+                             "own config, or infer.fit=tile")
+        if spec.out_hw != spec.in_hw:
+            raise ModelError(f"model maps {spec.in_hw[0]}x{spec.in_hw[1]} to {spec.out_hw[0]}x{spec.out_hw[1]} "
+                             "pixels (valid convolutions): it cannot predict whole resized images. Expected "
+                             "infer.fit=tile")
+    h, w = spec.in_hw
+    fixed = input_shape is not None and not isinstance(input_shape, list) and None not in tuple(input_shape)[1:3]
+    if tta == 8 and h != w and fixed:
+        raise ConfigError(f"infer.tta: 8 includes quarter turns, which make the model's {h}x{w} inputs {w}x{h}, "
+                          "and the model takes only its own size. Expected 1, 2 or 4")
 
 
 def _checked(image, spec: TileSpec):

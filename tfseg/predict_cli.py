@@ -38,6 +38,7 @@ class Item:
     name: str
     image: object  # np.ndarray [H, W, C] or a windowed reader with .shape and 2-D slicing
     truth: np.ndarray | None = None
+    source: str | None = None  # where it came from, for messages (file, or shard and record id)
 
 
 class _Windows:
@@ -72,7 +73,63 @@ def expand_inputs(paths: list[str]) -> list[Path]:
             files.append(p)
         else:
             raise DataError(f"{p}: input not found.")
-    return files
+    return list(dict.fromkeys(files))  # a file named twice (a folder and a file in it) is predicted once
+
+
+def check_inputs(files: list[Path], output: Path, to_csv: bool, overlays: str | None,
+                 id_format: str = "{name}") -> None:
+    """Refuse, before anything is written, what would fail or lose masks half-way.
+
+    * the output: a folder output that is an existing file, a submission file that is a folder, an
+      overlay folder that is a file;
+    * two image files that would write the same ``<stem>.png`` (or, for a submission, the same id),
+      e.g. ``A/0.png`` and ``B/0.png``: one would silently replace the other;
+    * an image file whose header does not decode (PNGs are checked chunk by chunk, without
+      decompressing them): the error names it instead of stopping after earlier masks were written.
+
+    Raises:
+        DataError: one line naming the file(s) and what was expected.
+    """
+    from tfseg.submission import image_id
+
+    if to_csv and output.is_dir():
+        raise DataError(f"{output}: is a folder. Expected the path of a submission file *.csv / *.csv.gz")
+    for where, folder in (("--output", None if to_csv else output), ("--overlays", overlays)):
+        if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+            raise DataError(f"{folder}: exists and is not a folder. Expected a folder for {where} (masks "
+                            f"{'or a *.csv / *.csv.gz submission ' if where == '--output' else ''}are written into it)")
+    images = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
+    names = [(lambda f: image_id(f.name, id_format), lambda key: f"id {key!r} in {output}")] if to_csv else \
+        [(lambda f: f.stem, lambda key: f"{output / key}.png")]
+    if overlays:
+        names.append((lambda f: f.stem, lambda key: f"{Path(overlays) / key}.png"))
+    for key_of, written_as in names:
+        seen: dict[str, Path] = {}
+        for path in images:
+            key = key_of(path)
+            if key in seen:
+                raise DataError(f"{seen[key]} and {path}: both would be written as {written_as(key)}. Expected "
+                                "inputs with distinct names (predict them into separate outputs)")
+            seen[key] = path
+    for path in images:
+        _check_header(path)
+
+
+def _check_header(path: Path) -> None:
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                tif.pages[0].shape  # noqa: B018 - reads the first page's header
+            return
+        from PIL import Image
+
+        with Image.open(path) as img:
+            img.verify()
+    except Exception as err:  # noqa: BLE001 - any decoder failure is a bad file
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise DataError(f"{path}: cannot read image ({reason}); nothing was written") from None
 
 
 def open_image(path: Path, channels: int):
@@ -99,7 +156,7 @@ def iter_items(files: list[Path], cfg: Config) -> Iterator[Item]:
         if path.suffix.lower() in TFRECORD_EXTENSIONS:
             yield from _iter_tfrecord(path, cfg)
         else:
-            yield Item(path.name, open_image(path, cfg.data.channels))
+            yield Item(path.name, open_image(path, cfg.data.channels), source=str(path))
 
 
 def _iter_tfrecord(path: Path, cfg: Config) -> Iterator[Item]:
@@ -111,7 +168,7 @@ def _iter_tfrecord(path: Path, cfg: Config) -> Iterator[Item]:
     try:
         for ex in ds.as_numpy_iterator():
             name = ex["id"].decode() if isinstance(ex["id"], bytes) else str(ex["id"])
-            yield Item(name, ex["image"], ex["mask"][..., 0])
+            yield Item(name, ex["image"], ex["mask"][..., 0], source=f"{path} (record {name!r})")
     except tf.errors.OpError as err:
         raise DataError(f"{path}: unreadable TFRecord shard ({err.message.splitlines()[0][:160]}).") from None
 
@@ -134,16 +191,23 @@ def run_predict(args) -> int:
 
     cfg = load_run_config(args.run, args.config, args.overrides)
     files = expand_inputs(args.input)
-    predictor = Predictor.from_run(args.run, args.folds or cfg.infer.folds, cfg.infer)
     output = Path(args.output)
     to_csv = is_submission_path(output)
+    check_inputs(files, output, to_csv, args.overlays, cfg.submit.id_format)
+    predictor = Predictor.from_run(args.run, args.folds or cfg.infer.folds, cfg.infer, cfg.data)
     binary = predictor.spec.classes == 1
     n = 0
+    written: dict[str, str] = {}  # stem -> the input it came from (TFRecord ids are known only here)
     with (SubmissionWriter.from_config(output, cfg.submit) if to_csv else contextlib.nullcontext()) as sub:
         for item in iter_items(files, cfg):
             H, W, _ = item.image.shape
             huge = H * W > WINDOWED_PIXELS
             stem = Path(item.name).stem
+            if (not to_csv or args.overlays) and stem in written:
+                where = Path(args.overlays) if to_csv else output
+                raise DataError(f"{written[stem]} and {item.source or item.name}: both would be written as "
+                                f"{where / stem}.png. Expected inputs with distinct names")
+            written[stem] = item.source or item.name
             step = max(1, -(-max(H, W) // OVERLAY_MAX_SIDE))
             scale = 255 if binary else 1
             with contextlib.ExitStack() as stack:
@@ -183,7 +247,9 @@ def run_predict(args) -> int:
     if binary:
         source = " (out-of-fold sweep)" if cfg.infer.threshold_from == "oof" else ""
         cut = f", threshold {predictor.infer.threshold:g}{source}"
-    print(f"tfseg predict: {n} images, folds {predictor.folds}, tta {cfg.infer.tta}{cut} -> {where}")
+    h, w = predictor.resize_to or predictor.spec.in_hw
+    how = f"whole images resized to {h}x{w}" if predictor.resize_to else f"tiles of {h}x{w}"
+    print(f"tfseg predict: {n} images ({how}), folds {predictor.folds}, tta {cfg.infer.tta}{cut} -> {where}")
     return 0
 
 

@@ -177,3 +177,37 @@ def test_evaluation_applies_the_runs_test_time_augmentation(trained, tmp_path):
     dice = 1.0 if not (pred.any() or truth.any()) else 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
     assert float(scores[8][ident]["dice"]) == pytest.approx(dice, abs=1e-4)
     assert any(scores[1][i]["dice"] != scores[8][i]["dice"] for i in scores[1])
+
+
+@pytest.mark.parametrize("fit", ["random_crop", "resize"])
+def test_folder_evaluation_scores_the_masks_predict_writes(tmp_path, fit):
+    """evaluate --data <images + masks> predicts as `tfseg predict` does (the run's infer.fit): it used
+    to resize every image to data.image_size even for runs trained on crops, which predict tiles at
+    full resolution (ISBI slice 16: 0.912 in evaluate, 0.942 in the masks predict wrote)."""
+    from PIL import Image
+
+    from tests.conftest import shared_path
+    from tests.test_inference import make_run
+    from tfseg.config import InferConfig
+    from tfseg.inference import Predictor
+
+    run, _ = make_run(tmp_path, folds=(0, 1), fit=fit, image_size=(64, 64))
+    src = shared_path("isbi2012_em_membrane")
+    data = tmp_path / "held_out"
+    for sub in ("images", "masks"):
+        (data / sub).mkdir(parents=True)
+        for n in (16, 7):
+            (data / sub / f"{n}.png").symlink_to(src / sub / f"{n}.png")
+    image = np.asarray(Image.open(data / "images" / "16.png"))[..., None]
+    t = float(np.median(Predictor.from_run(run, infer=InferConfig(tile_size=64)).predict(image)))
+    sets = ["--set", f"infer.threshold={t}"]
+    assert cli.main(["evaluate", "--run", str(run), "--data", str(data), "--output", str(tmp_path / "ev"), *sets]) == 0
+    assert cli.main(["predict", "--run", str(run), "--input", str(data / "images"), "--output",
+                     str(tmp_path / "pred"), *sets]) == 0
+    rows = {r["id"]: r for r in _table(tmp_path / "ev" / "per_image.csv")}
+    assert sorted(rows) == ["16", "7"]
+    for ident, row in rows.items():
+        pred = np.asarray(Image.open(tmp_path / "pred" / f"{ident}.png")) > 0
+        truth = np.asarray(Image.open(data / "masks" / f"{ident}.png")) > 127
+        dice = 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
+        assert 0.2 < dice < 0.95 and float(row["dice"]) == pytest.approx(dice, abs=1e-6)

@@ -6,8 +6,12 @@ What is scored:
   i.e. out-of-fold predictions, at the training pipeline's size;
 * ``--data`` a folder of TFRecord shards: every record, at the pipeline's size;
 * ``--data`` a folder of images + masks (read with the run's data config, ``root`` replaced; e.g.
-  ``--set data.split=test`` for Kvasir-SEG's fixed split): every pair at its own resolution; the
-  image is resized to the model's input and the probabilities back to the mask's size.
+  ``--set data.split=test`` for Kvasir-SEG's fixed split): every pair at its own resolution,
+  predicted as ``tfseg predict`` predicts it (:class:`tfseg.inference.Predictor`): as the run
+  trained (``infer.fit``), either whole, resized to ``data.image_size`` with the probabilities
+  resized back (``data.fit: resize`` runs), or by sliding windows of ``infer.tile_size`` at full
+  resolution (runs trained on crops or tiles); so the scores are those of the masks ``predict``
+  writes.
 
 With external data and several folds, the folds' probabilities are averaged (the ensemble). Each
 model's predictions are those of ``tfseg predict``: averaged over the ``infer.tta`` transforms.
@@ -147,15 +151,6 @@ def _folder_pairs(cfg: Config, root: Path) -> Iterator[tuple[str, np.ndarray, np
             yield sample.id, sample.image, sample.mask
 
 
-def _predict_full_size(predict, image: np.ndarray, input_hw) -> np.ndarray:
-    """Resize ``image`` [H, W, C] to the model input, predict, resize probabilities back to [H, W, K]."""
-    import tensorflow as tf
-
-    x = tf.image.resize(image[None].astype(np.float32), input_hw, method="bilinear").numpy()
-    probs = predict(x)
-    return tf.image.resize(probs, image.shape[:2], method="bilinear").numpy()[0]
-
-
 # ------------------------------------------------------------------------------------------------
 # The evaluation
 # ------------------------------------------------------------------------------------------------
@@ -179,7 +174,15 @@ def evaluate_run(run: str | Path, folds: str = "all", data: str | Path | None = 
         RunError: missing run, fold or checkpoint. DataError: unreadable or empty data.
     """
     from tfseg.data.tfrecord import shard_files
-    from tfseg.inference import keras_predict_fn, load_model, load_run_config, resolve_threshold, select_folds
+    from tfseg.inference import (
+        Predictor,
+        keras_predict_fn,
+        load_model,
+        load_run_config,
+        resolve_threshold,
+        select_folds,
+    )
+    from tfseg.resize_predict import whole_image_size
     from tfseg.train import mask_crop_for
     from tfseg.tta import with_tta
 
@@ -225,16 +228,11 @@ def evaluate_run(run: str | Path, folds: str = "all", data: str | Path | None = 
                 probs = np.mean([p(images) for p in predicts.values()], axis=0)
                 for ident, truth, prob in zip(ids, masks, probs):
                     score(ensemble, ident, truth, prob)
-        else:
-            model = next(iter(models.values()))
-            if mask_crop_for(model) is not None:
-                raise RunError(f"{data}: the model's output is smaller than its input; evaluate it on "
-                               "TFRecord shards instead of an image folder")
-            input_hw = tuple(int(v) for v in (model.input_shape[1:3] if None not in model.input_shape[1:3]
-                                               else cfg.data.image_size))
+        else:  # every pair at its own resolution, predicted exactly as `tfseg predict` predicts it
+            infer = replace(cfg.infer, threshold=threshold, accumulator="float32")
+            predictor = Predictor(list(models.values()), infer, resize_to=whole_image_size(infer, cfg.data))
             for ident, image, mask in _folder_pairs(cfg, data):
-                probs = np.mean([_predict_full_size(p, image, input_hw) for p in predicts.values()], axis=0)
-                score(ensemble, ident, mask, probs)
+                score(ensemble, ident, mask, predictor.predict(image))
     if not rows:
         raise DataError(f"{data or cfg.data.tfrecord_dir}: no images to evaluate")
     return _write(Path(output) if output else run / "evaluate" / label, rows, sweep, threshold, label,

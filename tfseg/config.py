@@ -200,7 +200,13 @@ class TrainConfig:
 class InferConfig:
     """Sliding-window prediction, test-time augmentation and fold ensembles."""
 
-    tile_size: int = opt(512, "Side of the square tiles fed to the model, in model-input pixels.", min=16)
+    fit: str = opt("auto", "How an image meets the model: resize (the whole image resized to data.image_size, "
+                           "bilinear, predicted once, the probabilities resized back, bilinear, before "
+                           "thresholding), tile (sliding windows at the image's own resolution, / downscale), or "
+                           "auto (as the run trained: resize when data.fit is resize, else tile).",
+                   choices=["auto", "resize", "tile"])
+    tile_size: int = opt(512, "Side of the square tiles fed to the model, in model-input pixels (a model built "
+                              "for a fixed size takes its own).", min=16)
     overlap: float = opt(0.5, "Fraction of a tile shared with its neighbour (nnU-Net uses 0.5).",
                          min=0.0, max=0.95)
     blend: str = opt("gaussian", "Weights of overlapping tiles.", choices=["gaussian", "linear", "constant"])

@@ -162,6 +162,107 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()  # nothing started
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    # the audit's cases: each was a traceback, a wrong key, or left runs/<name> (and the shards) behind
+    ("augment.ops=[{name: flipp, p: 0.5}]",
+     "--set augment.ops=[{name: flipp, p: 0.5}]: augment.ops[0]: Received: name='flipp' (did you mean"),
+    ("model.arch=unett", "--set model.arch=unett: Received: arch='unett' (did you mean 'unet'?). Expected one of"),
+    ("model.options={foo: 1}", "--set model.options={foo: 1}: unet_small: unknown option 'foo'. Expected one of"),
+    ("data.image_size=[33,33]", "--set data.image_size=[33,33]: unet_small: input height 33 is not divisible by 2; "
+                                "the nearest sizes that work are 32 and 34"),
+    ("model.input_shape=[32,32,3]", "--set model.input_shape=[32,32,3]: [32, 32, 3] takes 3 channel(s), but "
+                                    "data.channels is 1 ({params})"),
+    ("model.input_shape=[64,64,1]", "--set model.input_shape=[64,64,1]: [64, 64, 1] is fixed, but data.image_size "
+                                    "is [32, 32] ({params})"),
+    ("train.folds=13", "data.root {data}: 12 groups cannot make 13 folds (train.folds)"),
+    ("train.lr=abc", "--set train.lr=abc: expected a number, got 'abc'"),
+    ("model.encoder_weights=missing.h5", "--set model.encoder_weights=missing.h5: model.encoder_weights="
+                                         "'missing.h5': no such file"),
+])
+def test_a_run_that_cannot_start_says_why_in_one_line_and_writes_nothing(tmp_path, capsys, override, message):
+    """Checked before the shards are written and before runs/<name> exists; the key is named as the
+    user set it (the --set, or the params file)."""
+    params = tiny_config(tmp_path)
+    argv = ["train", "--config", str(params), "--set", override]
+    if "encoder_weights" in override:
+        argv += ["--set", "model.arch=unet", "--set", "model.backbone=mobilenetv2", "--set", "model.options={}"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    expected = message.replace("{params}", str(params)).replace("{data}", str(tmp_path / "data"))
+    assert err[0].startswith(f"tfseg train: error: {expected}"), err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "params.yaml"]  # no runs/, no tfrec/
+
+
+def test_a_key_set_in_the_params_file_is_blamed_on_the_file(tmp_path, capsys):
+    params = tiny_config(tmp_path)
+    values = yaml.safe_load(params.read_text())
+    values["model"]["arch"] = "unett"
+    params.write_text(yaml.safe_dump(values))
+    assert cli.main(["train", "--config", str(params)]) == 2
+    assert capsys.readouterr().err.startswith(f"tfseg train: error: {params}: model.arch: Received: arch='unett'")
+
+
+def test_offline_imagenet_weights_name_the_config_key(tmp_path, capsys, monkeypatch):
+    """The kvasir recipe offline: keras.applications' download fails; the error names
+    model.encoder_weights (not the builder's encoder_weights=), before any shard is written."""
+    import keras.src.utils.file_utils as file_utils
+
+    def offline(fname, origin=None, **kwargs):
+        raise Exception(f"URL fetch failure on {origin}: None -- [Errno -2] Name or service not known")
+
+    monkeypatch.setattr(file_utils, "get_file", offline)
+    params = tiny_config(tmp_path)
+    assert cli.main(["train", "--config", str(params), "--set", "model.arch=unet", "--set", "model.options={}",
+                     "--set", "model.backbone=mobilenetv2", "--set", "model.encoder_weights=imagenet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("tfseg train: error: --set model.encoder_weights=imagenet: could not download ImageNet "
+                             "weights for mobilenetv2 (offline?); pass model.encoder_weights=<path")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "params.yaml"]
+
+
+def test_a_damaged_shard_stops_training_in_one_line_and_leaves_no_run(tmp_path, capsys):
+    """A truncated shard raised a 27-line DataLossError from inside fit, and left runs/<name>/config.yaml
+    and fold0/ behind."""
+    from tfseg.data.tfrecord import shard_files, write_tfrecords
+
+    params = tiny_config(tmp_path)
+    write_tfrecords(load_config(params).data, progress=False)
+    damaged = shard_files(tmp_path / "tfrec")[1]
+    with open(damaged, "r+b") as fh:
+        fh.truncate(20)  # the first record's header, then nothing
+    assert cli.main(["train", "--config", str(params)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"tfseg train: error: {damaged}: unreadable (truncated record at 0"), err
+    assert "Traceback" not in "".join(err) and len(err) <= 2  # the fold's start line, the error
+    assert not (tmp_path / "runs").exists()
+
+
+def test_only_folders_this_start_created_and_without_results_are_removed(tmp_path):
+    from tfseg.train import removed_if_no_results
+
+    def fail_in(*folders, write=None):
+        with pytest.raises(RuntimeError), removed_if_no_results(*folders):
+            for folder in folders:
+                folder.mkdir(parents=True, exist_ok=True)
+            if write:
+                write()
+            raise RuntimeError("the first epoch failed")
+
+    run = tmp_path / "runs" / "r"
+    fail_in(run / "fold0", run, run.parent)  # nothing of value: all three go
+    assert not (tmp_path / "runs").exists()
+    (run / "fold0" / "backup").mkdir(parents=True)  # a preempted run: its backup must survive
+    (run / "fold0" / "backup" / "chief").write_text("x")
+    fail_in(run / "fold0", run, run.parent)
+    assert (run / "fold0" / "backup" / "chief").is_file()
+    fail_in(run / "fold1", run, run.parent)  # a new fold of a run with results: only the fold goes
+    assert not (run / "fold1").exists() and (run / "fold0").is_dir()
+    fail_in(run / "fold2", write=lambda: (run / "fold2" / "history.csv").write_text("epoch,loss\n0,0.5\n"))
+    assert (run / "fold2" / "history.csv").is_file()  # an epoch finished: kept
+
+
 def test_global_batch_must_be_per_replica_times_replicas():
     from tfseg.data.pipeline import check_global_batch
 
@@ -366,9 +467,10 @@ def test_validation_on_larger_central_windows_than_the_training_crops(tmp_path, 
     # a size the model cannot take: one line, nothing written
     assert cli.main(["train", "--config", str(params), *(f"--set={o}" for o in over),
                      "--set", "data.val_size=[63,63]"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the note that the shards are written
-    assert err.startswith("tfseg train: error: data.val_size: unet_small: input height 63") and "62 and 64" in err
-    assert not (tmp_path / "runs").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "62 and 64" in err[0]
+    assert err[0].startswith("tfseg train: error: --set data.val_size=[63,63]: unet_small: input height 63")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "tfrec").exists()  # checked before the shards
     cfg = load_config(params, [*over, "data.val_size=[64,64]"])
     assert cfg.model.input_shape == (None, None, 1)  # built for any size
     import tfseg.models
@@ -389,7 +491,7 @@ def test_validation_on_larger_central_windows_than_the_training_crops(tmp_path, 
     model = keras.models.load_model(tmp_path / "runs" / "tiny" / "fold0" / "best.keras")
     assert model.input_shape == (None, None, None, 1)
     assert model.predict(np.zeros((1, 64, 64, 1), "float32"), verbose=0).shape == (1, 64, 64, 1)
-    with pytest.raises(ConfigError, match="data.val_size: \\[64, 64\\] needs data.fit: random_crop"):
+    with pytest.raises(ConfigError, match="--set data.val_size=\\[64,64\\]: \\[64, 64\\] needs data.fit: random_crop"):
         load_config(params, ["data.val_size=[64,64]"])
 
 

@@ -2,16 +2,22 @@
 
 One fold, top to bottom (:func:`train_fold`):
 
-    1. check invariants (loss, metrics, monitor, batch) before anything heavy
+    1. check invariants (loss, metrics, monitor, augmentations, batch) before anything heavy
     2. choose the strategy (TPU / multi-worker / mirrored / default; JAX DataParallel)
-    3. split the records into folds (grouped, stratified; ``tfseg.data.folds.fold_split``)
+    3. check the model (architecture, options, input sizes; pretrained weights when shards are
+       still to be written) and the folds, then write the TFRecord shards if there are none, and
+       split the records into folds (grouped, stratified; ``tfseg.data.folds.fold_split``)
     4. build the model, its loss, optimizer and metrics under ``strategy.scope()``
     5. build the datasets (global batch = per-replica batch x replicas; mask crop for models
        whose output is smaller than their input)
-    6. callbacks: BackupAndRestore, history CSV, best and last checkpoints, EarlyStopping,
-       ReduceLROnPlateau, warm-up, TerminateOnNaN, TensorBoard scalars and image panels
+    6. create the fold's folder; callbacks: BackupAndRestore, history CSV, best and last
+       checkpoints, EarlyStopping, ReduceLROnPlateau, warm-up, TerminateOnNaN, TensorBoard
     7. fit
     8. write the fold's outputs and the run's ``summary.json``
+
+Nothing is written under ``runs/<name>`` before step 6, and a fold that fails before its first
+epoch ends takes away the folders this call created (a folder that holds results, e.g. a
+preempted run's ``backup/``, is never removed, so resuming keeps working).
 
 Outputs (the run directory layout that evaluation, inference and export read)::
 
@@ -33,40 +39,21 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tfseg.config import Config, dump_config, load_config
-from tfseg.errors import ConfigError, RunError
+from tfseg.config import Config, dump_config, key_origin, load_config
+from tfseg.errors import ConfigError, ModelError, RunError
 from tfseg.files import atomic_write_text
-
-LOSS_MONITORS = ("loss", "val_loss")
-
+from tfseg.train_checks import (  # noqa: F401 - check_invariants, ensure_tfrecords: part of this module's API
+    LOSS_MONITORS,
+    check_invariants,
+    ensure_tfrecords,
+    model_error,
+    prepare,
+    removed_if_no_results,
+)
 
 # ------------------------------------------------------------------------------------------------
-# 1. invariants
+# 1. invariants (tfseg.train_checks), folds, run folder
 # ------------------------------------------------------------------------------------------------
-
-
-def check_invariants(cfg: Config) -> None:
-    """Fail early, with one line, on what would otherwise fail after minutes of work.
-
-    Raises:
-        ConfigError: unknown loss or metric, a monitor that no metric produces, a bad batch.
-    """
-    from tfseg.losses import check_loss
-    from tfseg.metrics import check_metric_names
-
-    # No TensorFlow state may be created before the strategy (MultiWorkerMirroredStrategy must
-    # configure the collective ops at program start-up): check names, build nothing.
-    classes = cfg.model.classes or cfg.data.classes
-    check_loss(cfg.train.loss, classes, cfg.train.class_weights)
-    metrics = check_metric_names(cfg.train.metrics, classes)
-    valid = [*LOSS_MONITORS, *metrics, *(f"val_{m}" for m in metrics)]
-    if cfg.train.monitor not in valid:
-        from tfseg.registry import unknown_name_message
-
-        raise ConfigError("train.monitor: " + unknown_name_message("monitor", cfg.train.monitor, valid))
-    if cfg.train.monitor in LOSS_MONITORS and cfg.train.monitor_mode != "min":
-        raise ConfigError(f"train.monitor_mode: {cfg.train.monitor} should be minimised; "
-                          "set train.monitor_mode=min")
 
 
 def parse_folds(text: str | int, k: int) -> list[int]:
@@ -91,49 +78,9 @@ def run_dir(cfg: Config) -> Path:
     return Path(cfg.train.output_dir) / cfg.train.name
 
 
-def ensure_tfrecords(cfg: Config) -> list[str]:
-    """The shard files of ``data.tfrecord_dir``; writes them first when the folder has none."""
-    from tfseg.data.tfrecord import shard_files, write_tfrecords
-
-    directory = cfg.data.tfrecord_dir
-    files = shard_files(directory) if Path(directory).is_dir() or "://" in directory else []
-    if not files:
-        print(f"tfseg train: no shards in {directory}; writing them first (tfseg tfrecords)", file=sys.stderr)
-        write_tfrecords(cfg.data)
-        files = shard_files(directory)
-    return files
-
-
 # ------------------------------------------------------------------------------------------------
 # 4. model
 # ------------------------------------------------------------------------------------------------
-
-
-def check_model_sizes(cfg: Config) -> None:
-    """With ``data.val_size`` the model is built for any input size (``[null, null, C]``); check up
-    front that the architecture takes both the training and the validation size, so a bad size is
-    the builder's one-line error (with the nearest sizes that work), not a shape error mid-fit.
-    The probe models are built without weights and dropped; a config is checked once per process."""
-    from dataclasses import replace
-
-    if cfg.data.val_size is None or None not in (cfg.model.input_shape or (None,))[:2]:
-        return
-    checked = repr((cfg.model, cfg.data.image_size, cfg.data.val_size, cfg.data.channels))
-    if checked in _SIZES_CHECKED:
-        return
-
-    from tfseg.errors import ModelError
-    from tfseg.models import build_model
-
-    for key, size in (("data.image_size", cfg.data.image_size), ("data.val_size", cfg.data.val_size)):
-        try:
-            build_model(replace(cfg.model, input_shape=(*size, cfg.data.channels), encoder_weights=None))
-        except ModelError as err:
-            raise ConfigError(f"{key}: {err}") from None
-    _SIZES_CHECKED.add(checked)
-
-
-_SIZES_CHECKED: set[str] = set()
 
 
 def build_compiled_model(cfg: Config, steps_per_epoch: int):
@@ -148,7 +95,11 @@ def build_compiled_model(cfg: Config, steps_per_epoch: int):
     from tfseg.schedules import build_optimizer
 
     keras.utils.set_random_seed(cfg.train.seed)
-    model = build_model(cfg.model)
+    try:
+        model = build_model(cfg.model)
+    except ModelError as err:
+        raise model_error(cfg, err, "model.input_shape" if key_origin(cfg, "model.input_shape")
+                          else "data.image_size") from None
     classes = int(model.output_shape[-1])
     from_logits = resolve_activation(cfg.model.activation, classes) == "linear"
     model.compile(
@@ -277,14 +228,8 @@ def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2, callbacks: S
     set_mixed_precision(t.mixed_precision)
     dist = dist or setup_distribution(t.strategy)
     global_batch = check_global_batch(t.batch_size, dist.replicas)
-    check_model_sizes(cfg)
-    out_dir = run_dir(cfg)
-    fold_dir = out_dir / f"fold{fold}"
-    if not dist.is_chief:  # the other workers of a multi-worker run write beside, not over, the chief
-        fold_dir = fold_dir / f".worker-{os.getpid()}"
-    # 3. folds (the records exist before any output folder does: a run that cannot start leaves nothing)
-    ensure_tfrecords(cfg)
-    fold_dir.mkdir(parents=True, exist_ok=True)
+    # 3. model and folds checked, records written, folds split: nothing under runs/ yet
+    prepare(cfg)
     split = fold_split(cfg.data.tfrecord_dir, t.folds, fold, t.seed)
     steps = t.steps_per_epoch or max(1, split.n_train // global_batch)
     # The whole validation fold each epoch; counted from the manifest, so Keras does not run the
@@ -307,27 +252,34 @@ def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2, callbacks: S
     if t.tensorboard and dist.kind != "multiworker" and tensorboard_available():
         images, masks = next(iter(val_ds.take(1)))
         sample = (images.numpy()[:3], masks.numpy()[:3])
-    # 6. callbacks
-    own, nan_guard, best = make_callbacks(cfg, fold_dir, steps, sample, write=dist.is_chief)
-    if dist.is_chief:
-        dump_config(cfg, fold_dir / "config.yaml")
-        atomic_write_text(fold_dir / "val_groups.json", json.dumps({
-            "fold": fold, "folds": t.folds, "seed": t.seed, "val_groups": split.val_groups,
-            "n_train": split.n_train, "n_val": split.n_val, "train_files": split.train_files,
-            "val_files": split.val_files}, indent=1))
-    resumed = (fold_dir / "backup").is_dir()
-    print(f"tfseg train: fold {fold}/{t.folds}: {split.n_train} train / {split.n_val} val records, "
-          f"{steps} steps of {global_batch} ({dist.kind}, {dist.replicas} replica(s))"
-          + (f"; resuming from {fold_dir / 'backup'}" if resumed else ""), file=sys.stderr, flush=True)
-    # 7. fit
-    start = time.perf_counter()
-    model.fit(train_ds, epochs=t.epochs, steps_per_epoch=steps, validation_data=val_ds,
-              validation_steps=val_steps, callbacks=[*own, *callbacks], verbose=verbose,
-              shuffle=False)  # the dataset shuffles; Keras would warn that it ignores shuffle=True
-    if nan_guard.where is not None:
-        epoch, batch, value = nan_guard.where
-        raise RunError(f"fold {fold}: the training loss became {value} at epoch {epoch + 1}, batch {batch}; "
-                       f"training stopped. Lower train.lr (now {t.lr}) or check the data and loss")
+    # 6. the fold's folder and callbacks
+    out_dir = run_dir(cfg)
+    fold_dir = out_dir / f"fold{fold}"
+    if not dist.is_chief:  # the other workers of a multi-worker run write beside, not over, the chief
+        fold_dir = fold_dir / f".worker-{os.getpid()}"
+    with removed_if_no_results(fold_dir, out_dir, out_dir.parent):  # a fold that cannot start leaves nothing
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        own, nan_guard, best = make_callbacks(cfg, fold_dir, steps, sample, write=dist.is_chief)
+        if dist.is_chief:
+            dump_config(cfg, out_dir / "config.yaml")
+            dump_config(cfg, fold_dir / "config.yaml")
+            atomic_write_text(fold_dir / "val_groups.json", json.dumps({
+                "fold": fold, "folds": t.folds, "seed": t.seed, "val_groups": split.val_groups,
+                "n_train": split.n_train, "n_val": split.n_val, "train_files": split.train_files,
+                "val_files": split.val_files}, indent=1))
+        resumed = (fold_dir / "backup").is_dir()
+        print(f"tfseg train: fold {fold}/{t.folds}: {split.n_train} train / {split.n_val} val records, "
+              f"{steps} steps of {global_batch} ({dist.kind}, {dist.replicas} replica(s))"
+              + (f"; resuming from {fold_dir / 'backup'}" if resumed else ""), file=sys.stderr, flush=True)
+        # 7. fit
+        start = time.perf_counter()
+        model.fit(train_ds, epochs=t.epochs, steps_per_epoch=steps, validation_data=val_ds,
+                  validation_steps=val_steps, callbacks=[*own, *callbacks], verbose=verbose,
+                  shuffle=False)  # the dataset shuffles; Keras would warn that it ignores shuffle=True
+        if nan_guard.where is not None:
+            epoch, batch, value = nan_guard.where
+            raise RunError(f"fold {fold}: the training loss became {value} at epoch {epoch + 1}, batch {batch}; "
+                           f"training stopped. Lower train.lr (now {t.lr}) or check the data and loss")
     # 8. outputs (best.keras and last.keras were written by their callbacks)
     best_value = best.best if math.isfinite(best.best) else None  # None: the monitor never had a value
     result = {"best": best_value, "best_epoch": best.best_epoch + 1, "epochs": _epochs_done(fold_dir),
@@ -385,15 +337,12 @@ def run(cfg: Config, folds: str | int = 0, callbacks: Sequence = ()) -> dict:
     fold_list = parse_folds(folds, cfg.train.folds)
     callbacks = _check_callbacks(callbacks)
     check_invariants(cfg)
-    ensure_tfrecords(cfg)  # before the run folder exists, so a run that cannot start leaves nothing
     from tfseg.distribute import set_mixed_precision, setup_distribution
 
     set_mixed_precision(cfg.train.mixed_precision)
     dist = setup_distribution(cfg.train.strategy)  # once per process (multi-worker needs that)
-    check_model_sizes(cfg)
+    prepare(cfg)  # model and folds checked, shards written: before runs/<name> exists
     out_dir = run_dir(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out_dir / "config.yaml")
     for fold in fold_list:
         result = train_fold(cfg, fold, dist, callbacks=callbacks)
         value = "none" if result["best"] is None else f"{result['best']:.4f}"
@@ -425,22 +374,10 @@ def cli_train(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tfseg.train --config params.yaml --set train.epochs=5 --fold 0``."""
-    from tfseg.cli import _args_train, _Parser
-    from tfseg.errors import TfsegError
+    """``python -m tfseg.train --config params.yaml --set train.epochs=5 --fold 0``: ``tfseg train``."""
+    from tfseg.cli import main as cli_main
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    parser = _Parser(prog="python -m tfseg.train", description="train one fold or all folds")
-    _args_train(parser)
-    args = parser.parse_args(argv)
-    try:
-        return cli_train(args)
-    except TfsegError as err:
-        print(f"tfseg train: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("tfseg train: interrupted", file=sys.stderr)
-        return 130
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,262 @@
+"""Checks that run before anything is written, and the clean-up of a fold that could not start.
+
+What ``tfseg train`` checks, in order, before a shard or a run folder exists (docs/training.md):
+
+    1. names and values: loss, metrics, monitor, augmentations (:func:`check_invariants`; builds
+       nothing: a multi-worker strategy must be created before any TensorFlow state)
+    2. the model: architecture, options, and the sizes training feeds it (:func:`check_model`)
+    3. the folds: enough groups for ``train.folds`` (:func:`check_folds`)
+    4. when the shards are still to be written: the pretrained encoder weights (download), then
+       the shards (:func:`prepare`)
+
+A ModelError of the builders becomes a ConfigError naming the key to change and where it was set
+(:func:`model_error`). A fold that fails before its first epoch ends removes the folders it created
+(:func:`removed_if_no_results`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from tfseg.config import Config, blame, key_origin
+from tfseg.errors import ConfigError, DataError, ModelError
+
+LOSS_MONITORS = ("loss", "val_loss")
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. invariants
+# ------------------------------------------------------------------------------------------------
+
+
+def check_invariants(cfg: Config) -> None:
+    """Fail early, with one line, on what would otherwise fail after minutes of work.
+
+    Raises:
+        ConfigError: unknown loss or metric, a monitor that no metric produces, an unknown
+            augmentation or parameter (naming where ``augment.ops`` was set).
+    """
+    from tfseg.losses import check_loss
+    from tfseg.metrics import check_metric_names
+
+    # No TensorFlow state may be created before the strategy (MultiWorkerMirroredStrategy must
+    # configure the collective ops at program start-up): check names, build nothing.
+    classes = cfg.model.classes or cfg.data.classes
+    check_loss(cfg.train.loss, classes, cfg.train.class_weights)
+    metrics = check_metric_names(cfg.train.metrics, classes)
+    valid = [*LOSS_MONITORS, *metrics, *(f"val_{m}" for m in metrics)]
+    if cfg.train.monitor not in valid:
+        from tfseg.registry import unknown_name_message
+
+        raise ConfigError("train.monitor: " + unknown_name_message("monitor", cfg.train.monitor, valid))
+    if cfg.train.monitor in LOSS_MONITORS and cfg.train.monitor_mode != "min":
+        raise ConfigError(f"train.monitor_mode: {cfg.train.monitor} should be minimised; "
+                          "set train.monitor_mode=min")
+    from tfseg.data.augment import check_ops
+
+    try:
+        check_ops(cfg.augment.ops, cfg.data.channels)
+    except ConfigError as err:
+        raise ConfigError(blame(key_origin(cfg, "augment.ops"), "augment.ops", str(err))) from None
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. model
+# ------------------------------------------------------------------------------------------------
+
+# A builder's ModelError -> the config key a user changes to fix it (the first pattern found wins).
+_MODEL_ERROR_KEYS = (
+    (r"Received: arch=", "model.arch"),
+    (r"Received: (backbone|encoder)=|backbone=|^encoder \S+ has no features", "model.backbone"),
+    (r"Received: activation=", "model.activation"),
+    (r"encoder_weights", "model.encoder_weights"),
+    (r"decoder_filters", "model.decoder_filters"),
+    (r"decoder_block_type", "model.decoder_block_type"),
+    (r"unknown option|option \w+=|encoder_features=", "model.options"),
+    (r"input (height|width) |input_shape|input channels|needs a fixed input size", None),  # the size key
+)
+
+
+def model_error(cfg: Config, err: ModelError, size_key: str) -> ConfigError:
+    """The builder's one-line ModelError as a ConfigError that starts with the key to change.
+
+    Keys are named as the user wrote them: ``--set model.arch=unett: Received: arch='unett' ...``
+    or ``configs/x.yaml: model.arch: ...``; the builders' own argument names (``encoder_weights=``)
+    become config keys (``model.encoder_weights=``). ``size_key`` is the key of the size being
+    built (``data.image_size``, ``data.val_size`` or ``model.input_shape``).
+    """
+    text = re.sub(r"(?<![\w.])encoder_weights=", "model.encoder_weights=", str(err))
+    key = "model"
+    for pattern, name in _MODEL_ERROR_KEYS:
+        if re.search(pattern, text):
+            key = name or size_key
+            break
+    return ConfigError(blame(key_origin(cfg, key), key, f"{key}: {text}"))
+
+
+def check_model(cfg: Config, weights: bool = False) -> None:
+    """Build the configured model at every input size training feeds it, before anything is written.
+
+    Sizes: ``data.image_size`` (and ``data.val_size`` when set; the model is then built for any
+    size, ``[null, null, C]``); a fixed ``model.input_shape`` must equal them. A wrong
+    architecture, option or size is then the builder's one-line error naming its key (with the
+    nearest sizes that work), not a shape error mid-fit. The probe models are built without
+    weights and dropped. With ``weights``, one probe is built with ``model.encoder_weights`` instead
+    (downloading them once, before the shards are written). A config is checked once per process.
+
+    Raises:
+        ConfigError: the key to change, where it was set, and the builder's message.
+    """
+    from dataclasses import replace
+
+    from tfseg.models import build_model
+
+    m, d = cfg.model, cfg.data
+    shape = tuple(m.input_shape)
+    sizes = [("data.image_size", tuple(d.image_size))]
+    if d.val_size is not None:
+        sizes.append(("data.val_size", tuple(d.val_size)))
+    if None not in shape[:2]:  # a fixed input: the pipeline must feed exactly that size
+        for key, size in sizes:
+            if size != shape[:2]:
+                fix = "Expected the same height and width (model.input_shape: null follows data.image_size)"
+                if (key_origin(cfg, key) or "").startswith("--set "):
+                    raise ConfigError(blame(key_origin(cfg, key), key, f"{key}: {list(size)} differs from the fixed "
+                                            f"model.input_shape {list(shape)} "
+                                            f"({key_origin(cfg, 'model.input_shape')}). {fix}"))
+                raise ConfigError(blame(key_origin(cfg, "model.input_shape"), "model.input_shape",
+                                        f"model.input_shape: {list(shape)} is fixed, but {key} is {list(size)} "
+                                        f"({key_origin(cfg, key) or 'the default'}). {fix}"))
+        size_key = "model.input_shape" if key_origin(cfg, "model.input_shape") else "data.image_size"
+        probes = [(size_key, shape)]
+    else:
+        probes = [(key, (*size, shape[-1])) for key, size in sizes]
+    if weights:  # the sizes were checked without weights: now the weights, once
+        if not m.encoder_weights:
+            return
+        probes = probes[:1]
+    checked = repr((m, probes, weights))
+    if checked in _MODELS_CHECKED:
+        return
+    for key, probe in probes:
+        try:
+            build_model(replace(m, input_shape=probe, encoder_weights=m.encoder_weights if weights else None))
+        except ModelError as err:
+            raise model_error(cfg, err, key) from None
+    _MODELS_CHECKED.add(checked)
+
+
+_MODELS_CHECKED: set[str] = set()
+
+
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. records and folds
+# ------------------------------------------------------------------------------------------------
+
+
+def existing_shards(cfg: Config) -> list[str]:
+    """The shard files already in ``data.tfrecord_dir`` (none when the folder does not exist)."""
+    from tfseg.data.tfrecord import shard_files
+
+    directory = cfg.data.tfrecord_dir
+    return shard_files(directory) if Path(directory).is_dir() or "://" in directory else []
+
+
+def ensure_tfrecords(cfg: Config) -> list[str]:
+    """The shard files of ``data.tfrecord_dir``; writes them first when the folder has none."""
+    from tfseg.data.tfrecord import shard_files, write_tfrecords
+
+    files = existing_shards(cfg)
+    if not files:
+        print(f"tfseg train: no shards in {cfg.data.tfrecord_dir}; writing them first (tfseg tfrecords)",
+              file=sys.stderr)
+        write_tfrecords(cfg.data)
+        files = shard_files(cfg.data.tfrecord_dir)
+    return files
+
+
+def prepare(cfg: Config) -> list[str]:
+    """Step 3 up to the split: check the model and the folds, then make sure the shards exist.
+
+    Everything that can be checked without the records is checked before they are written
+    (writing Kvasir-SEG's 900 images takes minutes): the model builds at the sizes training feeds
+    it, the data has enough groups for ``train.folds``; when the shards are still to be written, the
+    pretrained encoder weights are fetched first too (an offline ImageNet download fails here).
+
+    Returns:
+        The shard files.
+    """
+    have_shards = bool(existing_shards(cfg))
+    check_model(cfg)
+    check_folds(cfg, have_shards)
+    if not have_shards:
+        check_model(cfg, weights=True)
+    return ensure_tfrecords(cfg)
+
+
+def check_folds(cfg: Config, have_shards: bool) -> None:
+    """Raise the one-line DataError of a fold split that cannot be made (fewer groups than folds).
+
+    With shards, from their manifest; without, from the source's entries (listing files only),
+    where each entry is one image file whose group its records keep (TFDS entries are chunks of
+    a split, whose records have groups of their own: they are checked once written).
+    """
+    from tfseg.data.folds import assign_folds, fold_split
+
+    t = cfg.train
+    if have_shards:
+        fold_split(cfg.data.tfrecord_dir, t.folds, 0, t.seed)
+        return
+    from tfseg.data.sources import list_entries
+
+    entries = list_entries(cfg.data)
+    if all(e.image for e in entries):
+        try:
+            assign_folds([e.group for e in entries], t.folds, t.seed)
+        except DataError as err:
+            raise DataError(f"data.root {cfg.data.root}: {err}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# clean-up of a fold that could not start
+# ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def removed_if_no_results(*folders: Path):
+    """Remove the ``folders`` this call creates when the body fails before they hold results.
+
+    A folder that existed before is never touched; a new one is removed (with what the failed
+    start wrote: config.yaml, val_groups.json, an empty history.csv, TensorBoard's first events)
+    unless it holds results by then (:func:`has_results`), so a run preempted in its second epoch
+    keeps its ``backup/`` and resumes. List the deepest folder first.
+    """
+    new = [f for f in folders if not f.exists()]
+    try:
+        yield
+    except BaseException:
+        for folder in new:
+            if folder.is_dir() and not has_results(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+RESULT_FILES = ("best.keras", "last.keras", "summary.json")
+
+
+def has_results(folder: Path) -> bool:
+    """Whether a run or fold folder holds anything of value: a checkpoint, a summary, a backup to
+    resume from, or a history row (an epoch that finished)."""
+    if any(next(folder.rglob(name), None) for name in RESULT_FILES):
+        return True
+    if any(b.is_dir() and any(b.iterdir()) for b in folder.rglob("backup")):
+        return True
+    from tfseg.callbacks import _read_rows
+
+    return any(_read_rows(h) for h in folder.rglob("history.csv"))

@@ -267,3 +267,16 @@ def test_unet_encoder_features_rejects_what_the_encoder_lacks(backbone, features
     with pytest.raises(ModelError, match=rf"unet: encoder_features=.*: {bad} is not a feature stride of {backbone}; "
                                          r"expected 'default' or strides, deepest first, from \["):
         Unet(backbone, input_shape=(64, 64, 3), encoder_weights=None, encoder_features=features)
+
+
+@pytest.mark.parametrize("arch", ["unet_original", "unet1024", "unet_small"])
+def test_from_scratch_archs_refuse_an_encoder_weights_file(arch, tmp_path):
+    # the config's default (imagenet) and null do not apply and build; a file would go unused: an error
+    shape = {"unet_original": (188, 188, 1), "unet1024": (128, 128, 1), "unet_small": (16, 16, 1)}[arch]
+    for weights in (None, "imagenet"):
+        assert build_model(_cfg(arch, shape, encoder_weights=weights)).output_shape[-1] == 1
+    path = tmp_path / "encoder.weights.h5"
+    path.write_bytes(b"")
+    with pytest.raises(ModelError, match=rf"{arch}: encoder_weights='.*encoder.weights.h5', but {arch} is trained "
+                                         r"from scratch and has no pretrained encoder"):
+        build_model(_cfg(arch, shape, encoder_weights=str(path)))

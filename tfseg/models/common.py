@@ -126,6 +126,15 @@ def unfreeze_encoder(model: keras.Model) -> keras.Model:
     return model
 
 
+def check_from_scratch(arch: str, encoder_weights: str | None) -> None:
+    """An architecture without a pretrained encoder takes ``encoder_weights`` null or ``imagenet`` (the
+    config's default, which does not apply to it); a weights file would be silently unused, so it is an
+    error."""
+    if encoder_weights not in (None, "imagenet"):
+        raise ModelError(f"{arch}: encoder_weights={encoder_weights!r}, but {arch} is trained from scratch and has "
+                         "no pretrained encoder to load it into; expected null (or imagenet, which does not apply)")
+
+
 def read_options(arch: str, options: Mapping[str, Any] | None, defaults: Mapping[str, Any]) -> dict:
     """Merge ``cfg.options`` over an architecture's ``defaults``; an unknown key lists the valid ones.
 

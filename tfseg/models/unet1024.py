@@ -22,7 +22,7 @@ import keras
 from tfseg.config import ModelConfig
 from tfseg.errors import ModelError
 from tfseg.models import ARCHS
-from tfseg.models.common import check_input_shape, read_options, segmentation_head
+from tfseg.models.common import check_from_scratch, check_input_shape, read_options, segmentation_head
 
 ARCH = "unet1024"
 FILTERS = (8, 16, 32, 64, 128, 256, 512)
@@ -56,6 +56,7 @@ def build_unet1024(cfg: ModelConfig) -> keras.Model:
     Raises:
         ModelError: unknown option, bad filters, or a size that is not a multiple.
     """
+    check_from_scratch(ARCH, cfg.encoder_weights)
     opts = read_options(ARCH, cfg.options, DEFAULT_OPTIONS)
     filters = tuple(int(f) for f in opts["filters"])
     center = int(opts["center"])

@@ -23,7 +23,7 @@ import keras
 from tfseg.config import ModelConfig
 from tfseg.errors import ModelError
 from tfseg.models import ARCHS
-from tfseg.models.common import read_options, segmentation_head
+from tfseg.models.common import check_from_scratch, read_options, segmentation_head
 
 ARCH = "unet_original"
 FILTERS = (64, 128, 256, 512, 1024)
@@ -121,6 +121,7 @@ def build_unet_original(cfg: ModelConfig) -> keras.Model:
     Raises:
         ModelError: unknown option, wrong filters, or an input size that does not fit.
     """
+    check_from_scratch(ARCH, cfg.encoder_weights)
     opts = read_options(ARCH, cfg.options, DEFAULT_OPTIONS)
     filters = tuple(int(f) for f in opts["filters"])
     if len(filters) != len(FILTERS) or min(filters) < 1:

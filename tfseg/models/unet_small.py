@@ -20,7 +20,7 @@ import keras
 from tfseg.config import ModelConfig
 from tfseg.errors import ModelError
 from tfseg.models import ARCHS
-from tfseg.models.common import check_input_shape, read_options, segmentation_head
+from tfseg.models.common import check_from_scratch, check_input_shape, read_options, segmentation_head
 
 ARCH = "unet_small"
 FILTERS = (64, 128, 256, 512)
@@ -57,6 +57,7 @@ def build_unet_small(cfg: ModelConfig) -> keras.Model:
     Raises:
         ModelError: unknown option, bad filters, or a size that is not a multiple.
     """
+    check_from_scratch(ARCH, cfg.encoder_weights)
     opts = read_options(ARCH, cfg.options, DEFAULT_OPTIONS)
     filters = tuple(int(f) for f in opts["filters"])
     if len(filters) < 2 or min(filters) < 1:

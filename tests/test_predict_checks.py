@@ -129,3 +129,14 @@ def test_an_image_that_does_not_decode_stops_before_anything_is_written(tmp_path
     (folder / "1.png").write_bytes(b"\x89PNG not really")
     assert main(["predict", "--run", str(run), "--input", str(folder), "--output", str(out)]) == 2
     assert "1.png: cannot read image" in one_line_error(capsys) and not out.exists()
+
+
+def test_data_channels_other_than_the_models_are_named_up_front(tmp_path, capsys):
+    run, _ = make_run(tmp_path, folds=(0,))  # a 1-channel model
+    out = tmp_path / "masks"
+    # was "image has 3 channels. Expected 1, the model's input channels.", naming neither the key nor the file
+    assert main(["predict", "--run", str(run), "--input", str(isbi_image(0)), "--output", str(out),
+                 "--set", "model.input_shape=null", "--set", "data.channels=3"]) == 2
+    err = one_line_error(capsys)  # (with model.input_shape set, loading the config already refuses it)
+    assert "data.channels is 3 (--set data.channels=3), but the run's model takes 1-channel images" in err, err
+    assert not out.exists()

@@ -185,6 +185,7 @@ def _overlay_image(item: Item, step: int) -> np.ndarray:
 
 def run_predict(args) -> int:
     """Entry point of ``tfseg predict`` (arguments from :mod:`tfseg.cli`). Returns the exit code."""
+    from tfseg.config import key_origin
     from tfseg.inference import Predictor, load_run_config
     from tfseg.submission import SubmissionWriter, image_id, is_submission_path
     from tfseg.viz import save_panel
@@ -195,6 +196,11 @@ def run_predict(args) -> int:
     to_csv = is_submission_path(output)
     check_inputs(files, output, to_csv, args.overlays, cfg.submit.id_format)
     predictor = Predictor.from_run(args.run, args.folds or cfg.infer.folds, cfg.infer, cfg.data)
+    if cfg.data.channels != predictor.spec.channels:  # images are read with data.channels
+        origin = key_origin(cfg, "data.channels")
+        raise DataError(f"data.channels is {cfg.data.channels}{f' ({origin})' if origin else ''}, but the run's "
+                        f"model takes {predictor.spec.channels}-channel images. Expected data.channels: "
+                        f"{predictor.spec.channels}")
     binary = predictor.spec.classes == 1
     n = 0
     written: dict[str, str] = {}  # stem -> the input it came from (TFRecord ids are known only here)

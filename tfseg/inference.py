@@ -33,7 +33,7 @@ import numpy as np
 from tfseg.config import Config, DataConfig, InferConfig
 from tfseg.errors import ConfigError, DataError, ModelError, RunError
 from tfseg.resize_predict import iter_resized, resize_as_training, whole_image_size
-from tfseg.tiling_predict import TileSpec, band_to_mask, iter_bands
+from tfseg.tiling_predict import TileSpec, band_to_mask, collect_bands, iter_bands
 from tfseg.tta import with_tta
 
 _FOLD_DIR = re.compile(r"^fold(\d+)$")
@@ -313,9 +313,7 @@ class Predictor:
         if out is None:
             dtype = "float32" if self.infer.accumulator == "disk" else self.infer.accumulator
             out = np.zeros((*image.shape[:2], self.spec.classes), np.dtype(dtype))
-        for y0, band in self.bands(image, progress=progress):
-            out[y0:y0 + band.shape[0]] = band
-        return out
+        return collect_bands(self.bands(image, progress=progress), out)
 
     def predict_mask(self, image, *, out: np.ndarray | None = None, probabilities: np.ndarray | None = None,
                      progress: bool = False) -> np.ndarray:
@@ -323,9 +321,7 @@ class Predictor:
         image = _checked(image, self.spec)
         if out is None:
             out = np.zeros(image.shape[:2], np.uint8)
-        for y0, band in self.mask_bands(image, probabilities=probabilities, progress=progress):
-            out[y0:y0 + band.shape[0]] = band
-        return out
+        return collect_bands(self.mask_bands(image, probabilities=probabilities, progress=progress), out)
 
     def mask_bands(self, image, *, probabilities: np.ndarray | None = None,
                    progress: bool = False) -> Iterator[tuple[int, np.ndarray]]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -346,7 +346,12 @@ def predict_tiled(predict: Callable[[np.ndarray], np.ndarray], image, spec: Tile
     H, W, _ = image.shape
     if out is None:
         out = np.zeros((H, W, spec.classes), dtype=np.dtype(dtype))
-    for y0, band in iter_bands(predict, image, spec, **kwargs):
+    return collect_bands(iter_bands(predict, image, spec, **kwargs), out)
+
+
+def collect_bands(bands: Iterable[tuple[int, np.ndarray]], out: np.ndarray) -> np.ndarray:
+    """Write ``(y0, band)`` row bands (:func:`iter_bands`' form) into ``out`` [H, ...]; returns ``out``."""
+    for y0, band in bands:
         out[y0:y0 + band.shape[0]] = band
     return out
 
@@ -360,27 +365,3 @@ def band_to_mask(band: np.ndarray, threshold: float) -> np.ndarray:
     if band.shape[-1] == 1:
         return (band[..., 0] > threshold).astype(np.uint8)
     return np.argmax(band, axis=-1).astype(np.uint8)
-
-
-def predict_mask(predict: Callable[[np.ndarray], np.ndarray], image, spec: TileSpec, *,
-                 threshold: float = 0.5, out: np.ndarray | None = None,
-                 probabilities: np.ndarray | None = None, **kwargs) -> np.ndarray:
-    """Hard mask of a whole image, written band by band (bounded memory besides the mask).
-
-    Args:
-        predict, image, spec, kwargs: as :func:`iter_bands`.
-        threshold: binary models: foreground when the probability is above it.
-        out: optional uint8 [H, W] array (or memmap) to fill; allocated when None.
-        probabilities: optional [H, W, K] array (float16/float32, memmap) also filled.
-
-    Returns:
-        uint8 [H, W]: 0/1 (binary) or class indices.
-    """
-    H, W, _ = image.shape
-    if out is None:
-        out = np.zeros((H, W), np.uint8)
-    for y0, band in iter_bands(predict, image, spec, **kwargs):
-        out[y0:y0 + band.shape[0]] = band_to_mask(band, threshold)
-        if probabilities is not None:
-            probabilities[y0:y0 + band.shape[0]] = band
-    return out

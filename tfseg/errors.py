@@ -27,3 +27,10 @@ class ModelError(TfsegError, ValueError):
 
 class RunError(TfsegError, ValueError):
     """A training or inference run directory is missing something it needs."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (TensorFlow's ``err.message`` when it has one), or its
+    class name when the message is empty: what a one-line error quotes of the cause."""
+    text = getattr(err, "message", None) or str(err)
+    return text.strip().splitlines()[0] if text.strip() else type(err).__name__

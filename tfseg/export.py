@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tfseg.errors import ConfigError, ModelError, RunError
+from tfseg.errors import ConfigError, ModelError, RunError, first_line
 from tfseg.files import atomic_write_bytes
 
 FORMATS = ("savedmodel", "tflite", "onnx")
@@ -104,7 +104,7 @@ def export_tflite(model, path: str | os.PathLike, input_shape=None) -> Path:
         try:
             flat = converter.convert()
         except Exception as err:  # noqa: BLE001 - the converter raises many kinds
-            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            first = first_line(err)[:200]
             raise ModelError(f"TFLite conversion failed for this architecture ({first}).") from None
     return atomic_write_bytes(path, flat)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from tfseg.config import Config, DataConfig, InferConfig
-from tfseg.errors import ConfigError, DataError, ModelError, RunError
+from tfseg.errors import ConfigError, DataError, ModelError, RunError, first_line
 from tfseg.resize_predict import iter_resized, resize_as_training, whole_image_size
 from tfseg.tiling_predict import TileSpec, band_to_mask, collect_bands, iter_bands
 from tfseg.tta import with_tta
@@ -128,7 +128,7 @@ def load_model(path: str | os.PathLike):
     try:
         return keras.models.load_model(path, compile=False)
     except (OSError, ValueError, TypeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise RunError(f"{path}: cannot load the model ({first[:200]}).") from None
 
 
@@ -202,7 +202,7 @@ def _probe(model, hw: tuple[int, int], channels: int, key: str) -> tuple[int, in
     try:
         return _output_hw(model, hw, channels)
     except Exception as err:  # noqa: BLE001 - a shape error deep inside the model (Concatenate...)
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        first = first_line(err)[:160]
     multiple = _size_multiple(model, channels)
     bad = [v for v in dict.fromkeys(hw) if multiple and v % multiple]
     if not bad:

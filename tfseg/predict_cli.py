@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from tfseg.config import Config
-from tfseg.errors import DataError
+from tfseg.errors import DataError, first_line
 from tfseg.files import atomic_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
@@ -128,7 +128,7 @@ def _check_header(path: Path) -> None:
         with Image.open(path) as img:
             img.verify()
     except Exception as err:  # noqa: BLE001 - any decoder failure is a bad file
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        reason = first_line(err)[:160]
         raise DataError(f"{path}: cannot read image ({reason}); nothing was written") from None
 
 
@@ -170,7 +170,7 @@ def _iter_tfrecord(path: Path, cfg: Config) -> Iterator[Item]:
             name = ex["id"].decode() if isinstance(ex["id"], bytes) else str(ex["id"])
             yield Item(name, ex["image"], ex["mask"][..., 0], source=f"{path} (record {name!r})")
     except tf.errors.OpError as err:
-        raise DataError(f"{path}: unreadable TFRecord shard ({err.message.splitlines()[0][:160]}).") from None
+        raise DataError(f"{path}: unreadable TFRecord shard ({first_line(err)[:160]}).") from None
 
 
 def _overlay_image(item: Item, step: int) -> np.ndarray:

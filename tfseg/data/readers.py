@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from tfseg.data.sample import Sample
-from tfseg.errors import DataError
+from tfseg.errors import DataError, first_line
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
 _TIFF = (".tif", ".tiff")
@@ -78,7 +78,7 @@ def _load(path: Path, what: str) -> np.ndarray:
     except DataError:
         raise
     except Exception as err:  # noqa: BLE001 - any decoder failure is a bad file
-        reason = str(err).splitlines()[0] if str(err) else err.__class__.__name__
+        reason = first_line(err)
         raise DataError(f"{path}: cannot read {what} ({reason})") from None
 
 

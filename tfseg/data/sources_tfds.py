@@ -30,7 +30,7 @@ import numpy as np
 from tfseg.config import DataConfig
 from tfseg.data.readers import Entry, make_sample, normalise_mask, to_channels, to_uint8
 from tfseg.data.sample import Sample
-from tfseg.errors import DataError
+from tfseg.errors import DataError, first_line
 
 ONLINE_TIMEOUT_S = 3.0
 LOCAL_RECIPE = "configs/isbi2012.yaml"
@@ -102,7 +102,7 @@ def prepared_builder(cfg: DataConfig):
         builder = tfds.builder(cfg.tfds_name, data_dir=data_dir)
         prepared = builder.is_prepared()
     except Exception as err:  # noqa: BLE001 - DatasetNotFoundError, bad config name...
-        reason = str(err).splitlines()[0] if str(err) else err.__class__.__name__
+        reason = first_line(err)
         raise DataError(f"data.tfds_name={cfg.tfds_name!r}: {reason}") from None
     finally:
         absl.setLevel(level)

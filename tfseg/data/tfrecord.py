@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from tfseg.data.sample import Sample
 from tfseg.data.tfrecord_encode import EncodedSample, check_sample, encode_sample
-from tfseg.errors import DataError
+from tfseg.errors import DataError, first_line
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -244,13 +244,8 @@ def record_index(directory: str | Path) -> list[dict]:
                 records.append({"shard": Path(path).name, "id": ex["id"].numpy().decode(),
                                 "group": ex["group"].numpy().decode(), "label": int(ex["label"])})
         except tf.errors.OpError as err:
-            raise DataError(f"{path}: unreadable shard ({_first_line(err)})") from None
+            raise DataError(f"{path}: unreadable shard ({first_line(err)})") from None
     return records
-
-
-def _first_line(err: Exception) -> str:
-    text = getattr(err, "message", None) or str(err)
-    return text.strip().splitlines()[0] if text.strip() else err.__class__.__name__
 
 
 # The writer (tfrecord_writer.py) and verify (tfrecord_verify.py) live beside this module and import

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from tfseg.data.tfrecord import SHARD_RE, _first_line, features, read_manifest, shard_files
-from tfseg.errors import DataError
+from tfseg.data.tfrecord import SHARD_RE, features, read_manifest, shard_files
+from tfseg.errors import DataError, first_line
 
 
 def _inspect(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -66,7 +66,7 @@ def _verify_shard(path: str, channels: int | None) -> tuple[list[str], np.ndarra
             hw = (int(r["height"]), int(r["width"]))
             lo, hi = min(lo, hw), max(hi, hw)
     except tf.errors.OpError as err:
-        raise DataError(f"{path}: unreadable after {len(ids)} good records ({_first_line(err)}). "
+        raise DataError(f"{path}: unreadable after {len(ids)} good records ({first_line(err)}). "
                         "Expected a complete shard; rewrite it with `tfseg tfrecords --overwrite`.") from None
     return ids, hist, lo, hi, chans
 

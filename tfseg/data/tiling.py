@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tfseg.errors import DataError
+from tfseg.errors import DataError, first_line
 
 DARK_VALUE = 20
 """A pixel whose brightest channel is at most this (0-255) is never tissue (black padding, dark scans)."""
@@ -80,7 +80,7 @@ class TiffWindows:
             self._store = tifffile.imread(self.path, aszarr=True)
             arr = zarr.open(self._store, mode="r")
         except Exception as err:  # noqa: BLE001 - any decoder failure is a bad file
-            reason = str(err).splitlines()[0] if str(err) else err.__class__.__name__
+            reason = first_line(err)
             raise DataError(f"{self.path}: cannot read TIFF ({reason})") from None
         if not hasattr(arr, "shape"):  # multiscale group: level 0 is full resolution
             arr = arr["0"]

@@ -21,7 +21,7 @@ import os
 import keras
 
 from tfseg.config import ModelConfig
-from tfseg.errors import ModelError
+from tfseg.errors import ModelError, first_line
 from tfseg.models.common import resolve_activation
 from tfseg.models.encoders import ENCODERS, adapt_constants
 
@@ -77,12 +77,12 @@ def build_sm_model(cfg: ModelConfig) -> keras.Model:
     try:
         inner = getattr(sm, name)(cfg.backbone, **kwargs)
     except (ValueError, KeyError, TypeError) as err:
-        first = str(err).splitlines()[0] if str(err) else repr(err)
+        first = first_line(err)
         raise ModelError(f"sm.{name}({cfg.backbone!r}): {first}") from None
     except Exception as err:  # keras' get_file raises a bare Exception when the download fails
         if cfg.encoder_weights != "imagenet":
             raise
-        first = str(err).splitlines()[0] if str(err) else repr(err)
+        first = first_line(err)
         raise ModelError(f"sm.{name}({cfg.backbone!r}): could not download ImageNet weights (offline?); pass "
                          f"encoder_weights=<path to the backbone's .h5 weights file> or null "
                          f"({type(err).__name__}: {first})") from None

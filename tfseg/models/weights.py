@@ -21,7 +21,7 @@ import os
 import keras
 import numpy as np
 
-from tfseg.errors import ModelError
+from tfseg.errors import ModelError, first_line
 from tfseg.models.encoders import adapt_constants
 from tfseg.models.sm_port import is_keras2_h5, load_by_name
 
@@ -70,7 +70,7 @@ def _pretrained_source(name: str, spec, weights: str) -> keras.Model:
     except ModelError:
         raise
     except Exception as err:  # download failures surface as Exception from keras' get_file
-        first = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        first = f"{type(err).__name__}: {first_line(err)}"
         if weights == "imagenet":
             raise ModelError(
                 f"could not download ImageNet weights for {name} (offline?); pass "

@@ -274,7 +274,8 @@ def load_sm_weights(model: keras.Model, path: str, backbone: str | None = None) 
     spec = get_encoder_spec(backbone)
     layers = weighted_layers(model)
     encoder = next((layer for layer in model.layers if layer.name == "encoder"), None)
-    in_encoder = {id(layer) for layer in weighted_layers(encoder)} if encoder is not None else set()
+    encoder_layers = weighted_layers(encoder) if encoder is not None else []
+    in_encoder = {id(layer) for layer in encoder_layers}
     what = model.name
     names = [layer.name for layer in layers]
     twice = next((name for name in names if names.count(name) > 1), None)
@@ -284,7 +285,7 @@ def load_sm_weights(model: keras.Model, path: str, backbone: str | None = None) 
 
     taken = {}
     last = next(reversed(stored), "")  # sm's Linknet head, its last layer, has no name
-    if "final_conv" in {layer.name for layer in layers} and "final_conv" not in stored \
+    if "final_conv" in names and "final_conv" not in stored \
             and (_generated(last) or ("",))[0] == "conv2d":
         taken["final_conv"] = last
     pairs, missing = match(layers, stored, taken)
@@ -294,7 +295,7 @@ def load_sm_weights(model: keras.Model, path: str, backbone: str | None = None) 
     part = {}
     if numbered_encoder:  # classification_models' unnamed layers: the encoder's share of the file
         used = set(pairs.values())
-        named = {layer.name for layer in weighted_layers(encoder)}
+        named = {layer.name for layer in encoder_layers}
         part = {key: values for key, values in stored.items()
                 if (_generated(key) and key not in used) or key in named}
         missing = [layer for layer in missing if id(layer) not in in_encoder]

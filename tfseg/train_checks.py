@@ -153,8 +153,6 @@ def check_model(cfg: Config, weights: bool = False) -> None:
 _MODELS_CHECKED: set[str] = set()
 
 
-
-
 # ------------------------------------------------------------------------------------------------
 # 3. records and folds
 # ------------------------------------------------------------------------------------------------
@@ -168,11 +166,14 @@ def existing_shards(cfg: Config) -> list[str]:
     return shard_files(directory) if Path(directory).is_dir() or "://" in directory else []
 
 
-def ensure_tfrecords(cfg: Config) -> list[str]:
-    """The shard files of ``data.tfrecord_dir``; writes them first when the folder has none."""
+def ensure_tfrecords(cfg: Config, files: list[str] | None = None) -> list[str]:
+    """The shard files of ``data.tfrecord_dir``; writes them first when the folder has none.
+
+    ``files``: the folder's shards when the caller has listed them already.
+    """
     from tfseg.data.tfrecord import shard_files, write_tfrecords
 
-    files = existing_shards(cfg)
+    files = existing_shards(cfg) if files is None else files
     if not files:
         print(f"tfseg train: no shards in {cfg.data.tfrecord_dir}; writing them first (tfseg tfrecords)",
               file=sys.stderr)
@@ -192,12 +193,12 @@ def prepare(cfg: Config) -> list[str]:
     Returns:
         The shard files.
     """
-    have_shards = bool(existing_shards(cfg))
+    files = existing_shards(cfg)
     check_model(cfg)
-    check_folds(cfg, have_shards)
-    if not have_shards:
+    check_folds(cfg, bool(files))
+    if not files:
         check_model(cfg, weights=True)
-    return ensure_tfrecords(cfg)
+    return ensure_tfrecords(cfg, files)
 
 
 def check_folds(cfg: Config, have_shards: bool) -> None:

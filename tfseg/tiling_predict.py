@@ -207,10 +207,6 @@ class TileSpec:
         return self.out_size, self.out_width or self.out_size
 
     @property
-    def margin(self) -> int:
-        return (self.in_size - self.out_size) // 2
-
-    @property
     def margins(self) -> tuple[int, int]:
         """(top, left) margin: input pixels read around the predicted part of a tile."""
         (ih, iw), (oh, ow) = self.in_hw, self.out_hw

@@ -24,7 +24,7 @@ keras model's ``.weights.h5``, or a torchvision state dict for TernausNet-11) lo
 3-channel models, the first kernel adapted as ``tfseg.models.weights`` documents; offline,
 ``imagenet`` is a ModelError saying to pass a file. The architectures trained from scratch
 (``FROM_SCRATCH``) have no encoder: there both options are no-ops. ``slow``: every architecture
-takes training steps on the PyTorch backend (subprocess, ``KERAS_BACKEND=torch``).
+takes training steps on the PyTorch and on the JAX backend (subprocesses, ``KERAS_BACKEND``).
 """
 
 from __future__ import annotations
@@ -366,20 +366,20 @@ def test_offline_imagenet_is_a_model_error_that_says_to_pass_a_file(arch, backbo
 
 
 # ---------------------------------------------------------------------------------------------
-# PyTorch backend
+# PyTorch and JAX backends
 # ---------------------------------------------------------------------------------------------
 
-# One training step per architecture on KERAS_BACKEND=torch, with tfseg's loss and metrics as
-# ``tfseg train`` compiles them (tfseg.train.build_compiled_model); argv[1] is a JSON list of
-# [arch, backbone, size, output size, options] (the fast tier's cases).
-TORCH_TRAIN_SCRIPT = """
+# Training steps per architecture on another Keras backend (argv[1]: torch or jax), with tfseg's loss
+# and metrics as ``tfseg train`` compiles them (tfseg.train.build_compiled_model); argv[2] is a JSON
+# list of [arch, backbone, size, output size, options] (the fast tier's cases).
+BACKEND_TRAIN_SCRIPT = """
 import json, os, sys
-os.environ["KERAS_BACKEND"] = "torch"
+os.environ["KERAS_BACKEND"] = backend = sys.argv[1]
 import numpy as np, keras
 from tfseg.config import load_config
 from tfseg.train import build_compiled_model
-assert keras.config.backend() == "torch", keras.config.backend()
-for arch, backbone, size, out, options in json.loads(sys.argv[1]):
+assert keras.config.backend() == backend, keras.config.backend()
+for arch, backbone, size, out, options in json.loads(sys.argv[2]):
     cfg = load_config(None, [f"model.arch={arch}", f"model.backbone={backbone}", "model.encoder_weights=null",
                              f"model.options={json.dumps(options)}", "data.classes=1", "data.channels=1",
                              f"data.image_size=[{size},{size}]", "train.loss={bce_dice: 1.0}", "train.lr=0.0003"])
@@ -394,23 +394,24 @@ for arch, backbone, size, out, options in json.loads(sys.argv[1]):
     losses = [float(log["loss"]) for log in logs]
     assert np.isfinite(losses[0]) and min(losses[1:]) < losses[0] - 1e-4, (arch, losses)
     assert all(0.0 <= float(log[name]) <= 1.0 for log in logs for name in ("dice_coe", "iou", "pixel_accuracy")), logs
-    print("TORCH_STEP", arch, [round(v, 4) for v in losses], flush=True)
-print("TORCH_OK")
+    print("STEP", backend, arch, [round(v, 4) for v in losses], flush=True)
+print("BACKEND_OK", backend)
 """
 
 
 @pytest.mark.slow
-def test_every_architecture_trains_on_the_torch_backend():
-    compile(TORCH_TRAIN_SCRIPT, "torch-backend-script", "exec")  # checked here too, where torch is missing
-    if importlib.util.find_spec("torch") is None:
-        pytest.skip("torch is not installed: the PyTorch backend cannot be checked here")
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_every_architecture_trains_on_another_backend(backend):
+    compile(BACKEND_TRAIN_SCRIPT, "backend-script", "exec")  # checked here too, where the backend is missing
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed: the {backend} backend cannot be checked here")
     cases = []
     for arch in arch_names():
         meta = _meta(arch)
         cases.append([arch, meta["backbones"][0], meta["size"], meta["out"](meta["size"]), meta["options"]])
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "KERAS_BACKEND": "torch", "PYTHONPATH": str(root)}
-    proc = subprocess.run([sys.executable, "-c", TORCH_TRAIN_SCRIPT, json.dumps(cases)], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert "TORCH_OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("TORCH_STEP") == len(cases)
+    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-c", BACKEND_TRAIN_SCRIPT, backend, json.dumps(cases)], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=1200)
+    assert f"BACKEND_OK {backend}" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count(f"STEP {backend} ") == len(cases)

@@ -439,6 +439,7 @@ def test_variants_train_on_real_isbi_crops(variant):
     assert np.isfinite(first) and last < first, f"loss {first:.4f} -> {last:.4f}"
 
 
+@pytest.mark.slow
 def test_builds_and_predicts_on_the_jax_backend():
     script = textwrap.dedent("""
         import numpy as np

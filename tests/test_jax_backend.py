@@ -1,0 +1,89 @@
+"""The whole command line on Keras' JAX backend (``KERAS_BACKEND=jax``), in subprocesses.
+
+The GPU machines have JAX but no TensorFlow, and on TPUs JAX is Keras' fastest backend, so a run
+must train, checkpoint, predict and evaluate there as it does on TensorFlow (tf.data still feeds
+it), and a checkpoint trained on JAX must give TensorFlow the same probabilities. With two host
+devices (``--xla_force_host_platform_device_count=2``) ``train.strategy: auto`` is
+``keras.distribution.DataParallel``: a real two-replica run, not the mocked choice logic of
+tests/test_distribute.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.test_train import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("jax") is None,
+                                reason="jax is not installed (it comes with `make install`)")
+
+
+def tfseg(backend: str, *args: str, xla_devices: int = 1) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(ROOT)}
+    if xla_devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={xla_devices}"
+    proc = subprocess.run([sys.executable, "-m", "tfseg.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"tfseg {' '.join(args)} on {backend}:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}"
+    return proc
+
+
+def history(run: Path) -> list[dict]:
+    with open(run / "fold0" / "history.csv", newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def test_train_predict_evaluate_on_jax_and_the_checkpoint_predicts_the_same_on_tensorflow(tmp_path):
+    params = tiny_config(tmp_path, n=12, size=32, epochs=3, lr=0.003)
+    proc = tfseg("jax", "train", "--config", str(params), "--fold", "0")
+    assert "(default, 1 replica(s))" in proc.stdout + proc.stderr
+    run = tmp_path / "runs" / "tiny"
+    rows = history(run)
+    assert len(rows) == 3 and all(np.isfinite(list(r.values())).all() for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"], rows
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["folds"]["0"]["epochs"] == 3, summary
+
+    images = tmp_path / "data" / "images"
+    probs = {}
+    for backend in ("jax", "tensorflow"):
+        out = tmp_path / f"pred-{backend}"
+        tfseg(backend, "predict", "--run", str(run), "--input", str(images), "--output", str(out),
+              "--set", "infer.save_probabilities=true")
+        probs[backend] = {p.name: np.load(p) for p in sorted(out.glob("*.npy"))}
+        assert len(sorted(out.glob("*.png"))) == 12
+    assert sorted(probs["jax"]) == sorted(probs["tensorflow"]) and len(probs["jax"]) == 12
+    for name, p in probs["jax"].items():
+        assert p.shape[:2] == (32, 32)
+        # The maps are written as float16: one step there is up to 4.9e-4.
+        np.testing.assert_allclose(p, probs["tensorflow"][name], atol=5e-4, rtol=0, err_msg=name)
+
+    scores = {}
+    for backend in ("jax", "tensorflow"):
+        out = tmp_path / f"eval-{backend}"
+        tfseg(backend, "evaluate", "--run", str(run), "--fold", "0", "--output", str(out))
+        scores[backend] = json.loads((out / "evaluation.json").read_text())
+    assert scores["jax"]["images"] == 4 and scores["jax"]["data"] == "oof"
+    assert scores["jax"]["mean"] == pytest.approx(scores["tensorflow"]["mean"], abs=1e-4)
+
+
+def test_data_parallel_over_two_host_devices(tmp_path):
+    # 32 px images: on 2 cores, XLA's CPU runtime can deadlock a two-device all-reduce when both of its
+    # intra-op threads are busy with large tensors (seen from 256 px up); GPUs and TPUs have no such pool.
+    params = tiny_config(tmp_path, n=12, size=32, epochs=2, strategy="auto", batch_size=2)
+    proc = tfseg("jax", "train", "--config", str(params), "--fold", "0", xla_devices=2)
+    out = proc.stdout + proc.stderr
+    assert "2 steps of 4 (jax_data_parallel, 2 replica(s))" in out, out[-2000:]
+    rows = history(tmp_path / "runs" / "tiny")
+    assert len(rows) == 2 and all(np.isfinite(list(r.values())).all() for r in rows)

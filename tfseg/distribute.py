@@ -182,7 +182,7 @@ def setup_distribution(name: str, backend: str | None = None) -> Distribution:
 
     Returns:
         A :class:`Distribution`. On JAX the distribution is also installed globally with
-        ``keras.distribution.set_distribution`` (untested here: JAX is not installed).
+        ``keras.distribution.set_distribution`` (tests/test_jax_backend.py trains over two host devices).
     """
     backend = backend or keras.backend.backend()
     if backend == "jax":

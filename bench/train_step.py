@@ -29,6 +29,9 @@ Variants:
     tfseg-unbuilt tfseg less the early optimizer build (Keras traces the first step twice).
     tfseg-bf16    tfseg with the mixed_bfloat16 policy (train.mixed_precision; AMX on this CPU).
     tfseg-xla     tfseg compiled with jit_compile=True.
+    tfseg-jax, tfseg-torch  tfseg's model on Keras' JAX or PyTorch backend (KERAS_BACKEND), compiled as
+                  ``tfseg train`` compiles it there (the optimizer built first; the fused kernels are
+                  TensorFlow's), fed by the same tf.data pipeline.
     <variant>-interop1  any of these with TF_NUM_INTEROP_THREADS=1 (TensorFlow runs one op at a time,
                   each on both cores; the default lets independent ops share them).
     <variant>-fusible   any of these with TensorFlow's auto-clustering of the element-wise ops only
@@ -76,6 +79,7 @@ def _env(variant: str) -> dict:
         env["SM_FRAMEWORK"] = "tf.keras"
         if variant != "sm-keras3":
             env["TF_USE_LEGACY_KERAS"] = "1"
+    env["KERAS_BACKEND"] = {"tfseg-jax": "jax", "tfseg-torch": "torch"}.get(variant, "tensorflow")
     return env
 
 

@@ -29,13 +29,14 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("jax") is None,
                                 reason="jax is not installed (it comes with `make install`)")
 
 
-def tfseg(backend: str, *args: str, xla_devices: int = 1) -> subprocess.CompletedProcess:
+def tfseg(backend: str, *args: str, xla_devices: int = 1, returncode: int = 0) -> subprocess.CompletedProcess:
     env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(ROOT)}
     if xla_devices > 1:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={xla_devices}"
     proc = subprocess.run([sys.executable, "-m", "tfseg.cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
-    assert proc.returncode == 0, f"tfseg {' '.join(args)} on {backend}:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}"
+    assert proc.returncode == returncode, \
+        f"tfseg {' '.join(args)} on {backend}:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}"
     return proc
 
 
@@ -68,6 +69,21 @@ def test_train_predict_evaluate_on_jax_and_the_checkpoint_predicts_the_same_on_t
         assert p.shape[:2] == (32, 32)
         # The maps are written as float16: one step there is up to 4.9e-4.
         np.testing.assert_allclose(p, probs["tensorflow"][name], atol=5e-4, rtol=0, err_msg=name)
+
+    # Export writes TensorFlow graphs: on JAX it says so in one line; on TensorFlow the JAX-trained
+    # checkpoint exports and serves the probabilities that predict wrote.
+    saved = tmp_path / "export-sm"
+    proc = tfseg("jax", "export", "--run", str(run), "--format", "savedmodel", "--output", str(saved), returncode=2)
+    assert "needs KERAS_BACKEND=tensorflow, not 'jax'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not saved.exists()
+    tfseg("tensorflow", "export", "--run", str(run), "--format", "savedmodel", "--output", str(saved))
+    from PIL import Image
+
+    from tfseg.export import load_serving
+
+    first = sorted(images.glob("*.png"))[0]
+    served = load_serving("savedmodel", saved)(np.asarray(Image.open(first))[None, ..., None])[0]
+    np.testing.assert_allclose(served, probs["jax"][first.stem + "_prob.npy"].reshape(served.shape), atol=5e-4, rtol=0)
 
     scores = {}
     for backend in ("jax", "tensorflow"):

@@ -160,8 +160,20 @@ def _quiet_tf2onnx():
             logger.setLevel(level)
 
 
+def require_tensorflow_backend() -> None:
+    """The exports are TensorFlow graphs: on Keras' JAX or PyTorch backend, a ModelError saying what to run."""
+    import keras
+
+    backend = keras.config.backend()
+    if backend != "tensorflow":
+        raise ModelError(f"tfseg export writes TensorFlow graphs and needs KERAS_BACKEND=tensorflow, not {backend!r}. "
+                         "The run's .keras files do not depend on the backend: run the same command with "
+                         "KERAS_BACKEND=tensorflow.")
+
+
 def export_model(model, fmt: str, path: str | os.PathLike, input_shape=None) -> Path:
     """Export ``model`` as ``fmt`` (savedmodel, tflite, onnx) to ``path``. Returns the path."""
+    require_tensorflow_backend()
     if fmt == "savedmodel":
         return export_savedmodel(model, path, input_shape)
     if fmt == "tflite":
@@ -199,6 +211,7 @@ def cli_export(args) -> int:
     """``tfseg export --run RUN_DIR [--fold K] --format F --output PATH``."""
     from tfseg.inference import load_model, load_run_config, select_folds
 
+    require_tensorflow_backend()  # before loading anything
     cfg = load_run_config(args.run, args.config, args.overrides)
     chosen = select_folds(args.run, str(args.fold))
     if len(chosen) != 1:

@@ -540,3 +540,20 @@ def test_compiled_model_trains_on_the_jax_backend():
     proc = subprocess.run([sys.executable, "-c", JAX_TRAIN_SCRIPT], cwd=ROOT, capture_output=True, text=True,
                           timeout=900)
     assert "JAX_TRAIN_OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_whole_device_batches_leave_out_the_uneven_tail_of_validation():
+    import tensorflow as tf
+
+    from tfseg.errors import RunError
+    from tfseg.train import whole_device_batches
+
+    ds = tf.data.Dataset.range(13).map(lambda i: (tf.fill([2, 2, 1], tf.cast(i, tf.float32)),)).batch(8)
+    cut, kept = whole_device_batches(ds, 13, 8, 4, fold=0)
+    assert kept == 12
+    sizes = [int(b[0].shape[0]) for b in cut]
+    assert sizes == [8, 4]
+    values = np.concatenate([b[0][:, 0, 0, 0].numpy() for b in cut])
+    assert values.tolist() == list(range(12))
+    with pytest.raises(RunError, match=r"fold 2: 3 validation record\(s\) for 4 devices"):
+        whole_device_batches(ds, 3, 8, 4, fold=2)

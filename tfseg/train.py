@@ -137,6 +137,27 @@ def shard_by_data(ds):
 # ------------------------------------------------------------------------------------------------
 
 
+def whole_device_batches(val_ds, n_val: int, global_batch: int, replicas: int, fold: int):
+    """The validation batches cut so that JAX's data parallelism can shard every one of them.
+
+    ``keras.distribution.DataParallel`` splits each batch evenly over the devices, so a last batch
+    whose size is not a multiple of ``replicas`` fails inside ``fit`` (jax's IndivisibleError) after
+    the first training epoch. TensorFlow's strategies take uneven batches; here the last
+    ``n_val % replicas`` records (the same ones every epoch: validation is not shuffled) are left out.
+
+    Returns:
+        (dataset, records kept).
+
+    Raises:
+        RunError: fewer validation records than devices.
+    """
+    keep = n_val - n_val % replicas
+    if keep == 0:
+        raise RunError(f"fold {fold}: {n_val} validation record(s) for {replicas} devices; JAX's data parallelism "
+                       "needs at least one per device. Use fewer train.folds or fewer devices")
+    return val_ds.unbatch().take(keep).batch(global_batch), keep
+
+
 def make_callbacks(cfg: Config, fold_dir: Path, steps_per_epoch: int, sample=None, write: bool = True):
     """The fold's callbacks, in the order they must run. Returns (callbacks, nan_guard, best)."""
     import keras
@@ -247,6 +268,12 @@ def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2, callbacks: S
                                  global_batch=global_batch, mask_crop=crop, num_workers=workers)
     if dist.workers > 1:  # FILE sharding cannot walk past the pipeline's seed stream: shard by DATA
         train_ds, val_ds = shard_by_data(train_ds), shard_by_data(val_ds)
+    val_note = ""
+    if dist.kind == "jax_data_parallel" and split.n_val % dist.replicas:
+        val_ds, n_scored = whole_device_batches(val_ds, split.n_val, global_batch, dist.replicas, fold)
+        val_steps = min(val_steps or math.inf, math.ceil(n_scored / global_batch))
+        val_note = (f"; validating on {n_scored} of the {split.n_val} records (JAX shards each batch over "
+                    f"{dist.replicas} devices; `tfseg evaluate` scores them all)")
     prebuild(model, train_ds)
     sample = None
     if t.tensorboard and dist.kind != "multiworker" and tensorboard_available():
@@ -269,7 +296,7 @@ def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2, callbacks: S
                 "val_files": split.val_files}, indent=1))
         resumed = (fold_dir / "backup").is_dir()
         print(f"tfseg train: fold {fold}/{t.folds}: {split.n_train} train / {split.n_val} val records, "
-              f"{steps} steps of {global_batch} ({dist.kind}, {dist.replicas} replica(s))"
+              f"{steps} steps of {global_batch} ({dist.kind}, {dist.replicas} replica(s))" + val_note
               + (f"; resuming from {fold_dir / 'backup'}" if resumed else ""), file=sys.stderr, flush=True)
         # 7. fit
         start = time.perf_counter()

@@ -1,9 +1,11 @@
 """Preemption: a run killed with SIGKILL in its second epoch resumes from its backup when the same
-command runs again, and finishes with the planned number of epochs."""
+command runs again, and finishes with the planned number of epochs; on Keras' TensorFlow and JAX
+backends."""
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import signal
 import subprocess
@@ -27,10 +29,13 @@ def _rows(path: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_sigkill_in_epoch_two_then_the_same_command_resumes(tmp_path):
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_sigkill_in_epoch_two_then_the_same_command_resumes(tmp_path, backend):
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed")
     params = tiny_config(tmp_path, n=12, size=64, epochs=EPOCHS, steps_per_epoch=60, batch_size=2)
     command = [sys.executable, "-m", "tfseg", "train", "--config", str(params), "--fold", "0"]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "", "KERAS_BACKEND": backend}
     fold_dir = tmp_path / "runs" / "tiny" / "fold0"
     history = fold_dir / "history.csv"
 

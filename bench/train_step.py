@@ -31,7 +31,8 @@ Variants:
     tfseg-xla     tfseg compiled with jit_compile=True.
     tfseg-jax, tfseg-torch  tfseg's model on Keras' JAX or PyTorch backend (KERAS_BACKEND), compiled as
                   ``tfseg train`` compiles it there (the optimizer built first; the fused kernels are
-                  TensorFlow's), fed by the same tf.data pipeline.
+                  TensorFlow's; on JAX the step is jax.jit-compiled), fed by the same tf.data pipeline.
+    tfseg-jax-eager   tfseg-jax with jit_compile=False: Keras runs the JAX step op by op.
     <variant>-interop1  any of these with TF_NUM_INTEROP_THREADS=1 (TensorFlow runs one op at a time,
                   each on both cores; the default lets independent ops share them).
     <variant>-fusible   any of these with TensorFlow's auto-clustering of the element-wise ops only
@@ -79,7 +80,8 @@ def _env(variant: str) -> dict:
         env["SM_FRAMEWORK"] = "tf.keras"
         if variant != "sm-keras3":
             env["TF_USE_LEGACY_KERAS"] = "1"
-    env["KERAS_BACKEND"] = {"tfseg-jax": "jax", "tfseg-torch": "torch"}.get(variant, "tensorflow")
+    env["KERAS_BACKEND"] = {"tfseg-jax": "jax", "tfseg-jax-eager": "jax", "tfseg-torch": "torch"}.get(
+        variant, "tensorflow")
     return env
 
 
@@ -129,8 +131,9 @@ def worker(args) -> None:
     keras = sys.modules[type(model).__module__.split(".")[0]]
     x, y = _data(args.size, args.batch)
     x = prep(x.copy()).astype("float32")
+    jit = {"tfseg-xla": True, "tfseg-jax": True, "tfseg-jax-eager": False}.get(variant)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy",
-                  **({"jit_compile": True} if variant.endswith("-xla") else {}))
+                  **({} if jit is None else {"jit_compile": jit}))
     if variant.startswith("tfseg"):  # as tfseg train prepares it, less the part a variant turns off
         from tfseg.distribute import prepare_training
 

@@ -106,3 +106,22 @@ def test_data_parallel_over_two_host_devices_with_an_uneven_validation_fold(tmp_
             "validating on 4 of the 5 records") in out, out[-2000:]
     rows = history(tmp_path / "runs" / "tiny")
     assert len(rows) == 2 and all(np.isfinite(list(r.values())).all() for r in rows)
+
+
+def test_the_training_step_is_jit_compiled_on_jax_whatever_train_jit_compile_says():
+    # train.jit_compile is TensorFlow's XLA switch (off by default); on JAX, Keras runs a step that is
+    # not jit-compiled op by op, so tfseg compiles it there in any case.
+    script = """
+import keras
+from tfseg.config import load_config
+from tfseg.train import build_compiled_model
+cfg = load_config(None, ["model.arch=unet_small", "model.encoder_weights=null", "model.options={filters: [4, 8]}",
+                         "data.classes=1", "data.channels=1", "data.image_size=[16,16]", "train.loss={bce: 1.0}",
+                         "train.jit_compile=false"])
+model, _ = build_compiled_model(cfg, steps_per_epoch=1)
+print("BACKEND", keras.config.backend(), "JIT", model.jit_compile)
+"""
+    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert "BACKEND jax JIT True" in proc.stdout, proc.stdout[-1000:] + proc.stderr[-2000:]

@@ -185,7 +185,8 @@ class TrainConfig:
     tensorboard: bool = opt(True, "Write TensorBoard scalars and validation image summaries.")
     mixed_precision: Optional[str] = opt(None, "null, mixed_float16 (GPU) or mixed_bfloat16 (TPU).",
                                          choices=[None, "mixed_float16", "mixed_bfloat16"])
-    jit_compile: bool = opt(False, "Compile the train step with XLA (slower on CPU for these convnets).")
+    jit_compile: bool = opt(False, "TensorFlow backend: compile the train step with XLA (slower on CPU for these "
+                                   "convnets). On JAX the step is always jax.jit-compiled.")
     steps_per_execution: int = opt(1, "Steps per call into the compiled function (raise it on TPU).", min=1)
     strategy: str = opt("auto", "auto (TPU, else mirrored over GPUs, else default), default, mirrored, "
                                 "multiworker (TF_CONFIG) or tpu.",

@@ -108,7 +108,8 @@ def build_compiled_model(cfg: Config, steps_per_epoch: int):
                         class_weights=cfg.train.class_weights),
         metrics=build_metrics(cfg.train.metrics, classes=classes, from_logits=from_logits,
                               threshold=cfg.infer.threshold),
-        jit_compile=cfg.train.jit_compile,
+        # On JAX, jax.jit is the only compiled mode: Keras runs a step that is not jit-compiled op by op.
+        jit_compile=cfg.train.jit_compile or keras.config.backend() == "jax",
         steps_per_execution=cfg.train.steps_per_execution,
     )
     prepare_training(model)  # TensorFlow backend: fused BatchNorm and optimizer kernels, one trace

@@ -369,7 +369,6 @@ def run(cfg: Config, folds: str | int = 0, callbacks: Sequence = ()) -> dict:
 
     set_mixed_precision(cfg.train.mixed_precision)
     dist = setup_distribution(cfg.train.strategy)  # once per process (multi-worker needs that)
-    prepare(cfg)  # model and folds checked, shards written: before runs/<name> exists
     out_dir = run_dir(cfg)
     for fold in fold_list:
         result = train_fold(cfg, fold, dist, callbacks=callbacks)

@@ -178,13 +178,18 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     ("train.lr=abc", "--set train.lr=abc: expected a number, got 'abc'"),
     ("model.encoder_weights=missing.h5", "--set model.encoder_weights=missing.h5: model.encoder_weights="
                                          "'missing.h5': no such file"),
+    # sm.Unet takes fewer decoder stages than the encoder has downsamplings; its map is then downscaled
+    ("model.decoder_filters=[16,8,8,8]", "--set model.decoder_filters=[16,8,8,8]: unet gives a 16x16 output for a "
+                                         "32x32 input; training needs an output of the input's size (only "
+                                         "unet_original's valid convolutions give a smaller, centre-cropped one); "
+                                         "the decoder is 1 upsampling stage(s) short"),
 ])
 def test_a_run_that_cannot_start_says_why_in_one_line_and_writes_nothing(tmp_path, capsys, override, message):
     """Checked before the shards are written and before runs/<name> exists; the key is named as the
     user set it (the --set, or the params file)."""
     params = tiny_config(tmp_path)
     argv = ["train", "--config", str(params), "--set", override]
-    if "encoder_weights" in override:
+    if "encoder_weights" in override or "decoder_filters" in override:
         argv += ["--set", "model.arch=unet", "--set", "model.backbone=mobilenetv2", "--set", "model.options={}"]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

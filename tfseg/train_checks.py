@@ -144,10 +144,37 @@ def check_model(cfg: Config, weights: bool = False) -> None:
         return
     for key, probe in probes:
         try:
-            build_model(replace(m, input_shape=probe, encoder_weights=m.encoder_weights if weights else None))
+            model = build_model(replace(m, input_shape=probe, encoder_weights=m.encoder_weights if weights else None))
         except ModelError as err:
             raise model_error(cfg, err, key) from None
+        check_output_size(cfg, model)
     _MODELS_CHECKED.add(checked)
+
+
+# Architectures whose output is a centre crop of their input (valid convolutions); training crops the
+# masks to it (``tfseg.train.mask_crop_for``). Any other model must give a map of its input's size.
+CROPPED_OUTPUT_ARCHS = ("unet_original",)
+
+
+def check_output_size(cfg: Config, model) -> None:
+    """A smaller output is a centre crop only for :data:`CROPPED_OUTPUT_ARCHS`. Elsewhere it is a decoder
+    with fewer upsampling stages than the encoder has stride-2 steps (``sm.Unet`` allows that), whose
+    map is downscaled, not cropped: training on centre crops of the masks would be silently wrong.
+
+    Raises:
+        ConfigError: naming ``model.decoder_filters`` (or ``model.options``) and the sizes.
+    """
+    (ih, iw), (oh, ow) = model.input_shape[1:3], model.output_shape[1:3]
+    if None in (ih, iw, oh, ow) or (oh, ow) == (ih, iw) or cfg.model.arch in CROPPED_OUTPUT_ARCHS:
+        return
+    key = next((k for k in ("model.decoder_filters", "model.options") if key_origin(cfg, k)), "model.arch")
+    steps = next((k for k in range(1, 8) if (ih, iw) == (oh << k, ow << k)), None)  # a downscaled map
+    hint = (f"; the decoder is {steps} upsampling stage(s) short: expected one stage per stride-2 step of the "
+            "encoder" if steps else "")
+    raise ConfigError(blame(key_origin(cfg, key), key, (
+        f"{key}: {cfg.model.arch} gives a {oh}x{ow} output for a {ih}x{iw} input; training needs an output of "
+        f"the input's size (only {', '.join(CROPPED_OUTPUT_ARCHS)}'s valid convolutions give a smaller, "
+        f"centre-cropped one){hint}")))
 
 
 _MODELS_CHECKED: set[str] = set()

@@ -16,6 +16,7 @@ from tfseg.models import build_model
 from tfseg.models.torch_weights import (
     TORCHVISION_CFGS,
     conv_indices,
+    find_vgg_prefix,
     load_torch_vgg_state_dict,
     read_state_dict,
     vgg_conv_layers,
@@ -163,3 +164,73 @@ def test_pth_checkpoint_with_prefix(tmp_path):
     load_torch_vgg_state_dict(model, path, arch="vgg11", prefix="encoder.")
     np.testing.assert_array_equal(model.get_layer("encoder_block5_conv2").kernel.numpy(),
                                   state["features.18.weight"].transpose(2, 3, 1, 0))
+    from_config = _model("ternaus_unet11", path)  # the prefix found in the file
+    np.testing.assert_array_equal(from_config.get_layer("encoder_block5_conv2").kernel.numpy(),
+                                  state["features.18.weight"].transpose(2, 3, 1, 0))
+
+
+def ternausnet_checkpoint(state: dict[str, np.ndarray], prefix: str = "encoder.") -> dict[str, np.ndarray]:
+    """A whole-TernausNet-like state dict: the VGG under ``prefix``, plus decoder keys that look alike
+    (UNet11's ``conv1`` is ``encoder[0]``, UNet16's ``conv1`` a Sequential of ``encoder[0]`` and ``[2]``)."""
+    out = {k.replace("features.", prefix): v for k, v in state.items() if k.startswith("features.")}
+    out["conv1.weight"] = state["features.0.weight"]
+    out["conv1.0.weight"] = state["features.0.weight"]
+    out["center.block.0.conv.weight"] = np.zeros((8, 16, 3, 3), "float32")
+    out["dec1.conv.weight"] = np.zeros((2, 4, 3, 3), "float32")
+    out["final.weight"] = np.zeros((1, 2, 1, 1), "float32")
+    return out
+
+
+@pytest.mark.parametrize("arch, vgg", [("ternaus_unet11", "vgg11"), ("ternaus_unet16", "vgg16")])
+def test_ternausnet_checkpoint_loads_from_the_config_as_the_torchvision_one(tmp_path, arch, vgg):
+    state = make_state_dict(vgg, seed=5)
+    np.savez(tmp_path / "torchvision.npz", **state)
+    np.savez(tmp_path / "ternausnet.npz", **ternausnet_checkpoint(state))
+    assert find_vgg_prefix(ternausnet_checkpoint(state), vgg) == "encoder."
+    from_torchvision = vgg_conv_layers(_model(arch, tmp_path / "torchvision.npz"))
+    from_ternausnet = vgg_conv_layers(_model(arch, tmp_path / "ternausnet.npz"))
+    assert len(from_ternausnet) == len(conv_indices(vgg))
+    for a, b in zip(from_torchvision, from_ternausnet):
+        np.testing.assert_array_equal(a.kernel.numpy(), b.kernel.numpy())
+        np.testing.assert_array_equal(a.bias.numpy(), b.bias.numpy())
+    np.testing.assert_array_equal(from_ternausnet[-1].kernel.numpy(), _keras_kernel(state, conv_indices(vgg)[-1]))
+
+
+def test_prefix_found_when_it_is_neither_features_nor_encoder():
+    state = make_state_dict("vgg11", seed=6)
+    parallel = {f"module.{k}": v for k, v in ternausnet_checkpoint(state).items()}  # DataParallel
+    assert find_vgg_prefix(parallel, "vgg11") == "module.encoder."
+    bare = {k.removeprefix("features."): v for k, v in state.items()}  # vgg.features.state_dict()
+    assert find_vgg_prefix(bare, "vgg11") == ""
+    model = build_model(ModelConfig(arch="ternaus_unet11", input_shape=(32, 32, 3), classes=1,
+                                    encoder_weights=None, options={"num_filters": 2}))
+    load_torch_vgg_state_dict(model, parallel, arch="vgg11")
+    np.testing.assert_array_equal(model.get_layer("encoder_block4_conv2").kernel.numpy(), _keras_kernel(state, 13))
+    twice = {**parallel, **{f"copy.{k}": v for k, v in state.items()}}
+    with pytest.raises(ModelError, match=r"several key prefixes hold all vgg11 convolutions \['copy.features.', "
+                                         r"'module.encoder.'\]; pass one as load_torch_vgg_state_dict"):
+        find_vgg_prefix(twice, "vgg11")
+
+
+def test_an_explicit_prefix_is_used_as_given():
+    state = ternausnet_checkpoint(make_state_dict("vgg11", seed=7))
+    model = build_model(ModelConfig(arch="ternaus_unet11", input_shape=(32, 32, 3), classes=1,
+                                    encoder_weights=None, options={"num_filters": 2}))
+    assert len(load_torch_vgg_state_dict(model, state, arch="vgg11", prefix="encoder.")) == 8
+    with pytest.raises(ModelError, match=r"missing key 'features.0.weight' for vgg11"):
+        load_torch_vgg_state_dict(model, state, arch="vgg11", prefix="features.")
+
+
+def test_unrelated_keys_give_one_line_naming_the_file_prefixes_and_keys(tmp_path):
+    path = tmp_path / "resnet.npz"
+    np.savez(path, **{"conv1.weight": np.zeros((64, 3, 7, 7), "float32"), "bn1.weight": np.ones(64, "float32"),
+                      "layer2.0.downsample.0.weight": np.zeros((128, 64, 1, 1), "float32"),
+                      "fc.weight": np.zeros((10, 512), "float32")})
+    with pytest.raises(ModelError) as err:
+        _model("ternaus_unet11", path)
+    text = str(err.value)
+    assert text.startswith(f"{path}: no vgg11 convolutions found: looked for keys 'features.<i>.weight' "
+                           "(torchvision), 'encoder.<i>.weight' (TernausNet) or one prefix with all of <i> in "
+                           "[0, 3, 6, 8, 11, 13, 16, 18]; its 4 keys start ['bn1.weight', 'conv1.weight', "
+                           "'fc.weight', 'layer2.0.downsample.0.weight']")
+    assert "\n" not in text

@@ -19,7 +19,9 @@ kept: UNet11 deconvolution, UNet16 bilinear.
 
 Encoder weights (``cfg.encoder_weights``):
     * a torchvision ``vgg11``/``vgg16`` state dict (``.pth`` or ``.npz``, see
-      :mod:`tfseg.models.torch_weights`): the paper's recipe.
+      :mod:`tfseg.models.torch_weights`): the paper's recipe. A whole TernausNet checkpoint works
+      too: the loader finds the key prefix (``features.`` or TernausNet's ``encoder.``) and takes
+      the encoder's convolutions only (the decoder keeps its initialisation).
     * ``imagenet`` or a keras.applications VGG16 weights file: ``ternaus_unet16`` only (Keras has
       no VGG11), through the encoder table (:mod:`tfseg.models.encoders`), whose VGG16 is nested as
       one layer named ``encoder`` and normalizes caffe-style (``x - mean``). A torchvision state
@@ -184,7 +186,7 @@ def build_ternaus_unet11(cfg: ModelConfig) -> keras.Model:
 
     Args:
         cfg: ``input_shape`` [H, W, C] (multiples of 32), ``classes``, ``activation``,
-            ``encoder_weights`` (null or a torchvision vgg11 ``.pth``/``.npz``), ``encoder_freeze``,
+            ``encoder_weights`` (null, or a torchvision vgg11 or TernausNet ``.pth``/``.npz``), ``encoder_freeze``,
             ``options``: ``num_filters`` (32), ``is_deconv`` (true).
 
     Returns:

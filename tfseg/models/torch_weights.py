@@ -9,6 +9,12 @@ named ``block{b}_conv{k}`` (any prefix: ``encoder_block1_conv1`` in tfseg's Tern
 The file is user-supplied: ``.npz`` (numpy, always readable; make it with
 ``np.savez(path, **{k: v.numpy() for k, v in torchvision.models.vgg11(weights=...).state_dict().items()})``)
 or ``.pth``/``.pt`` (read only when ``torch`` is installed; it is not a tfseg dependency).
+
+The key prefix of the convolutions is found in the state dict (:func:`find_vgg_prefix`):
+``features.`` (torchvision's ``vgg11().state_dict()``), else ``encoder.`` (a whole TernausNet
+checkpoint, whose ``UNet11``/``UNet16`` keep ``vgg.features`` as ``self.encoder``; its decoder keys
+are left aside), else the one prefix under which every convolution index of the VGG is present
+(``module.encoder.`` of a ``DataParallel`` model, or none for ``vgg.features.state_dict()``).
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ TORCHVISION_CFGS = {
     "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
 }
 _CONV_NAME = re.compile(r"block(\d+)_conv(\d+)$")
+# A module-index weight key: "<prefix><i>.weight", the prefix empty or ending in "." ("features.0.weight").
+_INDEXED_WEIGHT = re.compile(r"^((?:.*\.)?)(\d+)\.weight$")
+KNOWN_PREFIXES = ("features.", "encoder.")
 
 
 def conv_indices(arch: str) -> list[int]:
@@ -86,6 +95,45 @@ def read_state_dict(source: str | Path | Mapping) -> dict[str, np.ndarray]:
     raise ModelError(f"{path}: unknown weights file type {suffix!r}; expected .npz, .pth or .pt")
 
 
+def find_vgg_prefix(state: Mapping[str, np.ndarray], arch: str = "vgg11", where: str = "state dict") -> str:
+    """The key prefix of the VGG convolutions in ``state``.
+
+    ``features.`` when some ``features.<i>.weight`` is a 4-D array (torchvision), else ``encoder.``
+    likewise (TernausNet), else the one prefix ``p`` (empty or ending in ``.``) for which every
+    ``p<i>.weight`` and ``p<i>.bias`` of ``arch``'s convolutions (:func:`conv_indices`) is present.
+
+    Args:
+        state: name -> array, as :func:`read_state_dict` returns it.
+        arch: ``vgg11`` or ``vgg16``.
+        where: the file (or ``state dict``), for the error message.
+
+    Raises:
+        ModelError: no prefix fits, or several do; one line naming ``where``, the prefixes looked for
+            and the first keys of ``state``.
+    """
+    indices = conv_indices(arch)
+    conv_prefixes = set()  # prefixes of "<prefix><i>.weight" keys holding a 4-D kernel
+    for key, value in state.items():
+        match = _INDEXED_WEIGHT.match(key)
+        if match and np.ndim(value) == 4:
+            conv_prefixes.add(match.group(1))
+    for prefix in KNOWN_PREFIXES:
+        if prefix in conv_prefixes:
+            return prefix
+    candidates = sorted(conv_prefixes)
+    complete = [p for p in candidates if all(f"{p}{i}.weight" in state and f"{p}{i}.bias" in state
+                                             for i in indices)]
+    if len(complete) == 1:
+        return complete[0]
+    if complete:
+        raise ModelError(f"{where}: several key prefixes hold all {arch} convolutions {complete}; pass one as "
+                         "load_torch_vgg_state_dict(..., prefix=...)")
+    sample = sorted(state)[:5]
+    raise ModelError(f"{where}: no {arch} convolutions found: looked for keys 'features.<i>.weight' (torchvision), "
+                     f"'encoder.<i>.weight' (TernausNet) or one prefix with all of <i> in {indices}; "
+                     f"its {len(state)} keys start {sample}")
+
+
 def _to_numpy(value) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch tensor
         value = value.detach().cpu().numpy()
@@ -133,7 +181,7 @@ def fold_input_norm(kernel: np.ndarray, bias: np.ndarray, input_norm) -> tuple[n
 
 
 def load_torch_vgg_state_dict(model: keras.Model, source: str | Path | Mapping, arch: str = "vgg11",
-                              prefix: str = "features.", input_norm=None) -> list[str]:
+                              prefix: str | None = None, input_norm=None) -> list[str]:
     """Copy the convolutions of a torchvision VGG state dict onto ``model``'s VGG encoder.
 
     Args:
@@ -141,8 +189,8 @@ def load_torch_vgg_state_dict(model: keras.Model, source: str | Path | Mapping, 
             vgg11, 13 for vgg16.
         source: a state dict mapping or the path of a ``.npz``/``.pth`` file.
         arch: ``vgg11`` or ``vgg16``.
-        prefix: key prefix of the convolutions (``features.`` for torchvision; ``encoder.`` for a
-            TernausNet checkpoint).
+        prefix: key prefix of the convolutions (``features.`` for torchvision, ``encoder.`` for a
+            TernausNet checkpoint); None finds it in the state dict (:func:`find_vgg_prefix`).
         input_norm: None when the model normalizes its input as torchvision does; else the
             model's ((mean), (std)) per channel in 0..255 units, folded into the first conv by
             :func:`fold_input_norm`. A first conv with C != 3 input channels gets the RGB kernel
@@ -152,8 +200,8 @@ def load_torch_vgg_state_dict(model: keras.Model, source: str | Path | Mapping, 
         The names of the Keras layers that received weights, in order.
 
     Raises:
-        ModelError: a missing key, or a shape that does not match (naming the key and both shapes),
-            or a model without the expected VGG convolutions.
+        ModelError: no prefix found, a missing key, or a shape that does not match (naming the key
+            and both shapes), or a model without the expected VGG convolutions.
     """
     indices = conv_indices(arch)
     state = read_state_dict(source)
@@ -161,7 +209,9 @@ def load_torch_vgg_state_dict(model: keras.Model, source: str | Path | Mapping, 
     if len(layers) != len(indices):
         raise ModelError(f"{model.name}: has {len(layers)} VGG convolutions named block<b>_conv<k>; "
                          f"{arch} needs {len(indices)}")
-    where = source if not isinstance(source, Mapping) else "state dict"
+    where = str(source) if not isinstance(source, Mapping) else "state dict"
+    if prefix is None:
+        prefix = find_vgg_prefix(state, arch, where)
     for n, (index, layer) in enumerate(zip(indices, layers)):
         kernel_key, bias_key = f"{prefix}{index}.weight", f"{prefix}{index}.bias"
         for key in (kernel_key, bias_key):

@@ -6,12 +6,16 @@ reproducing a notebook exactly. segmentation_models 1.0.1 runs on Keras 3 with
 backbones do not build under Keras 3, and models with its EfficientNet backbones need
 segmentation_models' ``FixedDropout`` in ``custom_objects`` to load (tfseg's own models do not).
 
-The sm model is wrapped so that it follows tfseg's model contract: it takes float images in 0..255
-and normalizes them inside with the table's constants for that encoder name (segmentation_models'
-own models expect ``sm.get_preprocessing(name)`` outside; caffe-style encoders such as VGG get
-the per-channel mean subtracted but no RGB->BGR flip), and its output passes through a float32
-layer named ``output``. Backbones whose table row has no constants get none: classification_models'
-ResNets, SE-ResNet18/34 and ResNeXts normalize their own input (``bn_data``).
+The sm model is wrapped so that it follows tfseg's model contract: it takes float RGB images in
+0..255, like every tfseg model, and applies ``sm.get_preprocessing(name)`` inside (a nested model
+named ``preprocess``, :func:`sm_preprocessing`), so sm's encoder, with sm's own weights, sees what it
+sees in a segmentation_models notebook: caffe-style encoders (``vgg16``, ``vgg19``) get keras' caffe
+mode, the channels flipped to BGR and the BGR ImageNet mean subtracted; torch-style ones (EfficientNet,
+DenseNet, SE-ResNet50+, SE-ResNeXt, SENet154) ``(x/255 - mean)/std``; tf-style ones (MobileNet,
+Inception) ``x/127.5 - 1``; classification_models' ResNets, SE-ResNet18/34 and ResNeXts none (they
+normalize their own input with ``bn_data``). Its output passes through a float32 layer named ``output``.
+The preprocessing is made of Keras' own layers (slicing, concatenation, normalization), so the wrapper
+adds nothing that ``keras.models.load_model`` needs ``custom_objects`` for.
 """
 
 from __future__ import annotations
@@ -89,13 +93,49 @@ def build_sm_model(cfg: ModelConfig) -> keras.Model:
 
     image = keras.Input(shape, name="image")
     x = image
-    norm = ENCODERS.get(cfg.backbone).norm if cfg.backbone in ENCODERS else None
-    if norm is not None:
-        mean, std = norm
-        channels = shape[-1]
-        x = keras.layers.Normalization(mean=adapt_constants(mean, channels),
-                                       variance=[s * s for s in adapt_constants(std, channels)],
-                                       name="preprocess")(x)
+    preprocess = sm_preprocessing(cfg.backbone, shape[-1])
+    if preprocess is not None:
+        x = preprocess(x)
     x = inner(x)
     output = keras.layers.Activation("linear", dtype="float32", name="output")(x)
     return keras.Model(image, output, name=f"sm_{name.lower()}_{cfg.backbone}")
+
+
+def sm_preprocessing(backbone: str, channels: int = 3) -> keras.Model | None:
+    """``sm.get_preprocessing(backbone)`` as a functional model of Keras layers (it needs no sm import).
+
+    The constants are the encoder table's (:data:`tfseg.models.encoders.ENCODERS`), whose families are
+    segmentation_models' own (checked for every sm backbone by ``tests/test_sm_bridge.py``): caffe
+    (``bgr``) flips RGB to BGR and subtracts the BGR mean, as keras' ``preprocess_input(mode="caffe")``;
+    torch and tf normalize per channel. With ``channels`` != 3 (sm then has no pretrained weights and
+    its preprocessing is undefined) the constants are adapted as for tfseg's encoders and nothing is
+    flipped.
+
+    Args:
+        backbone: segmentation_models backbone name (``vgg16``, ``efficientnetb0``, ``mobilenetv2``, ...).
+        channels: input channels.
+
+    Returns:
+        ``keras.Model`` named ``preprocess`` from float32 [B, H, W, channels] RGB in 0..255 to float32
+        [B, H, W, channels], what sm's encoder takes; None when the network normalizes its own input
+        (classification_models' ResNets, SE-ResNet18/34, ResNeXts).
+
+    Raises:
+        ModelError: a backbone the encoder table does not have (the message lists those it has).
+    """
+    spec = ENCODERS.get(backbone)
+    if spec.norm is None:
+        return None
+    mean, std = (adapt_constants(values, channels) for values in spec.norm)
+    image = keras.Input((None, None, channels), name="image")
+    x = image
+    if spec.bgr and channels == 3:
+        # x[..., ::-1] of keras' caffe mode: channel c alone is the input cropped by (c, 2 - c) along the
+        # last axis (Cropping2D's second spatial axis when it reads the tensor as channels_first).
+        x = keras.layers.Concatenate(name="preprocess_bgr")(
+            [keras.layers.Cropping2D(((0, 0), (c, 2 - c)), data_format="channels_first",
+                                     name=f"preprocess_{'rgb'[c]}")(image) for c in (2, 1, 0)]
+        )
+        mean, std = mean[::-1], std[::-1]
+    x = keras.layers.Normalization(mean=mean, variance=[s * s for s in std], name="preprocess_normalize")(x)
+    return keras.Model(image, x, name="preprocess")

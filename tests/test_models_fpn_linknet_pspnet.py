@@ -1,9 +1,11 @@
 """FPN, Linknet and PSPNet: parity with segmentation_models, options, sizes, sm-style calls, training.
 
 Parity: ``sm.FPN``, ``sm.Linknet`` and ``sm.PSPNet`` and tfseg's twins, called with the same
-arguments, have the same trainable parameter count and output shape. segmentation_models runs in
-a subprocess (``SM_FRAMEWORK=tf.keras``) so that its imports (efficientnet, classification_models,
-keras_applications) never touch this process; it runs while this process builds tfseg's twins.
+arguments, have the same trainable parameter count and output shape; so do ``sm.Unet``'s decoder
+variants (transpose blocks, no BatchNorm) and tfseg's ``Unet``, with the same total count too.
+segmentation_models runs in a subprocess (``SM_FRAMEWORK=tf.keras``) so that its imports (efficientnet,
+classification_models, keras_applications) never touch this process; it runs while this process builds
+tfseg's twins.
 
 resnet50 is segmentation_models' (classification_models') ResNet50 in both, as ``sm.FPN("resnet50")``
 means (tfseg.models.sm_resnet).
@@ -31,8 +33,9 @@ from tfseg.models.common import all_layers
 from tfseg.models.fpn import FPN
 from tfseg.models.linknet import Linknet
 from tfseg.models.pspnet import PSPNet
+from tfseg.models.unet import Unet
 
-TWINS = {"FPN": FPN, "Linknet": Linknet, "PSPNet": PSPNet}
+TWINS = {"FPN": FPN, "Linknet": Linknet, "PSPNet": PSPNet, "Unet": Unet}
 DEFAULT_SHAPES = (("FPN", (64, 64, 3)), ("Linknet", (64, 64, 3)), ("PSPNet", (96, 96, 3)))
 
 # (case id, sm function, backbone, keyword arguments): the same call goes to sm and to tfseg.
@@ -73,6 +76,14 @@ FAST_CASES = [
         },
     ),
 ]
+# sm.Unet's decoder options (the default, upsampling with BatchNorm, is in tests/test_sm_parity.py).
+UNET_DECODER_CASES = [
+    (f"Unet-{block}-{'bn' if batchnorm else 'nobn'}", "Unet", "mobilenetv2",
+     {"input_shape": (64, 64, 3), "decoder_block_type": block, "decoder_use_batchnorm": batchnorm})
+    for block, batchnorm in (("transpose", True), ("transpose", False), ("upsampling", False))
+]
+# keras.applications' EfficientNet has a Normalization layer (mean 3 + variance 3 + count 1) that sm's lacks.
+KERAS_EFFICIENTNET_EXTRA = 7
 SLOW_CASES = [
     (f"{arch}-{backbone}", arch, backbone, {"input_shape": shape})
     for backbone in ("efficientnetb0", "vgg16", "efficientnetb5", "resnet50")
@@ -112,7 +123,8 @@ _SM_SCRIPT = textwrap.dedent("""
         if "decoder_filters" in kwargs:
             kwargs["decoder_filters"] = tuple(kwargs["decoder_filters"])
         model = getattr(sm, arch)(backbone, classes=3, activation="softmax", encoder_weights=None, **kwargs)
-        out[case_id] = {"trainable": count(model.trainable_weights), "shape": list(model.output_shape)}
+        out[case_id] = {"trainable": count(model.trainable_weights), "total": count(model.weights),
+                        "shape": list(model.output_shape)}
         keras.backend.clear_session()
     print("SM_RESULT " + json.dumps(out))
 """)
@@ -143,22 +155,34 @@ def count(weights) -> int:
     return sum(int(np.prod(w.shape)) for w in weights)
 
 
-def check_parity(cases) -> None:
+def check_parity(cases, totals: bool = False) -> None:
+    """Same trainable parameters and output shape as sm; with ``totals`` the same total parameters too
+    (plus keras' EfficientNet Normalization, which sm's EfficientNet lacks)."""
     proc = start_sm(cases)
     ours = {}
     try:
         for case_id, arch, backbone, kwargs in cases:
             model = TWINS[arch](backbone, classes=3, activation="softmax", encoder_weights=None, **kwargs)
-            ours[case_id] = (count(model.trainable_weights), list(model.output_shape))
+            ours[case_id] = (count(model.trainable_weights), list(model.output_shape), count(model.weights))
             keras.backend.clear_session()
     finally:
         reference = sm_results(proc)
-    for case_id, *_ in cases:
-        assert ours[case_id] == (reference[case_id]["trainable"], reference[case_id]["shape"]), case_id
+    for case_id, _, backbone, _ in cases:
+        ref = reference[case_id]
+        assert ours[case_id][:2] == (ref["trainable"], ref["shape"]), case_id
+        if totals:
+            extra = KERAS_EFFICIENTNET_EXTRA if backbone.startswith("efficientnet") else 0
+            assert ours[case_id][2] == ref["total"] + extra, case_id
 
 
 def test_same_trainable_parameters_and_output_shape_as_segmentation_models():
     check_parity(FAST_CASES)
+
+
+def test_unet_decoder_variants_same_parameters_and_output_shape_as_segmentation_models():
+    """sm.Unet("mobilenetv2") with transpose blocks (with and without BatchNorm) and upsampling blocks
+    without BatchNorm, and tfseg's Unet called the same: same trainable and total parameters, same shape."""
+    check_parity(UNET_DECODER_CASES, totals=True)
 
 
 @pytest.mark.slow

@@ -181,7 +181,7 @@ def test_ternaus_encoder_freeze(arch):
     assert trainable == model.count_params() - vgg
     unfreeze_encoder(model)
     assert all(layer.trainable for layer in vgg_conv_layers(model))
-    freeze_encoder(model)  # the training loop's warm-up stage finds the same layers
+    freeze_encoder(model)  # train.freeze_encoder_epochs' first stage finds the same layers (encoder_layers)
     assert not any(layer.trainable for layer in vgg_conv_layers(model))
     assert model.get_layer("dec1_conv").trainable
 

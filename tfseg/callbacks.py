@@ -204,19 +204,24 @@ class ImageSummary(keras.callbacks.Callback):
 
 class TimeLimit(keras.callbacks.Callback):
     """Stop after the epoch during which ``minutes`` of training have passed (benchmarks with a
-    fixed time budget; the epoch in progress finishes and is validated and checkpointed)."""
+    fixed time budget; the epoch in progress finishes and is validated and checkpointed).
 
-    def __init__(self, minutes: float, clock=None):
+    ``start``: the ``clock()`` time the budget counts from (a two-stage fold passes its start to
+    the callback of each stage); None: the start of ``fit``.
+    """
+
+    def __init__(self, minutes: float, clock=None, start: float | None = None):
         super().__init__()
         import time
 
         self.seconds = float(minutes) * 60.0
         self.clock = clock or time.monotonic
-        self.start = None
+        self.start = start
         self.stopped_epoch: int | None = None
 
     def on_train_begin(self, logs=None):
-        self.start = self.clock()
+        if self.start is None:
+            self.start = self.clock()
 
     def on_epoch_end(self, epoch, logs=None):
         if self.clock() - self.start >= self.seconds:

@@ -161,6 +161,10 @@ class TrainConfig:
     folds: int = opt(5, "Number of cross-validation folds (grouped; stratified when labels exist).", min=2)
     seed: int = opt(42, "Seed of the fold split, the pipeline and the model initialisation.")
     epochs: int = opt(20, "Training epochs.", min=1)
+    freeze_encoder_epochs: int = opt(0, "Two-stage fine-tuning: train the first N epochs with the encoder frozen "
+                                        "(its BatchNorm in inference mode), then unfreeze it and train the whole "
+                                        "model for the rest of `epochs`, compiled again with a fresh optimizer and "
+                                        "schedule; 0 = one stage.", min=0)
     batch_size: int = opt(16, "Batch size per replica; the global batch is this x replicas.", min=1)
     steps_per_epoch: Optional[int] = opt(None, "Steps per epoch; null = training records // global batch.",
                                          min=1)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -49,6 +50,15 @@ from tfseg.train_checks import (  # noqa: F401 - check_invariants, ensure_tfreco
     model_error,
     prepare,
     removed_if_no_results,
+)
+from tfseg.train_stages import (  # noqa: F401 - make_callbacks, tensorboard_available: part of this module's API
+    Stage,
+    announce,
+    compile_stage,
+    make_callbacks,
+    plan_stages,
+    resume_stage,
+    tensorboard_available,
 )
 
 # ------------------------------------------------------------------------------------------------
@@ -83,16 +93,15 @@ def run_dir(cfg: Config) -> Path:
 # ------------------------------------------------------------------------------------------------
 
 
-def build_compiled_model(cfg: Config, steps_per_epoch: int):
-    """Model + loss + optimizer + metrics (call under ``strategy.scope()``). Returns (model, from_logits)."""
+def build_compiled_model(cfg: Config, steps_per_epoch: int, stage: Stage | None = None):
+    """Model + loss + optimizer + metrics (call under ``strategy.scope()``). Returns (model, from_logits).
+
+    Compiled for ``stage`` (default: the fold's first, :func:`tfseg.train_stages.plan_stages`).
+    """
     import keras
 
-    from tfseg.distribute import prepare_training
-    from tfseg.losses import build_loss
-    from tfseg.metrics import build_metrics
     from tfseg.models import build_model
     from tfseg.models.common import resolve_activation
-    from tfseg.schedules import build_optimizer
 
     keras.utils.set_random_seed(cfg.train.seed)
     try:
@@ -100,19 +109,8 @@ def build_compiled_model(cfg: Config, steps_per_epoch: int):
     except ModelError as err:
         raise model_error(cfg, err, "model.input_shape" if key_origin(cfg, "model.input_shape")
                           else "data.image_size") from None
-    classes = int(model.output_shape[-1])
-    from_logits = resolve_activation(cfg.model.activation, classes) == "linear"
-    model.compile(
-        optimizer=build_optimizer(cfg.train, steps_per_epoch),
-        loss=build_loss(cfg.train.loss, classes=classes, from_logits=from_logits,
-                        class_weights=cfg.train.class_weights),
-        metrics=build_metrics(cfg.train.metrics, classes=classes, from_logits=from_logits,
-                              threshold=cfg.infer.threshold),
-        # On JAX, jax.jit is the only compiled mode: Keras runs a step that is not jit-compiled op by op.
-        jit_compile=cfg.train.jit_compile or keras.config.backend() == "jax",
-        steps_per_execution=cfg.train.steps_per_execution,
-    )
-    prepare_training(model)  # TensorFlow backend: fused BatchNorm and optimizer kernels, one trace
+    from_logits = resolve_activation(cfg.model.activation, int(model.output_shape[-1])) == "linear"
+    compile_stage(model, cfg, steps_per_epoch, stage or plan_stages(cfg.train)[0], from_logits)
     return model, from_logits
 
 
@@ -159,61 +157,6 @@ def whole_device_batches(val_ds, n_val: int, global_batch: int, replicas: int, f
     return val_ds.unbatch().take(keep).batch(global_batch), keep
 
 
-def make_callbacks(cfg: Config, fold_dir: Path, steps_per_epoch: int, sample=None, write: bool = True):
-    """The fold's callbacks, in the order they must run. Returns (callbacks, nan_guard, best)."""
-    import keras
-
-    from tfseg.callbacks import (
-        BestCheckpoint,
-        HistoryCSV,
-        ImageSummary,
-        NanGuard,
-        SaveLast,
-        TimeLimit,
-        Warmup,
-    )
-    from tfseg.schedules import uses_plateau, warmup_steps
-
-    t = cfg.train
-    save_freq = t.backup_steps if t.backup_steps > 0 else "epoch"
-    history = fold_dir / "history.csv"
-    nan_guard = NanGuard()
-    best = BestCheckpoint(fold_dir / "best.keras", t.monitor, t.monitor_mode, history)
-    callbacks = [keras.callbacks.BackupAndRestore(str(fold_dir / "backup"), save_freq=save_freq),
-                 HistoryCSV(history), best, nan_guard, keras.callbacks.TerminateOnNaN(),
-                 SaveLast(fold_dir / "last.keras", nan_guard)]
-    warm = warmup_steps(t, steps_per_epoch)
-    if t.schedule not in ("cosine", "polynomial") and warm > 0:
-        callbacks.append(Warmup(t.lr, warm))
-    if uses_plateau(t):
-        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=t.reduce_lr_factor,
-                                                           patience=t.reduce_lr_patience, min_lr=t.min_lr,
-                                                           mode="min", verbose=1))
-    if t.time_limit_minutes is not None:
-        callbacks.append(TimeLimit(t.time_limit_minutes))
-    if t.early_stopping_patience > 0:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor=t.monitor, mode=t.monitor_mode,
-                                                       patience=t.early_stopping_patience,
-                                                       restore_best_weights=True, verbose=1))
-    if t.tensorboard and write and not tensorboard_available():
-        print("tfseg train: the tensorboard package is not installed (pip install tensorboard); "
-              "no TensorBoard logs", file=sys.stderr)
-    elif t.tensorboard and write:
-        callbacks.append(keras.callbacks.TensorBoard(str(fold_dir / "tensorboard"), write_graph=False))
-        if sample is not None:
-            classes = cfg.model.classes or cfg.data.classes
-            callbacks.append(ImageSummary(fold_dir / "tensorboard" / "images", sample[0], sample[1], classes,
-                                          cfg.infer.threshold))
-    return callbacks, nan_guard, best
-
-
-def tensorboard_available() -> bool:
-    """Whether ``tf.summary`` can write (TensorFlow 2.21 no longer installs tensorboard itself)."""
-    import importlib.util
-
-    return importlib.util.find_spec("tensorboard") is not None
-
-
 # ------------------------------------------------------------------------------------------------
 # one fold
 # ------------------------------------------------------------------------------------------------
@@ -257,9 +200,15 @@ def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2, callbacks: S
     # The whole validation fold each epoch; counted from the manifest, so Keras does not run the
     # (group-filtered, unknown-length) dataset dry and warn that the input "ran out of data".
     val_steps = t.validation_steps or (math.ceil(split.n_val / global_batch) if dist.workers == 1 else None)
-    # 4. model under the strategy scope
+    out_dir = run_dir(cfg)
+    fold_dir = out_dir / f"fold{fold}"
+    if not dist.is_chief:  # the other workers of a multi-worker run write beside, not over, the chief
+        fold_dir = fold_dir / f".worker-{os.getpid()}"
+    # 4. model under the strategy scope, compiled for the stage to start at (a resumed run's latest)
+    stages = plan_stages(t)
+    first = resume_stage(stages, fold_dir)
     with dist.scope():
-        model, _ = build_compiled_model(cfg, steps)
+        model, from_logits = build_compiled_model(cfg, steps, stages[first])
     crop = mask_crop_for(model)
     # 5. datasets
     workers = dist.workers
@@ -280,14 +229,9 @@ def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2, callbacks: S
     if t.tensorboard and dist.kind != "multiworker" and tensorboard_available():
         images, masks = next(iter(val_ds.take(1)))
         sample = (images.numpy()[:3], masks.numpy()[:3])
-    # 6. the fold's folder and callbacks
-    out_dir = run_dir(cfg)
-    fold_dir = out_dir / f"fold{fold}"
-    if not dist.is_chief:  # the other workers of a multi-worker run write beside, not over, the chief
-        fold_dir = fold_dir / f".worker-{os.getpid()}"
+    # 6. the fold's folder (callbacks: each stage's own, below)
     with removed_if_no_results(fold_dir, out_dir, out_dir.parent):  # a fold that cannot start leaves nothing
         fold_dir.mkdir(parents=True, exist_ok=True)
-        own, nan_guard, best = make_callbacks(cfg, fold_dir, steps, sample, write=dist.is_chief)
         if dist.is_chief:
             dump_config(cfg, out_dir / "config.yaml")
             dump_config(cfg, fold_dir / "config.yaml")
@@ -295,19 +239,34 @@ def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2, callbacks: S
                 "fold": fold, "folds": t.folds, "seed": t.seed, "val_groups": split.val_groups,
                 "n_train": split.n_train, "n_val": split.n_val, "train_files": split.train_files,
                 "val_files": split.val_files}, indent=1))
-        resumed = (fold_dir / "backup").is_dir()
+        backup = fold_dir / stages[first].backup
         print(f"tfseg train: fold {fold}/{t.folds}: {split.n_train} train / {split.n_val} val records, "
               f"{steps} steps of {global_batch} ({dist.kind}, {dist.replicas} replica(s))" + val_note
-              + (f"; resuming from {fold_dir / 'backup'}" if resumed else ""), file=sys.stderr, flush=True)
-        # 7. fit
-        start = time.perf_counter()
-        model.fit(train_ds, epochs=t.epochs, steps_per_epoch=steps, validation_data=val_ds,
-                  validation_steps=val_steps, callbacks=[*own, *callbacks], verbose=verbose,
-                  shuffle=False)  # the dataset shuffles; Keras would warn that it ignores shuffle=True
-        if nan_guard.where is not None:
-            epoch, batch, value = nan_guard.where
-            raise RunError(f"fold {fold}: the training loss became {value} at epoch {epoch + 1}, batch {batch}; "
-                           f"training stopped. Lower train.lr (now {t.lr}) or check the data and loss")
+              + (f"; resuming from {backup}" if backup.is_dir() else ""), file=sys.stderr, flush=True)
+        # 7. fit, stage by stage (tfseg.train_stages)
+        start, started = time.perf_counter(), time.monotonic()
+        for index in range(first, len(stages)):
+            stage = stages[index]
+            if index > first:  # the encoder unfrozen: compiled again, with a fresh optimizer
+                with dist.scope():
+                    compile_stage(model, cfg, steps, stage, from_logits)
+            announce(fold, stages, index)
+            own, nan_guard, best = make_callbacks(cfg, fold_dir, steps, sample, write=dist.is_chief, stage=stage,
+                                                  started=started)
+            # Keras starts fit at model._initial_epoch when set (BackupAndRestore sets it on restore, and
+            # it outlives the fit); HistoryCSV keeps the rows before it.
+            model._initial_epoch = stage.first_epoch or None
+            model.fit(train_ds, initial_epoch=stage.first_epoch, epochs=stage.last_epoch, steps_per_epoch=steps,
+                      validation_data=val_ds, validation_steps=val_steps, callbacks=[*own, *callbacks],
+                      verbose=verbose, shuffle=False)  # the dataset shuffles; Keras would warn about shuffle=True
+            if nan_guard.where is not None:
+                epoch, batch, value = nan_guard.where
+                raise RunError(f"fold {fold}: the training loss became {value} at epoch {epoch + 1}, batch "
+                               f"{batch}; training stopped. Lower train.lr (now {t.lr}) or check the data and loss")
+            if model.stop_training:  # the time limit: no further stage
+                break
+        for stage in stages[:-1]:  # the earlier stages' backups, kept for a resume between the stages
+            shutil.rmtree(fold_dir / stage.backup, ignore_errors=True)
     # 8. outputs (best.keras and last.keras were written by their callbacks)
     best_value = best.best if math.isfinite(best.best) else None  # None: the monitor never had a value
     result = {"best": best_value, "best_epoch": best.best_epoch + 1, "epochs": _epochs_done(fold_dir),

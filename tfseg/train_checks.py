@@ -56,12 +56,28 @@ def check_invariants(cfg: Config) -> None:
     if cfg.train.monitor in LOSS_MONITORS and cfg.train.monitor_mode != "min":
         raise ConfigError(f"train.monitor_mode: {cfg.train.monitor} should be minimised; "
                           "set train.monitor_mode=min")
+    check_stages(cfg)
     from tfseg.data.augment import check_ops
 
     try:
         check_ops(cfg.augment.ops, cfg.data.channels)
     except ConfigError as err:
         raise ConfigError(blame(key_origin(cfg, "augment.ops"), "augment.ops", str(err))) from None
+
+
+def check_stages(cfg: Config) -> None:
+    """``train.freeze_encoder_epochs`` leaves epochs to the second stage and and ``model.encoder_freeze`` is off."""
+    t, key = cfg.train, "train.freeze_encoder_epochs"
+    if not t.freeze_encoder_epochs:
+        return
+    if t.freeze_encoder_epochs >= t.epochs:
+        raise ConfigError(blame(key_origin(cfg, key), key, (
+            f"{key}: {t.freeze_encoder_epochs} leaves no epoch to train the unfrozen model; expected fewer than "
+            f"train.epochs ({t.epochs})")))
+    if cfg.model.encoder_freeze:
+        raise ConfigError(blame(key_origin(cfg, key), key, (
+            f"{key}: {t.freeze_encoder_epochs}, but model.encoder_freeze keeps the encoder frozen for the whole "
+            "run; expected one of the two (model.encoder_freeze: false to unfreeze it after the first stage)")))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -114,6 +130,7 @@ def check_model(cfg: Config, weights: bool = False) -> None:
     from dataclasses import replace
 
     from tfseg.models import build_model
+    from tfseg.models.common import encoder_layers
 
     m, d = cfg.model, cfg.data
     shape = tuple(m.input_shape)
@@ -148,6 +165,11 @@ def check_model(cfg: Config, weights: bool = False) -> None:
         except ModelError as err:
             raise model_error(cfg, err, key) from None
         check_output_size(cfg, model)
+        if cfg.train.freeze_encoder_epochs and not encoder_layers(model):
+            key = "train.freeze_encoder_epochs"
+            raise ConfigError(blame(key_origin(cfg, key), key, (
+                f"{key}: {cfg.model.arch} has no pretrained encoder to freeze (it is trained from scratch); "
+                "expected 0")))
     _MODELS_CHECKED.add(checked)
 
 
@@ -283,7 +305,7 @@ def has_results(folder: Path) -> bool:
     resume from, or a history row (an epoch that finished)."""
     if any(next(folder.rglob(name), None) for name in RESULT_FILES):
         return True
-    if any(b.is_dir() and any(b.iterdir()) for b in folder.rglob("backup")):
+    if any(b.is_dir() and any(b.iterdir()) for b in folder.rglob("backup*")):  # backup/, backup-decoder/
         return True
     from tfseg.callbacks import _read_rows
 

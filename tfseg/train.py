@@ -12,7 +12,8 @@ One fold, top to bottom (:func:`train_fold`):
        whose output is smaller than their input)
     6. create the fold's folder; callbacks: BackupAndRestore, history CSV, best and last
        checkpoints, EarlyStopping, ReduceLROnPlateau, warm-up, TerminateOnNaN, TensorBoard
-    7. fit
+    7. fit: one stage, or two with ``train.freeze_encoder_epochs`` (the encoder frozen, then all;
+       :mod:`tfseg.train_stages`, which also makes each stage's callbacks)
     8. write the fold's outputs and the run's ``summary.json``
 
 Nothing is written under ``runs/<name>`` before step 6, and a fold that fails before its first
@@ -23,7 +24,7 @@ Outputs (the run directory layout that evaluation, inference and export read)::
 
     runs/<name>/config.yaml, summary.json
     runs/<name>/fold<k>/config.yaml, best.keras, last.keras, history.csv, curves.png,
-                        tensorboard/, backup/, val_groups.json
+                        tensorboard/, backup/ (and backup-decoder/ with two stages), val_groups.json
 
 A run killed mid-epoch (TPU/Colab preemption) and started again with the same command resumes
 from ``fold<k>/backup`` and finishes with the planned number of epochs.
@@ -132,7 +133,7 @@ def shard_by_data(ds):
 
 
 # ------------------------------------------------------------------------------------------------
-# 6. callbacks
+# 5. validation under JAX's data parallelism (6. callbacks: tfseg.train_stages.make_callbacks)
 # ------------------------------------------------------------------------------------------------
 
 

@@ -215,6 +215,7 @@ def cfg(arch: str, size=(64, 64, 3), **kwargs) -> ModelConfig:
             "decoder_filters",
             r"linknet: unknown option 'decoder_filters'; linknet takes no options",
         ),
+        ("unet", "encoder_feature", r"unet: unknown option 'encoder_feature' \(did you mean 'encoder_features'\?\)"),
     ],
 )
 def test_unknown_option_names_it_and_lists_the_valid_ones(arch, key, match):

@@ -39,12 +39,8 @@ def _load_archs() -> None:
     global _loaded
     if _loaded:
         return
-    for name in _ARCH_MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as err:  # an architecture file not written yet
-            if err.name != name:
-                raise
+    for name in _ARCH_MODULES:  # a missing or broken architecture file is an error, not a smaller zoo
+        importlib.import_module(name)
     _loaded = True
 
 

@@ -30,7 +30,7 @@ from tfseg.config import ModelConfig
 from tfseg.errors import ModelError
 from tfseg.models import ARCHS
 from tfseg.models.blocks import DECODER_BLOCKS, conv3x3_bn_relu
-from tfseg.models.common import freeze_encoder, segmentation_head
+from tfseg.models.common import freeze_encoder, read_options, segmentation_head
 from tfseg.models.encoders import available_strides, encoder_on_input, get_encoder_spec
 
 ARCH = "unet"
@@ -134,10 +134,7 @@ def build_unet(cfg: ModelConfig) -> keras.Model:
 
     ``cfg.options`` may set ``encoder_features`` (strides, deepest first).
     """
-    options = dict(cfg.options or {})
-    unknown = sorted(set(options) - {"encoder_features"})
-    if unknown:
-        raise ModelError(f"unet: unknown option {unknown[0]!r}. Expected one of ['encoder_features']")
+    options = read_options(ARCH, cfg.options, {"encoder_features": "default"})
     return Unet(
         cfg.backbone,
         input_shape=tuple(cfg.input_shape) if cfg.input_shape else (None, None, 3),
@@ -145,7 +142,7 @@ def build_unet(cfg: ModelConfig) -> keras.Model:
         activation=cfg.activation,
         encoder_weights=cfg.encoder_weights,
         encoder_freeze=cfg.encoder_freeze,
-        encoder_features=options.get("encoder_features", "default"),
+        encoder_features=options["encoder_features"],
         decoder_block_type=cfg.decoder_block_type,
         decoder_filters=tuple(cfg.decoder_filters),
         decoder_use_batchnorm=cfg.decoder_use_batchnorm,

@@ -15,7 +15,7 @@ from tfseg import cli
 from tfseg.config import load_config
 from tfseg.train_stages import plan_stages, resume_stage
 
-ENCODER_OVERRIDES = ["model.arch=unet", "model.backbone=mobilenetv2", "model.options={}",
+ENCODER_OVERRIDES = ["model.arch=unet", "model.backbone=mobilenet", "model.options={}",
                      "model.decoder_filters=[16,16,8,8,8]"]
 
 
@@ -31,8 +31,8 @@ class Watch(keras.callbacks.Callback):
 
     def _snap(self) -> dict:
         encoder = self.model.get_layer("encoder")
-        return {"conv": encoder.get_layer("Conv1").kernel.numpy().copy(),
-                "bn": encoder.get_layer("bn_Conv1").moving_mean.numpy().copy(),
+        return {"conv": encoder.get_layer("conv1").kernel.numpy().copy(),
+                "bn": encoder.get_layer("conv1_bn").moving_mean.numpy().copy(),
                 "head": self.model.get_layer("final_conv").kernel.numpy().copy(),
                 "encoder_trainable": encoder.trainable}
 

@@ -156,7 +156,8 @@ def check_model(cfg: Config, weights: bool = False) -> None:
         if not m.encoder_weights:
             return
         probes = probes[:1]
-    checked = repr((m, probes, weights))
+    two_stage = bool(cfg.train.freeze_encoder_epochs)
+    checked = repr((m, probes, weights, two_stage))
     if checked in _MODELS_CHECKED:
         return
     for key, probe in probes:
@@ -165,7 +166,7 @@ def check_model(cfg: Config, weights: bool = False) -> None:
         except ModelError as err:
             raise model_error(cfg, err, key) from None
         check_output_size(cfg, model)
-        if cfg.train.freeze_encoder_epochs and not encoder_layers(model):
+        if two_stage and not encoder_layers(model):
             key = "train.freeze_encoder_epochs"
             raise ConfigError(blame(key_origin(cfg, key), key, (
                 f"{key}: {cfg.model.arch} has no pretrained encoder to freeze (it is trained from scratch); "

@@ -258,17 +258,33 @@ def test_unet_encoder_features_picks_the_skip_strides():
         "decoder_stage0_concat", "decoder_stage1_concat"}
 
 
+def test_unet_encoder_features_takes_sms_layer_names():
+    """sm.Unet's encoder_features are layer names: the same names give the same model as the strides."""
+    from tfseg.models.unet import Unet
+
+    names = ("block6a_expand_activation", "block4a_expand_activation", "block3a_expand_activation")
+    by_name = Unet("efficientnetb0", input_shape=(64, 64, 3), encoder_weights=None, encoder_features=names)
+    by_stride = Unet("efficientnetb0", input_shape=(64, 64, 3), encoder_weights=None, encoder_features=(16, 8, 4))
+    assert by_name.count_params() == by_stride.count_params()
+    concats = sorted(layer.name for layer in by_name.layers if layer.name.endswith("_concat"))
+    assert concats == ["decoder_stage0_concat", "decoder_stage1_concat", "decoder_stage2_concat"]
+    skips = [tuple(by_name.get_layer(c).input[1].shape[1:]) for c in concats]
+    assert skips == [(4, 4, 672), (8, 8, 240), (16, 16, 144)]  # the named layers' outputs
+
+
 @pytest.mark.parametrize("backbone, features, bad", [
-    ("efficientnetb0", ["block6a_expand_activation"], "'block6a_expand_activation'"),  # sm's layer names
+    ("efficientnetb0", ["block6a_activation"], "'block6a_activation'"),  # a layer, but not one of the features
     ("efficientnetb0", (16, 8, 4, 2, 1), "1"),  # EfficientNet has no stride-1 feature
     ("convnexttiny", (16, 8, 4, 2), "2"),  # nor ConvNeXt a stride-2 one
 ])
 def test_unet_encoder_features_rejects_what_the_encoder_lacks(backbone, features, bad):
     from tfseg.models.unet import Unet
 
-    with pytest.raises(ModelError, match=rf"unet: encoder_features=.*: {bad} is not a feature stride of {backbone}; "
-                                         r"expected 'default' or strides, deepest first, from \["):
+    with pytest.raises(ModelError, match=rf"unet: encoder_features=.*: {bad} is not a feature of {backbone}; "
+                                         r"expected 'default', or strides from \[") as err:
         Unet(backbone, input_shape=(64, 64, 3), encoder_weights=None, encoder_features=features)
+    if backbone == "efficientnetb0":
+        assert "or their layer names (16: 'block6a_expand_activation', 8: 'block4a_expand_activation'" in str(err.value)
 
 
 @pytest.mark.parametrize("arch", ["unet_original", "unet1024", "unet_small"])

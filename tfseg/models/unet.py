@@ -66,7 +66,8 @@ def Unet(  # noqa: N802 - the segmentation_models name, so notebooks port by cha
         encoder_freeze: freeze the encoder (its BatchNorm then runs in inference mode).
         encoder_features: ``default`` (strides 16, 8, 4, 2, those the encoder has: ConvNeXt has no 2)
             or the encoder strides to skip from, deepest first, e.g. ``(16, 8, 4, 2, 1)`` for VGG's
-            full-resolution block.
+            full-resolution block, or segmentation_models' layer names for them (sm's own
+            ``encoder_features``, e.g. ``('block6a_expand_activation', 'block4a_expand_activation')``).
         decoder_block_type: ``upsampling`` (UpSampling2D + two convs) or ``transpose``
             (Conv2DTranspose + one conv).
         decoder_filters: filters of the decoder blocks, deepest first; one x2 block each.
@@ -107,19 +108,28 @@ def Unet(  # noqa: N802 - the segmentation_models name, so notebooks port by cha
 
 
 def _skip_strides(backbone_name: str, encoder_features) -> tuple[int, ...]:
-    """The encoder strides to skip from: ``default``, or the strides given, each one the encoder has."""
+    """The encoder strides to skip from: ``default``, or the strides given, or segmentation_models'
+    layer names (sm's own ``encoder_features``), each one a feature the encoder has."""
     if isinstance(encoder_features, str) and encoder_features == "default":
         return available_strides(backbone_name, SKIP_STRIDES)
-    have = [s for s in get_encoder_spec(backbone_name).strides if s < 32]
+    features = {s: f for s, f in get_encoder_spec(backbone_name).features.items() if s < 32}
+    names = {f: s for s, f in features.items() if isinstance(f, str) and "/" not in f}  # sm's layer names
     entries = [encoder_features] if isinstance(encoder_features, (str, int)) else list(encoder_features)
+    strides = []
     for entry in entries:
-        if isinstance(entry, bool) or not isinstance(entry, int) or entry not in have:
+        if isinstance(entry, str) and entry in names:
+            strides.append(names[entry])
+        elif not isinstance(entry, bool) and isinstance(entry, int) and entry in features:
+            strides.append(entry)
+        else:
+            by_stride = ", ".join(f"{s}: {f!r}" for s, f in sorted(features.items(), reverse=True)
+                                  if isinstance(f, str) and "/" not in f)
             raise ModelError(
-                f"unet: encoder_features={encoder_features!r}: {entry!r} is not a feature stride of "
-                f"{backbone_name}; expected 'default' or strides, deepest first, from {have} (tfseg picks "
-                "segmentation_models' skip layers by stride, not by layer name: docs/models.md lists them)"
+                f"unet: encoder_features={encoder_features!r}: {entry!r} is not a feature of {backbone_name}; "
+                f"expected 'default', or strides from {sorted(features, reverse=True)}, deepest first"
+                + (f", or their layer names ({by_stride})" if by_stride else "")
             )
-    return tuple(entries)
+    return tuple(strides)
 
 
 def _ends_with_pooling(encoder: keras.Model) -> bool:

@@ -151,6 +151,42 @@ def test_mirrored_over_two_cpu_devices_matches_single_device():
         assert mirrored["scores"][name] == pytest.approx(single["scores"][name], rel=1e-4, abs=1e-5)
 
 
+MIRRORED_FIT_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from pathlib import Path
+    from tests.test_train import tiny_config
+    from tfseg.config import load_config
+    from tfseg.train import train_fold
+
+    cfg = load_config(tiny_config(Path(sys.argv[1]), epochs=4, strategy="mirrored", batch_size=2))
+    result = train_fold(cfg, 0, verbose=0)
+    print("RESULT " + json.dumps(result))
+""")
+
+
+def test_tfseg_train_under_a_mirrored_strategy_validates_every_epoch(tmp_path):
+    """Keras 3.15 under a tf.distribute strategy pulled a batch from the cached validation iterator
+    in every evaluate; with validation_steps set, the fold's one validation batch ran out and fit
+    stopped with StopIteration at the third epoch (multi-GPU and TPU runs). tfseg.distribute.prebuild
+    builds from the element spec instead."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-c", MIRRORED_FIT_SCRIPT, str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(mirrored, 2 replica(s))" in proc.stderr
+    result = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
+    assert result["epochs"] == 4 and result["n_val"] == 4
+    import csv
+
+    with open(Path(result["fold_dir"]) / "history.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
+    assert all(r["val_loss"] and r["val_dice_coe"] for r in rows)  # validated every epoch
+
+
 def _free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     for s in socks:

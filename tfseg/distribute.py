@@ -223,15 +223,20 @@ def set_mixed_precision(policy: str | None) -> None:
 def prebuild(model: keras.Model, dataset) -> None:
     """Build the model's compiled loss and metrics from ``dataset.element_spec`` before ``fit``.
 
-    Keras 3 (3.15, TensorFlow backend) builds them inside ``fit``/``evaluate`` from a batch pulled
-    out of the distributed iterator and averaged across replicas, which fails under
-    MultiWorkerMirroredStrategy ("Attempt to convert a value (PerReplica...)",
-    keras-team/keras#20585). Under that strategy this builds from the element spec instead and
-    makes the model's later builds use the spec too (the model is built by then, so nothing is
-    pulled). Under every other strategy it does nothing.
+    Keras 3 (3.15, TensorFlow backend), under any ``tf.distribute`` strategy, builds them with a
+    batch it pulls out of the data: in ``fit`` from the training iterator, and in every ``evaluate``
+    (each epoch's validation too) from the *cached* validation iterator, *before* resetting it. With
+    ``validation_steps`` set, that iterator is not restarted between epochs, so the pulled batches run
+    a finite validation set dry and ``fit`` stops with ``StopIteration`` at the third epoch
+    (MirroredStrategy over two devices, 4 validation records in one batch: tests/test_distribute.py).
+    Under MultiWorkerMirroredStrategy the pulled batch, averaged across replicas, fails outright
+    ("Attempt to convert a value (PerReplica...)", keras-team/keras#20585). Under every strategy this
+    builds from the element spec instead and makes the model's later builds use the spec too (the
+    model is built by then, so nothing is pulled). Without a strategy Keras builds inside the traced
+    step and nothing changes here.
     """
-    strategy = getattr(model, "distribute_strategy", None)
-    if type(strategy).__name__ not in ("MultiWorkerMirroredStrategy", "CollectiveAllReduceStrategy"):
+    strategy = getattr(model, "_distribute_strategy", None)
+    if strategy is None:
         return
     spec = dataset.element_spec
     batch = tuple(spec[:2]) if isinstance(spec, tuple) else spec
@@ -242,10 +247,11 @@ def prebuild(model: keras.Model, dataset) -> None:
 
     build_from_spec()
     model._maybe_symbolic_build = build_from_spec
-    # The same Keras version reduces the step logs across workers with MEAN over axis 0, which
-    # fails for scalar logs ("Invalid reduction dimension 0"); give them that axis.
-    for step in ("train_step", "test_step"):
-        model.__dict__[step] = _with_rank1_logs(getattr(model, step))
+    if type(strategy).__name__ in ("MultiWorkerMirroredStrategy", "CollectiveAllReduceStrategy"):
+        # The same Keras version reduces the step logs across workers with MEAN over axis 0, which
+        # fails for scalar logs ("Invalid reduction dimension 0"); give them that axis.
+        for step in ("train_step", "test_step"):
+            model.__dict__[step] = _with_rank1_logs(getattr(model, step))
 
 
 def _with_rank1_logs(step):

@@ -191,7 +191,8 @@ class TrainConfig:
                                          choices=[None, "mixed_float16", "mixed_bfloat16"])
     jit_compile: bool = opt(False, "TensorFlow backend: compile the train step with XLA (slower on CPU for these "
                                    "convnets). On JAX the step is always jax.jit-compiled.")
-    steps_per_execution: int = opt(1, "Steps per call into the compiled function (raise it on TPU).", min=1)
+    steps_per_execution: int = opt(1, "Steps per call into the compiled function (raise it on TPU; runs as 1 under "
+                                      "mirrored and multi-worker strategies, keras-team/keras#19246).", min=1)
     strategy: str = opt("auto", "auto (TPU, else mirrored over GPUs, else default), default, mirrored, "
                                 "multiworker (TF_CONFIG) or tpu.",
                         choices=["auto", "default", "mirrored", "multiworker", "tpu"])

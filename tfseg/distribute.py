@@ -22,6 +22,7 @@ import contextlib
 import glob
 import json
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -213,6 +214,34 @@ def global_batch_size(per_replica: int, replicas: int) -> int:
     if int(replicas) < 1:
         raise ConfigError(f"replicas: expected at least 1, got {replicas}")
     return int(per_replica) * int(replicas)
+
+
+# Strategies under which Keras 3's multi-step loop (steps_per_execution > 1) fails: it runs the step's
+# strategy.run inside tf.cond in a tf.while_loop, and the optimizer's cross-replica merge_call there
+# fails with "You must feed a value for placeholder tensor" (keras-team/keras#19246, open).
+_NO_MULTI_STEP = ("MirroredStrategy", "MultiWorkerMirroredStrategy", "CollectiveAllReduceStrategy")
+_TOLD_STEPS: list[int] = []
+
+
+def steps_per_execution_for(requested: int) -> int:
+    """``train.steps_per_execution`` as the current strategy can run it (call under its scope).
+
+    Under a mirrored or multi-worker strategy on the TensorFlow backend a value above 1 fails in
+    Keras 3.15's multi-step loop (keras-team/keras#19246), so it becomes 1, with one line on stderr
+    (once per process). TPUs, one device and the other backends keep it.
+    """
+    if requested <= 1 or keras.config.backend() != "tensorflow":
+        return requested
+    import tensorflow as tf
+
+    name = type(tf.distribute.get_strategy()).__name__
+    if name not in _NO_MULTI_STEP:
+        return requested
+    if not _TOLD_STEPS:
+        _TOLD_STEPS.append(requested)
+        print(f"tfseg train: train.steps_per_execution={requested} runs as 1 under {name}: Keras 3's multi-step "
+              "loop fails there (keras-team/keras#19246); it is a TPU setting", file=sys.stderr, flush=True)
+    return 1
 
 
 def set_mixed_precision(policy: str | None) -> None:

@@ -64,7 +64,7 @@ def compile_stage(model, cfg: Config, steps_per_epoch: int, stage: Stage, from_l
     whose schedule spans the stage's epochs; then ``prepare_training`` (call under the strategy scope)."""
     import keras
 
-    from tfseg.distribute import prepare_training
+    from tfseg.distribute import prepare_training, steps_per_execution_for
     from tfseg.losses import build_loss
     from tfseg.metrics import build_metrics
     from tfseg.models.common import encoder_layers, set_trainable
@@ -80,7 +80,7 @@ def compile_stage(model, cfg: Config, steps_per_epoch: int, stage: Stage, from_l
         metrics=build_metrics(t.metrics, classes=classes, from_logits=from_logits, threshold=cfg.infer.threshold),
         # On JAX, jax.jit is the only compiled mode: Keras runs a step that is not jit-compiled op by op.
         jit_compile=t.jit_compile or keras.config.backend() == "jax",
-        steps_per_execution=t.steps_per_execution,
+        steps_per_execution=steps_per_execution_for(t.steps_per_execution),
     )
     prepare_training(model)  # TensorFlow backend: fused BatchNorm and optimizer kernels, one trace
 

@@ -227,6 +227,9 @@ def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2, callbacks: S
                     f"{dist.replicas} devices; `tfseg evaluate` scores them all)")
     prebuild(model, train_ds)
     sample = None
+    if t.tensorboard and dist.is_chief and not tensorboard_available():
+        print("tfseg train: the tensorboard package is not installed (pip install tensorboard); "
+              "no TensorBoard logs", file=sys.stderr)
     if t.tensorboard and dist.kind != "multiworker" and tensorboard_available():
         images, masks = next(iter(val_ds.take(1)))
         sample = (images.numpy()[:3], masks.numpy()[:3])

@@ -66,7 +66,7 @@ def check_invariants(cfg: Config) -> None:
 
 
 def check_stages(cfg: Config) -> None:
-    """``train.freeze_encoder_epochs`` leaves epochs to the second stage and and ``model.encoder_freeze`` is off."""
+    """``train.freeze_encoder_epochs`` leaves epochs to the second stage, and ``model.encoder_freeze`` is off."""
     t, key = cfg.train, "train.freeze_encoder_epochs"
     if not t.freeze_encoder_epochs:
         return
@@ -167,9 +167,9 @@ def check_model(cfg: Config, weights: bool = False) -> None:
             raise model_error(cfg, err, key) from None
         check_output_size(cfg, model)
         if two_stage and not encoder_layers(model):
-            key = "train.freeze_encoder_epochs"
-            raise ConfigError(blame(key_origin(cfg, key), key, (
-                f"{key}: {cfg.model.arch} has no pretrained encoder to freeze (it is trained from scratch); "
+            stages = "train.freeze_encoder_epochs"
+            raise ConfigError(blame(key_origin(cfg, stages), stages, (
+                f"{stages}: {cfg.model.arch} has no pretrained encoder to freeze (it is trained from scratch); "
                 "expected 0")))
     _MODELS_CHECKED.add(checked)
 

@@ -123,9 +123,9 @@ def make_callbacks(cfg: Config, fold_dir: Path, steps_per_epoch: int, sample=Non
     history = fold_dir / "history.csv"
     nan_guard = NanGuard()
     best = BestCheckpoint(fold_dir / "best.keras", t.monitor, t.monitor_mode, history)
-    # Stage 1's backup is kept at its end: the fold removes it once stage 2 has run (tfseg.train).
+    # An earlier stage's backup is kept at its end: the fold removes it once the last stage has run (tfseg.train).
     backup = keras.callbacks.BackupAndRestore(str(fold_dir / stage.backup), save_freq=save_freq,
-                                              delete_checkpoint=stage.backup == "backup")
+                                              delete_checkpoint=stage.last_epoch == t.epochs)
     callbacks = [backup, HistoryCSV(history), best, nan_guard, keras.callbacks.TerminateOnNaN(),
                  SaveLast(fold_dir / "last.keras", nan_guard)]
     warm = warmup_steps(t, steps_per_epoch)
@@ -141,22 +141,13 @@ def make_callbacks(cfg: Config, fold_dir: Path, steps_per_epoch: int, sample=Non
         callbacks.append(keras.callbacks.EarlyStopping(monitor=t.monitor, mode=t.monitor_mode,
                                                        patience=t.early_stopping_patience,
                                                        restore_best_weights=True, verbose=1))
-    if t.tensorboard and write and not tensorboard_available():
-        if str(fold_dir) in _TOLD:  # once per fold, not once per stage
-            return callbacks, nan_guard, best
-        _TOLD.add(str(fold_dir))
-        print("tfseg train: the tensorboard package is not installed (pip install tensorboard); "
-              "no TensorBoard logs", file=sys.stderr)
-    elif t.tensorboard and write:
+    if t.tensorboard and write and tensorboard_available():  # tfseg.train says once per fold when it is not
         callbacks.append(keras.callbacks.TensorBoard(str(fold_dir / "tensorboard"), write_graph=False))
         if sample is not None:
             classes = cfg.model.classes or cfg.data.classes
             callbacks.append(ImageSummary(fold_dir / "tensorboard" / "images", sample[0], sample[1], classes,
                                           cfg.infer.threshold))
     return callbacks, nan_guard, best
-
-
-_TOLD: set[str] = set()
 
 
 def tensorboard_available() -> bool:

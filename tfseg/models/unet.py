@@ -122,8 +122,7 @@ def _skip_strides(backbone_name: str, encoder_features) -> tuple[int, ...]:
         elif not isinstance(entry, bool) and isinstance(entry, int) and entry in features:
             strides.append(entry)
         else:
-            by_stride = ", ".join(f"{s}: {f!r}" for s, f in sorted(features.items(), reverse=True)
-                                  if isinstance(f, str) and "/" not in f)
+            by_stride = ", ".join(f"{s}: {f!r}" for f, s in sorted(names.items(), key=lambda fs: -fs[1]))
             raise ModelError(
                 f"unet: encoder_features={encoder_features!r}: {entry!r} is not a feature of {backbone_name}; "
                 f"expected 'default', or strides from {sorted(features, reverse=True)}, deepest first"

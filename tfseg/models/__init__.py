@@ -26,6 +26,7 @@ _ARCH_MODULES = (
     "tfseg.models.fpn",
     "tfseg.models.linknet",
     "tfseg.models.pspnet",
+    "tfseg.models.deeplabv3plus",
     "tfseg.models.pix2pix",
     "tfseg.models.unet_original",
     "tfseg.models.unet1024",

@@ -18,6 +18,8 @@ def conv_bn_act(
     activation: str | None = "relu",
     use_batchnorm: bool = True,
     strides: int = 1,
+    dilation_rate: int = 1,
+    separable: bool = False,
     padding: str = "same",
     kernel_initializer: str = "he_uniform",
     use_bias: bool | None = None,
@@ -32,6 +34,9 @@ def conv_bn_act(
         activation: Keras activation name, or None for none.
         use_batchnorm: add BatchNormalization (the convolution then has no bias).
         strides: convolution stride.
+        dilation_rate: atrous rate (DeepLab's ASPP).
+        separable: a depthwise-separable convolution (``SeparableConv2D``, no BatchNorm between its
+            depthwise and pointwise parts; both initialized with ``kernel_initializer``).
         padding: ``same`` or ``valid``.
         kernel_initializer: convolution initializer (segmentation_models uses ``he_uniform`` in its
             decoders; its ``Conv2dBn`` default is ``glorot_uniform``).
@@ -42,15 +47,14 @@ def conv_bn_act(
         [B, H/strides, W/strides, filters].
     """
     bias = (not use_batchnorm) if use_bias is None else use_bias
-    x = keras.layers.Conv2D(
-        filters,
-        kernel_size,
-        strides=strides,
-        padding=padding,
-        use_bias=bias,
-        kernel_initializer=kernel_initializer,
-        name=f"{name}_conv" if name else None,
-    )(x)
+    common = dict(strides=strides, dilation_rate=dilation_rate, padding=padding, use_bias=bias,
+                  name=f"{name}_conv" if name else None)
+    if separable:
+        conv = keras.layers.SeparableConv2D(filters, kernel_size, depthwise_initializer=kernel_initializer,
+                                            pointwise_initializer=kernel_initializer, **common)
+    else:
+        conv = keras.layers.Conv2D(filters, kernel_size, kernel_initializer=kernel_initializer, **common)
+    x = conv(x)
     if use_batchnorm:
         x = keras.layers.BatchNormalization(name=f"{name}_bn" if name else None)(x)
     if activation:

@@ -100,26 +100,10 @@ def _check(opts: dict) -> None:
 
 
 def conv_bn_relu(x, filters: int, kernel_size: int, *, rate: int = 1, separable: bool = False, name: str):
-    """Conv (atrous with ``rate`` > 1; depthwise-separable with ``separable`` and kernel > 1) -> BN -> ReLU.
-
-    Layers ``<name>_conv`` (Conv2D or SeparableConv2D, no bias), ``<name>_bn``, ``<name>_relu``.
-
-    Args:
-        x: [B, H, W, C].
-    Returns:
-        [B, H, W, filters].
-    """
-    if not separable and rate == 1:
-        return conv_bn_act(x, filters, kernel_size, name=name)
-    if separable and kernel_size > 1:
-        x = keras.layers.SeparableConv2D(filters, kernel_size, padding="same", dilation_rate=rate, use_bias=False,
-                                         depthwise_initializer="he_uniform", pointwise_initializer="he_uniform",
-                                         name=f"{name}_conv")(x)
-    else:
-        x = keras.layers.Conv2D(filters, kernel_size, padding="same", dilation_rate=rate, use_bias=False,
-                                kernel_initializer="he_uniform", name=f"{name}_conv")(x)
-    x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
-    return keras.layers.Activation("relu", name=f"{name}_relu")(x)
+    """Conv (atrous with ``rate`` > 1; depthwise-separable with ``separable`` and kernel > 1) -> BN -> ReLU:
+    layers ``<name>_conv`` (Conv2D or SeparableConv2D, no bias), ``<name>_bn``, ``<name>_relu``."""
+    return conv_bn_act(x, filters, kernel_size, dilation_rate=rate, separable=separable and kernel_size > 1,
+                       name=name)
 
 
 def aspp(x, filters: int = 256, rates=(6, 12, 18), *, separable: bool = False, dropout: float | None = None):

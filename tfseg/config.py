@@ -244,6 +244,22 @@ class SubmitConfig:
                                    "extension).", choices=["{name}", "{stem}"])
     pixel_order: str = opt("row", "RLE pixel order: row (Carvana, row-major) or column (HuBMAP, "
                                   "column-major).", choices=["row", "column"])
+    class_column: Optional[str] = opt("ClassId", "Multiclass runs: name of the class column, written between the "
+                                                 "id and the mask columns (Severstal `ImageId,ClassId,EncodedPixels`); "
+                                                 "null = no class column, the id column holds `<id>_<class>` "
+                                                 "(Understanding Clouds `Image_Label`). Binary runs have no class "
+                                                 "column.")
+    class_ids: Optional[tuple[int, ...]] = opt(None, "Multiclass runs: the class indices written, one row per image "
+                                                     "and index, in this order; null = every class but the "
+                                                     "background 0 (1 .. classes-1). Each must be below the run's "
+                                                     "classes.", min=0)
+    class_names: Optional[tuple[str, ...]] = opt(None, "Multiclass runs: one name per class index, background "
+                                                       "included, written as the class instead of its index "
+                                                       "(Understanding Clouds: [bg, Fish, Flower, Gravel, Sugar]); "
+                                                       "null = the index (Severstal 1..4).")
+    skip_empty: bool = opt(False, "Leave out the row of an empty mask (a class absent from an image; an image "
+                                  "without foreground in a binary run); false = every row is written, an empty "
+                                  "mask as an empty cell.")
 
 
 @dataclass(frozen=True)

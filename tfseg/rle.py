@@ -58,10 +58,7 @@ def runs_from_bands(bands: Iterable[tuple[int, np.ndarray]], height: int, width:
     """Foreground runs, as :func:`runs`, of a mask that arrives as bands of rows, top to bottom.
 
     Only one band is held at a time, in either pixel order: a column-major (HuBMAP) submission of
-    a 20000 x 20000 prediction never needs the whole mask. Column order keeps, per column, whether
-    the last row seen was foreground; each band adds the positions where a column changes, and the
-    sorted positions are the runs (a run that ends at the bottom of one column and goes on at the
-    top of the next is one run of the flattened mask, as in the competitions' reference encoders).
+    a 20000 x 20000 prediction never needs the whole mask (see :class:`BandEncoder`).
 
     Args:
         bands: ``(y0, [h, width] array)`` pairs covering rows ``0..height`` in order, each band
@@ -75,40 +72,80 @@ def runs_from_bands(bands: Iterable[tuple[int, np.ndarray]], height: int, width:
     Raises:
         DataError: a band out of order, of the wrong width, or rows missing at the end.
     """
-    _check_order(order)
-    edges: list[np.ndarray] = []  # 0-based flat positions where the value differs from the pixel before
-    last_row = np.zeros(width, bool)  # column order: each column's last pixel seen
-    prev, y = False, 0  # row order: the last pixel seen
+    encoder = BandEncoder(height, width, order)
     for y0, band in bands:
+        encoder.add(y0, band)
+    return encoder.runs()
+
+
+class BandEncoder:
+    """The runs of one mask fed band by band (:meth:`add`), then read once (:meth:`runs`).
+
+    Several encoders can be fed from one stream of bands, e.g. one per class of a multiclass
+    prediction (``encoder_c.add(y0, band == c)``), so that one pass encodes every class.
+
+    Column order keeps, per column, whether the last row seen was foreground; each band adds the
+    positions where a column changes, and the sorted positions are the runs (a run that ends at
+    the bottom of one column and goes on at the top of the next is one run of the flattened mask,
+    as in the competitions' reference encoders). Memory: one row plus the change positions.
+
+    Args:
+        height, width: the mask's size.
+        order: "row" or "column".
+    """
+
+    def __init__(self, height: int, width: int, order: str = "row"):
+        _check_order(order)
+        self.height, self.width, self.order = height, width, order
+        self._edges: list[np.ndarray] = []  # 0-based flat positions where the value differs from the pixel before
+        self._last_row = np.zeros(width, bool)  # column order: each column's last pixel seen
+        self._prev = False  # row order: the last pixel seen
+        self._y = 0  # the next row expected
+
+    def add(self, y0: int, band: np.ndarray) -> None:
+        """Add rows ``y0 .. y0 + h`` (``band``: [h, width]; any non-zero value is foreground).
+
+        Raises:
+            DataError: the band does not start at the next row, or is not [h, width].
+        """
         band = np.asarray(band)
+        y, width, height = self._y, self.width, self.height
         if y0 != y or band.ndim != 2 or band.shape[1] != width:
             raise DataError(f"RLE encode: band of shape {band.shape} at row {y0}. Expected [h, {width}] "
                             f"starting at row {y}.")
         fg = band != 0
-        if order == "row":
+        if self.order == "row":
             flat = fg.ravel()
-            change = np.flatnonzero(np.concatenate([[prev], flat[:-1]]) != flat)
-            edges.append(change + y * width)
-            prev = bool(flat[-1]) if flat.size else prev
+            change = np.flatnonzero(np.concatenate([[self._prev], flat[:-1]]) != flat)
+            self._edges.append(change + y * width)
+            self._prev = bool(flat[-1]) if flat.size else self._prev
         else:
-            rows, cols = np.nonzero(np.concatenate([last_row[None], fg[:-1]]) != fg)
-            edges.append(cols.astype(np.int64) * height + (rows + y))
-            last_row = fg[-1] if len(fg) else last_row
-        y += band.shape[0]
-    if y != height:
-        raise DataError(f"RLE encode: bands cover {y} rows. Expected {height}.")
-    if order == "row":
-        if prev:
-            edges.append(np.array([height * width]))
-        flat = np.concatenate(edges).astype(np.int64) if edges else np.zeros(0, np.int64)
-    else:
-        # each column also ends at (c + 1) * H; where column c ends and column c + 1 starts in
-        # foreground, the two changes at that position cancel (the run goes on)
-        edges.append((np.flatnonzero(last_row).astype(np.int64) + 1) * height)
-        positions, counts = np.unique(np.concatenate(edges).astype(np.int64), return_counts=True)
-        flat = positions[counts == 1]
-    starts, ends = flat[0::2], flat[1::2]
-    return np.stack([starts + 1, ends - starts], axis=1)
+            rows, cols = np.nonzero(np.concatenate([self._last_row[None], fg[:-1]]) != fg)
+            self._edges.append(cols.astype(np.int64) * height + (rows + y))
+            self._last_row = fg[-1] if len(fg) else self._last_row
+        self._y = y + band.shape[0]
+
+    def runs(self) -> np.ndarray:
+        """int64 [N, 2] (1-based start, length) of everything added.
+
+        Raises:
+            DataError: the bands added do not cover ``height`` rows.
+        """
+        height, width, edges = self.height, self.width, list(self._edges)
+        if self._y != height:
+            raise DataError(f"RLE encode: bands cover {self._y} rows. Expected {height}.")
+        if self.order == "row":
+            if self._prev:
+                edges.append(np.array([height * width]))
+            flat = np.concatenate(edges).astype(np.int64) if edges else np.zeros(0, np.int64)
+        else:
+            # each column also ends at (c + 1) * H; where column c ends and column c + 1 starts in
+            # foreground, the two changes at that position cancel (the run goes on)
+            edges.append((np.flatnonzero(self._last_row).astype(np.int64) + 1) * height)
+            positions, counts = np.unique(np.concatenate(edges).astype(np.int64), return_counts=True)
+            flat = positions[counts == 1]
+        starts, ends = flat[0::2], flat[1::2]
+        return np.stack([starts + 1, ends - starts], axis=1)
 
 
 def format_runs(pairs: np.ndarray) -> str:

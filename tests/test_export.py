@@ -178,3 +178,88 @@ def test_cli_export_from_run(tmp_path, capsys):
         assert exit_.value.code == 2
         assert capsys.readouterr().err == (f"tfseg export: error: argument --fold: {fold!r}: expected one fold "
                                            "number such as 0\n")
+
+
+def eager_probs(model, x):
+    """The Keras model's probabilities from an eager call: ``predict_on_batch`` retraces for any size (None)
+    at the second size it sees, where Keras' bilinear UpSampling2D fails as the export did."""
+    import keras
+
+    return keras.ops.convert_to_numpy(model(x.astype(np.float32), training=False))
+
+
+def isbi_batch(height, width):
+    """Two uint8 [height, width, 1] crops (top-left, bottom-right) of a real ISBI 2012 EM slice."""
+    img = np.asarray(Image.open(shared_path("isbi2012_em_membrane", "images", "0.png")).convert("L"))
+    return np.stack([img[:height, :width], img[-height:, -width:]])[..., None].astype(np.uint8)
+
+
+def test_cli_savedmodel_of_a_free_size_bilinear_unet_small_run(tmp_path):
+    """The dogfood ISBI run: unet_small (bilinear UpSampling2D) with input_shape [null, null, 1] crashed in
+    `tfseg export --format savedmodel` with OperatorNotAllowedInGraphError (Keras' resize checks a tensor size
+    in Python). Now the SavedModel takes any size and predicts what the Keras model predicts."""
+    import keras
+    import tensorflow as tf
+
+    from tfseg.cli import main
+    from tfseg.config import dump_config, load_config
+    from tfseg.models import build_model
+
+    run = tmp_path / "run"
+    cfg = load_config(None, ["data.classes=1", "data.channels=1", "data.image_size=[32, 32]", "data.fit=random_crop",
+                             "data.val_size=[64, 64]", "model.arch=unet_small", "model.input_shape=[null, null, 1]",
+                             "model.encoder_weights=null", "model.options={filters: [4, 8, 8, 16], batchnorm: true}"])
+    dump_config(cfg, run / "config.yaml")
+    keras.utils.set_random_seed(0)
+    model = build_model(cfg.model)
+    (run / "fold0").mkdir(parents=True)
+    model.save(run / "fold0" / "best.keras")
+    out = tmp_path / "exp" / "sm"
+    assert main(["export", "--run", str(run), "--format", "savedmodel", "--output", str(out)]) == 0
+    signature = tf.saved_model.load(str(out)).signatures["serve"]
+    assert signature.structured_input_signature[1]["image"].shape.as_list() == [None, None, None, 1]
+    serve = load_serving("savedmodel", out)
+    for height, width in ((64, 64), (48, 80)):  # the model's free size, square or not
+        x = isbi_batch(height, width)
+        y = serve(x)
+        assert y.shape == (2, height, width, 1) and y.dtype == np.float32
+        np.testing.assert_allclose(y, eager_probs(model, x), atol=1e-5)
+    assert [p.name for p in (tmp_path / "exp").iterdir()] == ["sm"]
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_savedmodel_free_size_upsampling_interpolations_match_keras(tmp_path, interpolation):
+    """Each UpSampling2D that resizes (not nearest) is swapped for the export only: same values at any size."""
+    import keras
+
+    inp = keras.Input((None, None, 1))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inp)
+    x = keras.layers.MaxPooling2D(4)(x)
+    x = keras.layers.UpSampling2D((4, 2), interpolation=interpolation)(x)
+    x = keras.layers.UpSampling2D((1, 2), interpolation="nearest")(x)
+    model = keras.Model(inp, keras.layers.Conv2D(1, 1, activation="sigmoid", name="output")(x))
+    out = export_model(model, "savedmodel", tmp_path / "sm")
+    for height, width in ((32, 32), (16, 40)):
+        x = isbi_batch(height, width)
+        np.testing.assert_allclose(load_serving("savedmodel", out)(x), eager_probs(model, x), atol=1e-5)
+    assert [type(layer).__name__ for layer in model.layers].count("UpSampling2D") == 2  # the model is untouched
+
+
+def test_savedmodel_export_that_cannot_be_traced_is_one_line(tmp_path):
+    """A layer that branches in Python on its input's height cannot be traced for any size: a one-line
+    ModelError naming the layer (was: TensorFlow's OperatorNotAllowedInGraphError and its traceback)."""
+    import keras
+
+    class HeightBranch(keras.layers.Layer):
+        def compute_output_shape(self, shape):
+            return shape
+
+        def call(self, x):
+            return x * 2.0 if keras.ops.shape(x)[1] > 8 else x
+
+    inp = keras.Input((None, None, 1))
+    model = keras.Model(inp, keras.layers.Conv2D(1, 1, activation="sigmoid", name="output")(HeightBranch()(inp)))
+    with pytest.raises(ModelError, match=r"cannot be traced for any image size .*HeightBranch\.call\(\)") as info:
+        export_model(model, "savedmodel", tmp_path / "sm")
+    assert "\n" not in str(info.value) and "tflite" in str(info.value)
+    assert not list(tmp_path.iterdir())

@@ -10,11 +10,20 @@ returns logits). The tfseg model already contains its input normalisation, so th
 function only casts to float32. H and W are the model's own input size when it is fixed, else
 the run's ``model.input_shape`` (TFLite and ONNX need a static size; the SavedModel keeps the
 model's free size). Outputs are written atomically: under a temporary name, renamed at the end.
+
+A free-size SavedModel traces the model with unknown H and W. Keras 3.15's ``UpSampling2D`` with
+``interpolation="bilinear"`` (unet_small, ternaus_unet16, fpn, deeplabv3plus) cannot be traced so:
+it calls ``keras.ops.image.resize`` with the size ``shape * factor``, a tensor there, and ``resize``
+checks ``size[0] <= 0`` in Python (keras-team/keras#22079), raising ``OperatorNotAllowedInGraphError``.
+The free-size export therefore traces a copy of the model that shares its weights and has those
+layers replaced by an ``UpSampling2D`` subclass (the same ``tf.image.resize`` call Keras' TensorFlow
+backend makes, without the check). A model that still cannot be traced is a one-line ModelError.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import tempfile
@@ -49,6 +58,83 @@ def serving_function(model, height: int | None, width: int | None):
     return serve
 
 
+@functools.cache
+def _dynamic_upsampling_class():
+    """``UpSampling2D`` whose resizing size may be a tensor (defined on first use: keras loads lazily)."""
+    import keras
+    import tensorflow as tf
+
+    class DynamicUpSampling2D(keras.layers.UpSampling2D):
+        """``UpSampling2D`` (not nearest) for unknown H and W: ``tf.image.resize(x, shape * size)``, what
+        Keras' TensorFlow backend computes, then cast back to the input's dtype as ``keras.ops.image.resize`` does.
+        """
+
+        def call(self, inputs):
+            x = tf.transpose(inputs, [0, 2, 3, 1]) if self.data_format == "channels_first" else inputs
+            hw = tf.shape(x)[1:3] * tf.constant(self.size, tf.int32)
+            y = tf.image.resize(x, hw, method=self.interpolation)
+            if y.dtype != x.dtype:
+                y = tf.saturate_cast(y, x.dtype)
+            return tf.transpose(y, [0, 3, 1, 2]) if self.data_format == "channels_first" else y
+
+    return DynamicUpSampling2D
+
+
+def free_size_traceable(model):
+    """``model`` itself, or a copy sharing its weights that can be traced with unknown H and W.
+
+    Each ``UpSampling2D`` with an interpolation other than ``nearest`` (also inside nested models) is
+    replaced by an equivalent layer that resizes to a tensor size; every other layer is the original
+    object, so the copy computes what ``model`` computes. See the module docstring for why.
+    """
+    import keras
+
+    def resizes(layer) -> bool:
+        return isinstance(layer, keras.layers.UpSampling2D) and layer.interpolation != "nearest"
+
+    def all_of(m):
+        for layer in m.layers:
+            yield layer
+            if isinstance(layer, keras.Model):
+                yield from all_of(layer)
+
+    if not any(resizes(layer) for layer in all_of(model)):
+        return model
+    cls = _dynamic_upsampling_class()
+
+    def clone(layer):
+        return cls.from_config(layer.get_config()) if resizes(layer) else layer
+
+    return keras.models.clone_model(model, clone_function=clone, recursive=True)
+
+
+def _trace_failure(err: BaseException) -> str:
+    """What a failed trace says, in one line: Keras' "calling Layer.call()" line and the reason after it."""
+    import re
+
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines()]
+    lines = [line for line in lines if line]
+    for i, line in enumerate(lines):
+        if "Exception encountered when calling" in line:
+            where = line.split("Exception encountered when calling", 1)[1].strip(" .")
+            reason = lines[i + 1].split(". ", 1)[0].rstrip(".") if i + 1 < len(lines) else ""
+            return f"{type(err).__name__} in {where}: {reason}"[:300]
+    return f"{type(err).__name__}: {first_line(err)}"[:300]
+
+
+@contextlib.contextmanager
+def _tracing(height: int | None, width: int | None):
+    """Turn a failure to trace the serving function into a one-line ModelError."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - tracing a layer raises many kinds
+        if height is None or width is None:
+            raise ModelError(f"the model cannot be traced for any image size ({_trace_failure(err)}). Expected a "
+                             "model that runs at unknown H x W; --format tflite or onnx traces it at the run's "
+                             "model.input_shape instead.") from None
+        raise ModelError(f"the model cannot be traced for {height} x {width} images ({_trace_failure(err)}).") from None
+
+
 def _size(model, input_shape, static: bool) -> tuple[int | None, int | None]:
     _, h, w, _ = model.input_shape
     if h is not None and w is not None:
@@ -77,10 +163,13 @@ def export_savedmodel(model, path: str | os.PathLike, input_shape=None, static: 
     path = Path(path)
     _fresh_output(path)
     h, w = _size(model, input_shape, static)
+    if h is None or w is None:
+        model = free_size_traceable(model)
     fn = serving_function(model, h, w)
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint(name="serve", fn=fn)
+    with _tracing(h, w):
+        archive.add_endpoint(name="serve", fn=fn)  # traces the serving function
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -128,7 +217,8 @@ def export_onnx(model, path: str | os.PathLike, input_shape=None, opset: int = O
     path = Path(path)
     _fresh_output(path)
     h, w = _size(model, input_shape, static=True)
-    concrete = serving_function(model, h, w).get_concrete_function()
+    with _tracing(h, w):
+        concrete = serving_function(model, h, w).get_concrete_function()
     frozen = convert_variables_to_constants_v2(concrete)
     inputs = [t.name for t in frozen.inputs]
     outputs = [t.name for t in frozen.outputs]

@@ -219,21 +219,23 @@ def test_keras_tiled_equals_full_image_prediction():
 def make_run(root, folds=(0, 1), channels=1, threshold=0.5, fit="random_crop", image_size=(64, 64),
              make_model=None):
     """A run of ``tiny_model`` folds whose config says it trained with ``data.fit: fit`` (random_crop:
-    on full-resolution crops, so predicted by tiles; resize: on whole images resized to image_size)."""
+    on full-resolution crops, so predicted by tiles; resize: on whole images resized to image_size).
+    ``data.classes`` is the models' output channels, as in a run that `tfseg train` wrote."""
     from tfseg.config import dump_config, load_config
 
     run = root / "runs" / "tiny"
-    cfg = load_config(None, [f"data.channels={channels}", "data.classes=1", "infer.tile_size=64",
-                             f"data.fit={fit}", f"data.image_size={list(image_size)}",
-                             "infer.batch_size=2", f"infer.threshold={threshold}",
-                             "submit.pixel_order=column", "submit.id_column=id",
-                             "submit.rle_column=predicted"])
-    dump_config(cfg, run / "config.yaml")
     models = {}
     for k in folds:
         (run / f"fold{k}").mkdir(parents=True)
         models[k] = tiny_model(kernel=3, channels=channels) if make_model is None else make_model()
         models[k].save(run / f"fold{k}" / "best.keras")
+    classes = int(next(iter(models.values())).output_shape[-1]) if models else 1
+    cfg = load_config(None, [f"data.channels={channels}", f"data.classes={classes}", "infer.tile_size=64",
+                             f"data.fit={fit}", f"data.image_size={list(image_size)}",
+                             "infer.batch_size=2", f"infer.threshold={threshold}",
+                             "submit.pixel_order=column", "submit.id_column=id",
+                             "submit.rle_column=predicted"])
+    dump_config(cfg, run / "config.yaml")
     return run, models
 
 

@@ -138,5 +138,54 @@ def test_data_channels_other_than_the_models_are_named_up_front(tmp_path, capsys
     assert main(["predict", "--run", str(run), "--input", str(isbi_image(0)), "--output", str(out),
                  "--set", "model.input_shape=null", "--set", "data.channels=3"]) == 2
     err = one_line_error(capsys)  # (with model.input_shape set, loading the config already refuses it)
-    assert "data.channels is 3 (--set data.channels=3), but the run's model takes 1-channel images" in err, err
+    model = run / "fold0" / "best.keras"
+    assert f"data.channels is 3 (--set data.channels=3), but the run's model {model} takes 1-channel images" in err
     assert not out.exists()
+
+
+def test_a_checkpoint_with_another_class_count_is_one_line(tmp_path, capsys):
+    """A binary config over a 12-class checkpoint wrote class-index masks without a word, and the reverse
+    0/255 masks (CamVid's best.keras predicted with kvasir.yaml): now one line naming the key, where it
+    was set, the checkpoint and its output channels."""
+    from tests.test_whole_image import fixed_model
+
+    run, _ = make_run(tmp_path, folds=(0,))  # a binary, 1-channel model
+    model = run / "fold0" / "best.keras"
+    out = tmp_path / "masks"
+    args = ["predict", "--run", str(run), "--input", str(isbi_image(0)), "--output", str(out)]
+    assert main([*args, "--set", "model.classes=null", "--set", "data.classes=3"]) == 2
+    err = one_line_error(capsys)
+    assert (f"data.classes is 3 (--set data.classes=3), but the run's model {model} outputs 1 channel (a binary "
+            "mask). Expected data.classes: 1, or a checkpoint trained for 3 classes") in err, err
+    assert not out.exists()
+    # the key named is the one that set the count: here a --config file that sets model.classes only
+    other = tmp_path / "other.yaml"
+    other.write_text("data: {channels: 1}\nmodel: {classes: 3}\n")
+    assert main([*args, "--config", str(other)]) == 2
+    assert f"model.classes is 3 ({other}), but the run's model {model} outputs 1 channel" in one_line_error(capsys)
+    # the reverse: the run's own binary config, a 3-class checkpoint copied over its best.keras
+    fixed_model((64, 64), channels=1, classes=3).save(model)
+    assert main(args) == 2
+    err = one_line_error(capsys)
+    assert (f"data.classes is 1 ({run / 'config.yaml'}), but the run's model {model} outputs 3 channels "
+            "(3 classes). Expected data.classes: 3, or a checkpoint trained for a binary mask") in err, err
+    assert not out.exists()
+
+
+def test_a_checkpoint_of_another_size_names_it_and_the_key(tmp_path, capsys):
+    """A whole-image run whose checkpoint takes another fixed size: the line names the checkpoint, the
+    key and where it was set (it said 'model input 32x32, but whole images are predicted at ...')."""
+    from tests.test_whole_image import fixed_model
+
+    run, _ = make_run(tmp_path, folds=(0,), fit="resize", image_size=(64, 64),
+                      make_model=lambda: fixed_model((32, 32), channels=1, classes=1))
+    out = tmp_path / "masks"
+    assert main(["predict", "--run", str(run), "--input", str(isbi_image(0)), "--output", str(out)]) == 2
+    err = one_line_error(capsys)
+    assert (f"data.image_size is 64x64 ({run / 'config.yaml'}), but the run's model {run / 'fold0' / 'best.keras'} "
+            "takes only 32x32 inputs. Expected data.image_size: [32, 32], or infer.fit=tile") in err, err
+    assert not out.exists()
+    # what the line says works: tiles of the model's own size
+    assert main(["predict", "--run", str(run), "--input", str(isbi_image(0)), "--output", str(out),
+                 "--set", "infer.fit=tile"]) == 0
+    assert "(tiles of 32x32)" in capsys.readouterr().out

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tfseg.checkpoint_checks import check_checkpoint, check_fixed_size, fixed_input_size
 from tfseg.config import Config, DataConfig, InferConfig
 from tfseg.errors import ConfigError, DataError, ModelError, RunError, first_line
 from tfseg.resize_predict import iter_resized, resize_as_training, whole_image_size
@@ -259,29 +260,46 @@ class Predictor:
         self.resize_to = None if resize_to is None else (int(resize_to[0]), int(resize_to[1]))
         key = "data.image_size" if self.resize_to else "infer.tile_size"
         self.spec = spec or tile_spec(models[0], self.resize_to or self.infer.tile_size, key)
-        _check_sizes(self.spec, self.resize_to, self.infer.tta, getattr(models[0], "input_shape", None))
+        _check_sizes(self.spec, self.resize_to, self.infer.tta, fixed_input_size(models[0]))
         fns = [keras_predict_fn(m) if hasattr(m, "predict_on_batch") else m for m in models]
         self._fns = [with_tta(f, self.infer.tta) for f in fns]
         self.models = list(models)
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, folds: str | Sequence[int] = "all",
-                 infer: InferConfig | None = None, data: DataConfig | None = None) -> Predictor:
+                 infer: InferConfig | None = None, data: DataConfig | None = None, *,
+                 config: Config | None = None) -> Predictor:
         """Load ``run_dir/fold<k>/best.keras`` for the requested folds (``infer.threshold_from: oof``
         reads the threshold of the run's out-of-fold sweep, :func:`resolve_threshold`).
 
-        ``data`` (default: the run's ``config.yaml``) says how the run trained: with
-        ``infer.fit: auto``, a ``data.fit: resize`` run predicts whole images resized to
-        ``data.image_size``, others by tiles (:func:`whole_image_size`).
+        ``data`` (default: ``config.data``, else the run's ``config.yaml``) says how the run trained:
+        with ``infer.fit: auto``, a ``data.fit: resize`` run predicts whole images resized to
+        ``data.image_size``, others by tiles (:func:`whole_image_size`). With ``config`` (the whole
+        config the images are read with), every checkpoint is checked against it first
+        (:func:`tfseg.checkpoint_checks.check_checkpoint`: channels, classes, fixed input size).
         """
         paths = select_folds(run_dir, folds)
         infer = resolve_threshold(run_dir, infer or InferConfig())
+        data = data or (config.data if config is not None else None)
         if data is None and infer.fit != "tile":
             data = load_run_config(run_dir).data
         resize_to = None if infer.fit == "tile" else whole_image_size(infer, data)
-        predictor = cls([load_model(p) for p in paths.values()], infer, resize_to=resize_to)
+        models = [load_model(p) for p in paths.values()]
+        if config is not None:
+            for path, model in zip(paths.values(), models):
+                check_checkpoint(model, path, config, resize_to, "data.image_size", "infer.fit=tile")
+        predictor = cls(models, infer, resize_to=resize_to)
         predictor.folds = list(paths)
         return predictor
+
+    @property
+    def how(self) -> str:
+        """How an image meets the model, for summaries: ``whole images resized to 96x128`` or
+        ``tiles of 256x256`` (``at 1/4 scale`` with ``infer.downscale``)."""
+        h, w = self.resize_to or self.spec.in_hw
+        if self.resize_to:
+            return f"whole images resized to {h}x{w}"
+        return f"tiles of {h}x{w}" + (f" at 1/{self.infer.downscale} scale" if self.infer.downscale != 1 else "")
 
     def predict_batch(self, x: np.ndarray) -> np.ndarray:
         """Mean over folds (each a TTA mean) of float32 [B, in_h, in_w, C] -> [B, out_h, out_w, K]."""
@@ -336,9 +354,10 @@ class Predictor:
             yield y0, band_to_mask(band, self.infer.threshold)
 
 
-def _check_sizes(spec: TileSpec, resize_to: tuple[int, int] | None, tta: int, input_shape) -> None:
+def _check_sizes(spec: TileSpec, resize_to: tuple[int, int] | None, tta: int,
+                 fixed: tuple[int, int] | None) -> None:
     """Whole-image prediction needs a model that takes ``resize_to`` and returns that size; quarter
-    turns (``infer.tta: 8``) need square inputs unless the model takes any size."""
+    turns (``infer.tta: 8``) need square inputs unless the model takes any size (``fixed``: None)."""
     if resize_to is not None:
         if spec.in_hw != resize_to:
             raise ModelError(f"model input {spec.in_hw[0]}x{spec.in_hw[1]}, but whole images are predicted at "
@@ -348,11 +367,7 @@ def _check_sizes(spec: TileSpec, resize_to: tuple[int, int] | None, tta: int, in
             raise ModelError(f"model maps {spec.in_hw[0]}x{spec.in_hw[1]} to {spec.out_hw[0]}x{spec.out_hw[1]} "
                              "pixels (valid convolutions): it cannot predict whole resized images. Expected "
                              "infer.fit=tile")
-    h, w = spec.in_hw
-    fixed = input_shape is not None and not isinstance(input_shape, list) and None not in tuple(input_shape)[1:3]
-    if tta == 8 and h != w and fixed:
-        raise ConfigError(f"infer.tta: 8 includes quarter turns, which make the model's {h}x{w} inputs {w}x{h}, "
-                          "and the model takes only its own size. Expected 1, 2 or 4")
+    check_fixed_size(fixed, None, tta)
 
 
 def _checked(image, spec: TileSpec):

@@ -185,7 +185,6 @@ def _overlay_image(item: Item, step: int) -> np.ndarray:
 
 def run_predict(args) -> int:
     """Entry point of ``tfseg predict`` (arguments from :mod:`tfseg.cli`). Returns the exit code."""
-    from tfseg.config import key_origin
     from tfseg.inference import Predictor, load_run_config
     from tfseg.submission import SubmissionWriter, image_id, is_submission_path
     from tfseg.viz import save_panel
@@ -195,12 +194,8 @@ def run_predict(args) -> int:
     output = Path(args.output)
     to_csv = is_submission_path(output)
     check_inputs(files, output, to_csv, args.overlays, cfg.submit.id_format)
-    predictor = Predictor.from_run(args.run, args.folds or cfg.infer.folds, cfg.infer, cfg.data)
-    if cfg.data.channels != predictor.spec.channels:  # images are read with data.channels
-        origin = key_origin(cfg, "data.channels")
-        raise DataError(f"data.channels is {cfg.data.channels}{f' ({origin})' if origin else ''}, but the run's "
-                        f"model takes {predictor.spec.channels}-channel images. Expected data.channels: "
-                        f"{predictor.spec.channels}")
+    # each checkpoint against the config (channels, classes, fixed size), before an image is read
+    predictor = Predictor.from_run(args.run, args.folds or cfg.infer.folds, cfg.infer, config=cfg)
     binary = predictor.spec.classes == 1
     n = 0
     written: dict[str, str] = {}  # stem -> the input it came from (TFRecord ids are known only here)
@@ -253,9 +248,7 @@ def run_predict(args) -> int:
     if binary:
         source = " (out-of-fold sweep)" if cfg.infer.threshold_from == "oof" else ""
         cut = f", threshold {predictor.infer.threshold:g}{source}"
-    h, w = predictor.resize_to or predictor.spec.in_hw
-    how = f"whole images resized to {h}x{w}" if predictor.resize_to else f"tiles of {h}x{w}"
-    print(f"tfseg predict: {n} images ({how}), folds {predictor.folds}, tta {cfg.infer.tta}{cut} -> {where}")
+    print(f"tfseg predict: {n} images ({predictor.how}), folds {predictor.folds}, tta {cfg.infer.tta}{cut} -> {where}")
     return 0
 
 

@@ -211,3 +211,95 @@ def test_folder_evaluation_scores_the_masks_predict_writes(tmp_path, fit):
         truth = np.asarray(Image.open(data / "masks" / f"{ident}.png")) > 127
         dice = 2 * (pred & truth).sum() / (pred.sum() + truth.sum())
         assert 0.2 < dice < 0.95 and float(row["dice"]) == pytest.approx(dice, abs=1e-6)
+
+
+def _swapped(run_dir, tmp_path, model):
+    """A copy of the trained run whose fold0/best.keras is ``model`` (a checkpoint from elsewhere)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("evaluate"))
+    model.save(run / "fold0" / "best.keras")
+    return run, run / "fold0" / "best.keras"
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_a_checkpoint_that_does_not_match_the_config_is_one_line(trained, tmp_path, capsys):
+    """CamVid's best.keras (3 channels, 96x128, 12 classes) copied into an ISBI run and a Kvasir run: evaluate
+    crashed with a Keras traceback ('expected shape=(None, 96, 128, 3), found shape=(6, 256, 256)'); it now
+    refuses as predict does, naming the checkpoint, the key and where the key was set."""
+    from tests.test_predict_checks import small_unet
+    from tests.test_whole_image import fixed_model
+
+    tmp, run_dir = trained  # binary, 1 channel, 32x32 resized records
+    run, model = _swapped(run_dir, tmp_path, fixed_model((32, 32), channels=3, classes=1))
+    assert cli.main(["evaluate", "--run", str(run), "--output", str(tmp_path / "e")]) == 2
+    assert (f"data.channels is 1 ({run / 'config.yaml'}), but the run's model {model} takes 3-channel images. "
+            "Expected data.channels: 3") in _one_line(capsys)
+    fixed_model((32, 32), channels=1, classes=12).save(model)
+    for data in ([], ["--data", str(tmp / "tfrec")], ["--data", str(tmp / "data")]):  # out-of-fold, shards, images
+        assert cli.main(["evaluate", "--run", str(run), *data, "--output", str(tmp_path / "e"),
+                         "--set", "infer.tta=1"]) == 2
+        assert (f"data.classes is 1 ({run / 'config.yaml'}), but the run's model {model} outputs 12 channels "
+                "(12 classes). Expected data.classes: 12") in _one_line(capsys)
+    fixed_model((48, 48), channels=1, classes=1).save(model)
+    assert cli.main(["evaluate", "--run", str(run), "--output", str(tmp_path / "e")]) == 2
+    assert (f"data.image_size is 32x32 ({run / 'config.yaml'}), but the run's model {model} takes only 48x48 "
+            "inputs. Expected data.image_size: [48, 48]") in _one_line(capsys)
+    fixed_model((32, 48), channels=1, classes=1).save(model)  # quarter turns would feed it 48 x 32
+    assert cli.main(["evaluate", "--run", str(run), "--output", str(tmp_path / "e"), "--set", "data.image_size=[32,48]",
+                     "--set", "infer.tta=8"]) == 2
+    assert f"the model {model} takes only its own size" in _one_line(capsys)
+    # a model of any size that cannot take the records' size: the sizes that work, not a Concatenate traceback
+    small_unet().save(model)
+    assert cli.main(["evaluate", "--run", str(run), "--data", str(tmp / "tfrec"), "--output", str(tmp_path / "e"),
+                     "--set", "data.image_size=[30,30]"]) == 2
+    err = _one_line(capsys)
+    assert "data.image_size: 30 does not fit the model" in err and "nearest sizes that work are 28 and 32" in err
+    assert not (tmp_path / "e").exists()
+
+
+def test_evaluation_says_how_the_images_met_the_model(trained, tmp_path, capsys):
+    """The same image scores differently as a record (the validation pipeline's size) and as an image
+    file (predicted as `tfseg predict` does: tiles or whole and resized back, at full resolution):
+    DSB2018's one image gave Dice 0.334 from its folder and 0.298 from its shard. evaluation.json and
+    the printed line say which ran."""
+    tmp, run_dir = trained  # trained on records resized to 32x32 (data.fit: resize)
+    runs = {"shards": (["--data", str(tmp / "tfrec")], "pipeline", "records resized to 32x32 (data.image_size), "
+                                                                    "scored at that size"),
+            "resize": (["--data", str(tmp / "data")], "resize", "whole images resized to 32x32, scored at full "
+                                                                 "resolution"),
+            "tiles": (["--data", str(tmp / "data"), "--set", "infer.fit=tile"], "tiles",
+                      "tiles of 32x32, scored at full resolution")}  # the model's own size
+    for name, (args, mode, how) in runs.items():
+        out = tmp_path / name
+        assert cli.main(["evaluate", "--run", str(run_dir), *args, "--output", str(out), "--set", "infer.tta=1"]) == 0
+        result = json.loads((out / "evaluation.json").read_text())
+        assert (result["mode"], result["how"]) == (mode, how)
+        assert result["input_size"] == [32, 32]
+        label = "tfrec" if name == "shards" else "data"
+        assert f"12 images ({label}; {how}), threshold 0.5: " in capsys.readouterr().out
+
+
+def test_multiclass_evaluation_says_argmax_not_threshold(trained, tmp_path, capsys):
+    """A multiclass (softmax, argmax) run printed 'threshold 0.5: mean Dice ...' (CamVid), a threshold it
+    never used; it now prints the argmax over its classes, and evaluation.json has no threshold."""
+    from tests.test_whole_image import fixed_model
+
+    tmp, run_dir = trained
+    run, _ = _swapped(run_dir, tmp_path, fixed_model((32, 32), channels=1, classes=3))
+    out = tmp_path / "e"
+    assert cli.main(["evaluate", "--run", str(run), "--data", str(tmp / "tfrec"), "--output", str(out),
+                     "--set", "model.classes=null", "--set", "data.classes=3", "--set", "infer.tta=1"]) == 0
+    printed = capsys.readouterr().out
+    assert "12 images (tfrec; records resized to 32x32 (data.image_size), scored at that size), argmax over 3 " \
+           "classes: mean Dice" in printed
+    assert "threshold" not in printed
+    result = json.loads((out / "evaluation.json").read_text())
+    assert result["threshold"] is None and result["classes"] == 3 and "best_threshold" not in result
+    assert not (out / "sweep.csv").exists()

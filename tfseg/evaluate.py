@@ -3,8 +3,10 @@
 What is scored:
 
 * no ``--data``: each fold's best model on its own held-out records (``fold<k>/val_groups.json``),
-  i.e. out-of-fold predictions, at the training pipeline's size;
-* ``--data`` a folder of TFRecord shards: every record, at the pipeline's size;
+  i.e. out-of-fold predictions, at the validation pipeline's size (records resized to
+  ``data.image_size``, or their central window of ``data.val_size`` / ``data.image_size``, as
+  ``data.fit``), the truth fitted alike;
+* ``--data`` a folder of TFRecord shards: every record, at the pipeline's size, likewise;
 * ``--data`` a folder of images + masks (read with the run's data config, ``root`` replaced; e.g.
   ``--set data.split=test`` for Kvasir-SEG's fixed split): every pair at its own resolution,
   predicted as ``tfseg predict`` predicts it (:class:`tfseg.inference.Predictor`): as the run
@@ -20,13 +22,27 @@ Outputs, in ``--output`` (default ``RUN/evaluate/<oof|data folder name>``):
 
 * ``per_image.csv``: fold, id, dice, iou, pixel_accuracy (binary: also ``dice_background``, the
   Dice of class 0, e.g. ISBI's membranes) at ``infer.threshold`` (with ``--data`` and
-  ``infer.threshold_from: oof``: at the best threshold of the run's out-of-fold sweep);
+  ``infer.threshold_from: oof``: at the best threshold of the run's out-of-fold sweep; multiclass:
+  the argmax, no threshold);
 * ``sweep.csv`` (binary models): mean Dice and IoU per image, and the global Dice, for thresholds
   0.1..0.9 (TernausNet picked 0.3 this way; pick it on out-of-fold predictions, never on the test);
-* ``evaluation.json``: the means, the number of images, the best threshold.
+* ``evaluation.json``: the means, the number of images, the best threshold; how the images met
+  the model: ``mode`` (``pipeline``: records at the pipeline's size, scored at that size;
+  ``resize`` or ``tiles``: image files predicted as ``tfseg predict`` does, scored at full
+  resolution), ``input_size`` (the model's input [h, w]) and ``how`` (the sentence the summary
+  prints); ``classes``, and ``threshold`` (null for a multiclass run, which takes the argmax).
+
+The same image can score differently as a record and as an image file (DSB2018's 512 x 512 image
+under an ISBI run: one central 512 x 512 window, ``data.val_size``, vs overlapping 256 x 256 tiles
+blended): the summary line and ``evaluation.json`` say which ran.
+
+Every checkpoint is checked against the config before an image is read
+(:func:`tfseg.checkpoint_checks.check_checkpoint`, as ``tfseg predict`` does): channels, classes,
+and a fixed input size against the size it will be fed.
 
 Conventions as :mod:`tfseg.metrics`: an empty prediction of an empty mask scores 1; the mean
-Dice is the mean over images of each image's Dice (the Kvasir benchmark's "mean Dice").
+Dice is the mean over images of each image's Dice (the Kvasir benchmark's "mean Dice"); a
+multiclass image's Dice and IoU are the means over the classes present in its truth or prediction.
 """
 
 from __future__ import annotations
@@ -156,6 +172,17 @@ def _folder_pairs(cfg: Config, root: Path) -> Iterator[tuple[str, np.ndarray, np
 # ------------------------------------------------------------------------------------------------
 
 
+def _pipeline_feed(cfg: Config) -> tuple[tuple[int, int], str, str]:
+    """[h, w] of the records the validation pipeline feeds the model, the key that sets it, and how
+    (:func:`tfseg.data.pipeline.dataset_from_config` with ``training=False``)."""
+    data = cfg.data
+    key = "data.val_size" if data.val_size is not None else "data.image_size"
+    h, w = (int(v) for v in (data.val_size if data.val_size is not None else data.image_size))
+    how = {"resize": f"records resized to {h}x{w} ({key})",
+           "random_crop": f"central {h}x{w} windows of the records ({key})"}.get(data.fit, f"records of {h}x{w}")
+    return (h, w), key, f"{how}, scored at that size"
+
+
 def evaluate_run(run: str | Path, folds: str = "all", data: str | Path | None = None,
                  cfg: Config | None = None, output: str | Path | None = None) -> dict:
     """Score a run's best models; write per_image.csv, sweep.csv and evaluation.json.
@@ -171,8 +198,10 @@ def evaluate_run(run: str | Path, folds: str = "all", data: str | Path | None = 
         The content of ``evaluation.json``.
 
     Raises:
-        RunError: missing run, fold or checkpoint. DataError: unreadable or empty data.
+        RunError: missing run, fold or checkpoint. DataError: unreadable or empty data. ConfigError: a
+        checkpoint that does not match the config (:func:`tfseg.checkpoint_checks.check_checkpoint`).
     """
+    from tfseg.checkpoint_checks import check_checkpoint
     from tfseg.data.tfrecord import shard_files
     from tfseg.inference import (
         Predictor,
@@ -181,6 +210,7 @@ def evaluate_run(run: str | Path, folds: str = "all", data: str | Path | None = 
         load_run_config,
         resolve_threshold,
         select_folds,
+        tile_spec,
     )
     from tfseg.resize_predict import whole_image_size
     from tfseg.train import mask_crop_for
@@ -189,12 +219,29 @@ def evaluate_run(run: str | Path, folds: str = "all", data: str | Path | None = 
     run = Path(run)
     cfg = cfg or load_run_config(run)
     checkpoints = select_folds(run, folds)
+    if data is not None and not Path(data).is_dir():
+        raise DataError(f"{data}: not a folder. Expected a folder of .tfrec shards or of images + masks")
+    files = shard_files(data) if data is not None else []
+    # how images meet the model: the validation pipeline's records (out-of-fold, shards), or as
+    # `tfseg predict` predicts an image file (whole and resized, or tiles at full resolution)
+    pipeline = data is None or bool(files)
+    resize_to = None if pipeline else whole_image_size(cfg.infer, cfg.data)
+    if pipeline:
+        feed, feed_key, how = _pipeline_feed(cfg)
+    else:
+        feed, feed_key = resize_to, "data.image_size"
+    models = {}
+    for k, path in checkpoints.items():  # each checkpoint against the config, before any image
+        models[k] = load_model(path)
+        check_checkpoint(models[k], path, cfg, feed, feed_key, "" if pipeline else "infer.fit=tile")
+        if pipeline:  # a model of any size: can it take the records' size? (one line naming the key if not)
+            tile_spec(models[k], feed, feed_key)
     # held-out data is scored at the out-of-fold threshold when asked (infer.threshold_from: oof)
     threshold = (cfg.infer if data is None else resolve_threshold(run, cfg.infer)).threshold
-    models = {k: load_model(path) for k, path in checkpoints.items()}
     # scored as `tfseg predict` would predict: with the run's test-time augmentation
     predicts = {k: with_tta(keras_predict_fn(m), cfg.infer.tta) for k, m in models.items()}
-    binary = int(next(iter(models.values())).output_shape[-1]) == 1
+    classes = int(next(iter(models.values())).output_shape[-1])
+    binary = classes == 1
     sweep = Sweep() if binary else None
     rows: list[dict] = []
 
@@ -203,6 +250,7 @@ def evaluate_run(run: str | Path, folds: str = "all", data: str | Path | None = 
         if sweep is not None:
             sweep.add(np.asarray(truth).reshape(probs.shape[:2]), probs[..., 0])
 
+    ensemble = "+".join(str(k) for k in models)
     if data is None:
         label = "oof"
         for k, model in models.items():
@@ -210,33 +258,31 @@ def evaluate_run(run: str | Path, folds: str = "all", data: str | Path | None = 
             if not held.is_file():
                 raise RunError(f"{held}: not found. Expected the held-out groups written by `tfseg train`.")
             split = json.loads(held.read_text())
-            files = [f for f in shard_files(cfg.data.tfrecord_dir) if f in set(split["val_files"])] \
+            fold_files = [f for f in shard_files(cfg.data.tfrecord_dir) if f in set(split["val_files"])] \
                 or split["val_files"]
-            for ids, images, masks in _shard_batches(cfg, files, split["val_groups"], mask_crop_for(model)):
+            for ids, images, masks in _shard_batches(cfg, fold_files, split["val_groups"], mask_crop_for(model)):
                 for ident, truth, probs in zip(ids, masks, predicts[k](images)):
                     score(k, ident, truth, probs)
-    else:
-        data = Path(data)
-        label = data.name
-        ensemble = "+".join(str(k) for k in models)
-        if not data.is_dir():
-            raise DataError(f"{data}: not a folder. Expected a folder of .tfrec shards or of images + masks")
-        files = shard_files(data)
-        if files:
-            crop = mask_crop_for(next(iter(models.values())))
-            for ids, images, masks in _shard_batches(cfg, files, None, crop):
-                probs = np.mean([p(images) for p in predicts.values()], axis=0)
-                for ident, truth, prob in zip(ids, masks, probs):
-                    score(ensemble, ident, truth, prob)
-        else:  # every pair at its own resolution, predicted exactly as `tfseg predict` predicts it
-            infer = replace(cfg.infer, threshold=threshold, accumulator="float32")
-            predictor = Predictor(list(models.values()), infer, resize_to=whole_image_size(infer, cfg.data))
-            for ident, image, mask in _folder_pairs(cfg, data):
-                score(ensemble, ident, mask, predictor.predict(image))
+    elif files:
+        label = Path(data).name
+        crop = mask_crop_for(next(iter(models.values())))
+        for ids, images, masks in _shard_batches(cfg, files, None, crop):
+            probs = np.mean([p(images) for p in predicts.values()], axis=0)
+            for ident, truth, prob in zip(ids, masks, probs):
+                score(ensemble, ident, truth, prob)
+    else:  # every pair at its own resolution, predicted exactly as `tfseg predict` predicts it
+        label = Path(data).name
+        infer = replace(cfg.infer, threshold=threshold, accumulator="float32")
+        predictor = Predictor(list(models.values()), infer, resize_to=resize_to)
+        how = f"{predictor.how}, scored at full resolution"
+        for ident, image, mask in _folder_pairs(cfg, Path(data)):
+            score(ensemble, ident, mask, predictor.predict(image))
     if not rows:
         raise DataError(f"{data or cfg.data.tfrecord_dir}: no images to evaluate")
-    return _write(Path(output) if output else run / "evaluate" / label, rows, sweep, threshold, label,
-                  cfg.infer.tta)
+    mode = {"mode": "pipeline" if pipeline else "resize" if resize_to else "tiles",
+            "input_size": list(feed or predictor.spec.in_hw), "how": how, "classes": classes}
+    return _write(Path(output) if output else run / "evaluate" / label, rows, sweep,
+                  threshold if binary else None, label, cfg.infer.tta, mode)
 
 
 def _csv(rows: list[dict]) -> str:
@@ -248,12 +294,14 @@ def _csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def _write(out: Path, rows: list[dict], sweep: Sweep | None, threshold: float, label: str,
-           tta: int = 1) -> dict:
+def _write(out: Path, rows: list[dict], sweep: Sweep | None, threshold: float | None, label: str,
+           tta: int = 1, mode: dict | None = None) -> dict:
+    """Write the tables and ``evaluation.json``; ``threshold`` None: a multiclass run (argmax);
+    ``mode``: how the images met the model (mode, input_size, how) and the model's classes."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "per_image.csv", _csv(rows))
     names = [k for k in rows[0] if k not in ("fold", "id")]
-    result = {"data": label, "images": len(rows), "threshold": threshold, "tta": tta,
+    result = {"data": label, "images": len(rows), **(mode or {}), "threshold": threshold, "tta": tta,
               "mean": {n: float(np.mean([r[n] for r in rows])) for n in names}}
     folds = sorted({str(r["fold"]) for r in rows})
     if len(folds) > 1:  # out-of-fold: the means of each fold too (cross-validation spread)
@@ -276,7 +324,10 @@ def cli_evaluate(args) -> int:
     cfg = load_run_config(args.run, args.config, args.overrides)
     result = evaluate_run(args.run, args.fold, args.data, cfg, args.output)
     mean = result["mean"]
-    print(f"{result['images']} images ({result['data']}), threshold {result['threshold']}: "
+    # binary: foreground where prob > threshold; multiclass: the argmax, Dice/IoU averaged over classes
+    cut = f"threshold {result['threshold']}" if result["threshold"] is not None else \
+        f"argmax over {result.get('classes', 'the')} classes"
+    print(f"{result['images']} images ({result['data']}; {result['how']}), {cut}: "
           f"mean Dice {mean['dice']:.4f}, mean IoU {mean['iou']:.4f}, "
           f"pixel accuracy {mean['pixel_accuracy']:.4f}")
     if "best_threshold" in result:

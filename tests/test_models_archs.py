@@ -33,8 +33,8 @@ def _conv(i, o, k=3):
 
 
 def test_all_registered():
-    required = {"unet", "fpn", "linknet", "pspnet", "deeplabv3plus", "pix2pix_unet", "unet_original", "unet1024",
-                "unet_small", "ternaus_unet11", "ternaus_unet16"}
+    required = {"unet", "fpn", "linknet", "pspnet", "deeplabv3plus", "unetplusplus", "pix2pix_unet", "unet_original",
+                "unet1024", "unet_small", "ternaus_unet11", "ternaus_unet16"}
     missing = required - set(arch_names())
     assert not missing, f"architectures not registered: {sorted(missing)}"
 

@@ -27,6 +27,7 @@ _ARCH_MODULES = (
     "tfseg.models.linknet",
     "tfseg.models.pspnet",
     "tfseg.models.deeplabv3plus",
+    "tfseg.models.unetplusplus",
     "tfseg.models.pix2pix",
     "tfseg.models.unet_original",
     "tfseg.models.unet1024",

@@ -36,7 +36,7 @@ def catalog() -> str:
         summary = doc[0].split(":", 1)[-1].strip().rstrip(".").replace("``", "") if doc else ""
         lines.append(f"  {name:<16} {summary}")
     lines += ["  sm.<Name>        segmentation_models' own model (sm.Unet, sm.FPN, ...), where it is installed",
-              "", "encoders (model.backbone, for unet, fpn, linknet, pspnet, deeplabv3plus):",
+              "", "encoders (model.backbone, for unet, fpn, linknet, pspnet, deeplabv3plus, unetplusplus):",
               f"  {'name':<20} {'keras model':<22} {'feature strides':<18} normalization"]
     for name in encoder_names():
         spec = get_encoder_spec(name)

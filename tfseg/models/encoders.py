@@ -365,7 +365,8 @@ def encoder_on_input(
     arch: str,
     multiple: int,
 ) -> tuple[keras.KerasTensor, list, keras.Model]:
-    """The start that the encoder-decoder architectures (unet, fpn, linknet, pspnet, deeplabv3plus) share.
+    """The start that the encoder-decoder architectures (unet, fpn, linknet, pspnet, deeplabv3plus, unetplusplus)
+    share.
 
     Checks ``input_shape`` (default (None, None, 3)) for ``arch``: height and width multiples of
     ``multiple`` and at least the encoder's smallest size. Then builds the encoder (:func:`build_encoder`)

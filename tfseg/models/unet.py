@@ -86,10 +86,10 @@ def Unet(  # noqa: N802 - the segmentation_models name, so notebooks port by cha
                          f"{sorted(DECODER_BLOCKS)}")
     if not decoder_filters:
         raise ModelError("unet: decoder_filters must name at least one block, e.g. [256, 128, 64, 32, 16]")
-    skip_strides = _skip_strides(backbone_name, encoder_features)[: len(decoder_filters)]
+    strides = skip_strides(backbone_name, encoder_features)[: len(decoder_filters)]
 
     image, (x, *skips), encoder = encoder_on_input(backbone_name, input_shape, encoder_weights,
-                                                   (32, *skip_strides), arch=ARCH, multiple=SIZE_MULTIPLE)
+                                                   (32, *strides), arch=ARCH, multiple=SIZE_MULTIPLE)
 
     if _ends_with_pooling(encoder):  # VGG: segmentation_models adds a 512-filter center block
         x = conv3x3_bn_relu(x, 512, decoder_use_batchnorm, name="center_block1")
@@ -107,9 +107,10 @@ def Unet(  # noqa: N802 - the segmentation_models name, so notebooks port by cha
     return model
 
 
-def _skip_strides(backbone_name: str, encoder_features) -> tuple[int, ...]:
+def skip_strides(backbone_name: str, encoder_features, arch: str = ARCH) -> tuple[int, ...]:
     """The encoder strides to skip from: ``default``, or the strides given, or segmentation_models'
-    layer names (sm's own ``encoder_features``), each one a feature the encoder has."""
+    layer names (sm's own ``encoder_features``), each one a feature the encoder has (unetplusplus
+    shares it; ``arch`` names the architecture in the error)."""
     if isinstance(encoder_features, str) and encoder_features == "default":
         return available_strides(backbone_name, SKIP_STRIDES)
     features = {s: f for s, f in get_encoder_spec(backbone_name).features.items() if s < 32}
@@ -124,7 +125,7 @@ def _skip_strides(backbone_name: str, encoder_features) -> tuple[int, ...]:
         else:
             by_stride = ", ".join(f"{s}: {f!r}" for f, s in sorted(names.items(), key=lambda fs: -fs[1]))
             raise ModelError(
-                f"unet: encoder_features={encoder_features!r}: {entry!r} is not a feature of {backbone_name}; "
+                f"{arch}: encoder_features={encoder_features!r}: {entry!r} is not a feature of {backbone_name}; "
                 f"expected 'default', or strides from {sorted(features, reverse=True)}, deepest first"
                 + (f", or their layer names ({by_stride})" if by_stride else "")
             )

@@ -179,3 +179,37 @@ def test_a_multiclass_mask_that_is_not_class_indices_writes_nothing(tmp_path, ma
     with pytest.raises(DataError, match=message), SubmissionWriter(tmp_path / "s.csv", classes=12) as sub:
         sub.write("a.png", mask)
     assert not list(tmp_path.iterdir())
+
+
+def test_cli_writes_one_row_per_image_and_class_for_a_multiclass_run(tmp_path, monkeypatch, capsys):
+    """`tfseg predict --output sub.csv` of a 12-class CamVid run wrote one row per image, the RLE of
+    `mask != 0` ("not sky"). A (4-class) run now writes a row per image and class 1..3, each the
+    pixels of its class in the mask the run predicts, whether that mask is held (small images) or
+    streamed by bands (huge ones)."""
+    from tests.test_whole_image import fixed_model
+    from tfseg import predict_cli
+    from tfseg.cli import main
+    from tfseg.config import dump_config
+    from tfseg.inference import Predictor
+
+    run = tmp_path / "run"
+    dump_config(load_config(None, ["data.classes=4", "data.fit=resize", "data.image_size=[64, 96]"]),
+                run / "config.yaml")
+    (run / "fold0").mkdir()
+    fixed_model(classes=4).save(run / "fold0" / "best.keras")
+    inputs = sorted(shared_path("camvid_sample", "test", "images").iterdir())[:2]
+    args = ["predict", "--run", str(run), "--input", *map(str, inputs), "--output"]
+    assert main([*args, str(tmp_path / "held.csv")]) == 0
+    assert "(6 rows)" in capsys.readouterr().out
+    monkeypatch.setattr(predict_cli, "WINDOWED_PIXELS", 1000)  # every image streamed by bands
+    assert main([*args, str(tmp_path / "bands.csv")]) == 0
+    assert (tmp_path / "held.csv").read_text() == (tmp_path / "bands.csv").read_text()
+    header, rows = read_submission(tmp_path / "held.csv")
+    assert header == ("img", "ClassId", "rle_mask")
+    assert [(r[0], r[1]) for r in rows] == [(p.name, str(c)) for p in inputs for c in (1, 2, 3)]
+    cfg = load_config(run / "config.yaml")
+    predictor = Predictor.from_run(run, "all", cfg.infer, cfg.data)
+    masks = {p.name: predictor.predict_mask(np.asarray(Image.open(p).convert("RGB"))) for p in inputs}
+    assert any(set(np.unique(m)) - {0} for m in masks.values())  # the rows are not all empty
+    for name, cls, text in rows:
+        np.testing.assert_array_equal(rle.decode(text, (720, 960)), masks[name] == int(cls))

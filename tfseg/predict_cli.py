@@ -199,7 +199,8 @@ def run_predict(args) -> int:
     binary = predictor.spec.classes == 1
     n = 0
     written: dict[str, str] = {}  # stem -> the input it came from (TFRecord ids are known only here)
-    with (SubmissionWriter.from_config(output, cfg.submit) if to_csv else contextlib.nullcontext()) as sub:
+    with (SubmissionWriter.from_config(output, cfg.submit, predictor.spec.classes) if to_csv
+          else contextlib.nullcontext()) as sub:
         for item in iter_items(files, cfg):
             H, W, _ = item.image.shape
             huge = H * W > WINDOWED_PIXELS
@@ -243,7 +244,7 @@ def run_predict(args) -> int:
                 save_panel(Path(args.overlays) / f"{stem}.png", _overlay_image(item, step),
                            (thumb > 0).astype(np.uint8) if binary else thumb, truth, title=item.name)
             n += 1
-    where = f"{output} ({n} rows)" if to_csv else f"{output}/ ({n} masks)"
+    where = f"{output} ({sub.count} rows)" if to_csv else f"{output}/ ({n} masks)"
     cut = ""
     if binary:
         source = " (out-of-fold sweep)" if cfg.infer.threshold_from == "oof" else ""

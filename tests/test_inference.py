@@ -439,3 +439,24 @@ def test_multiclass_mask_is_the_argmax_of_the_full_prediction():
     mask = pred.predict_mask(rgb)
     assert mask.dtype == np.uint8 and mask.max() <= 3
     assert (mask == full.argmax(-1)).mean() > 0.999  # ties between near-equal classes aside
+
+
+def test_a_free_size_bilinear_model_predicts_rotated_rectangular_tiles():
+    # infer.tta: 8 on rectangular tiles feeds one model two shapes (16x24, then 24x16). Keras then traces
+    # predict_on_batch again with unknown H and W, which Keras 3.15's bilinear UpSampling2D cannot take
+    # (OperatorNotAllowedInGraphError); keras_predict_fn predicts through a traceable copy instead.
+    import keras
+
+    from tfseg.inference import keras_predict_fn
+
+    inp = keras.Input((None, None, 1))
+    x = keras.layers.Conv2D(3, 3, strides=2, padding="same")(inp)
+    x = keras.layers.UpSampling2D(2, interpolation="bilinear")(x)
+    model = keras.Model(inp, keras.layers.Conv2D(1, 1, activation="sigmoid")(x))
+    image = isbi((16, 24))[None].astype(np.float32)
+    predict = keras_predict_fn(model)
+    for batch in (image, np.ascontiguousarray(np.rot90(image, axes=(1, 2)))):
+        want = keras.ops.convert_to_numpy(model(batch, training=False))
+        np.testing.assert_allclose(predict(batch), want, rtol=1e-5, atol=1e-6)
+    averaged = tta.with_tta(predict, 8)(image)
+    assert averaged.shape == (1, 16, 24, 1) and np.isfinite(averaged).all()

@@ -143,9 +143,19 @@ def keras_predict_fn(model) -> Callable[[np.ndarray], np.ndarray]:
     """Batch predictor of a Keras model: float32 [B, H, W, C] -> probabilities [B, H', W', K].
 
     Logits (linear output) become probabilities (sigmoid for 1 channel, softmax otherwise).
-    ``predict_on_batch`` keeps one compiled function per input shape.
+    On TensorFlow, a model that takes any size is predicted through
+    :func:`tfseg.export.free_size_traceable` (the same layers and weights): ``predict_on_batch``
+    traces its function again with unknown H and W when it meets a second input size (rotated
+    rectangular tiles under ``infer.tta: 8``), and Keras 3.15's bilinear ``UpSampling2D`` cannot be
+    traced that way (keras-team/keras#22079).
     """
+    import keras
+
     logits = output_is_logits(model)
+    if keras.backend.backend() == "tensorflow" and None in tuple(model.input_shape[1:3]):
+        from tfseg.export import free_size_traceable
+
+        model = free_size_traceable(model)
 
     def predict(x: np.ndarray) -> np.ndarray:
         y = np.asarray(model.predict_on_batch(x), dtype=np.float32)

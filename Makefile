@@ -26,7 +26,7 @@ tfrecords:  ## write the sharded TFRecords of CONFIG
 verify:
 	$(PYTHON) -m tfseg verify $$($(PYTHON) -c "from tfseg.config import load_config; print(load_config('$(CONFIG)').data.tfrecord_dir)")
 
-train:  ## train fold FOLD of CONFIG (FOLD=all for every fold)
+train:  ## train fold FOLD of CONFIG (FOLD=all for every fold; SET=--overwrite trains finished folds again)
 	$(PYTHON) -m tfseg train --config $(CONFIG) --fold $(FOLD) $(SET)
 
 docs:  ## regenerate docs/config.md (tfseg/config.py) and docs/cli.md (tfseg/cli.py's parsers)

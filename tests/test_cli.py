@@ -139,6 +139,19 @@ def test_fold_arguments_name_the_flag(capsys, argv, flag):
                                        "fold numbers such as 0 or 0,2\n")
 
 
+def test_train_takes_overwrite_and_passes_it_on(monkeypatch, project_root):
+    """`tfseg train --overwrite` (and `make train SET=--overwrite`) trains finished folds again; without it
+    the flag is off (tfseg.train_rerun)."""
+    from tfseg import cli, train
+
+    seen = []
+    monkeypatch.setattr(train, "run", lambda cfg, folds, overwrite=False: seen.append((folds, overwrite)))
+    params = str(project_root / "params.yaml")
+    assert cli.main(["train", "--config", params, "--fold", "all", "--overwrite"]) == 0
+    assert cli.main(["train", "--config", params, "--fold", "0"]) == 0
+    assert seen == [("all", True), ("0", False)]
+
+
 def test_evaluate_on_a_damaged_shard_is_one_line_naming_it(tmp_path, capsys):
     """The audit: `tfseg evaluate --data <folder with a truncated shard>` ended in a 27-line DataLossError,
     whose message names no file; the CLI finds the shard and names it."""

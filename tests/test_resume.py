@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+import keras
 import pytest
+import yaml
 
 from tests.test_train import tiny_config
 
@@ -70,3 +73,126 @@ def test_sigkill_in_epoch_two_then_the_same_command_resumes(tmp_path, backend):
     assert after[0] == before[0]  # epoch 1 as the killed run wrote it
     assert (fold_dir / "last.keras").is_file() and (fold_dir / "best.keras").is_file()
     assert not (fold_dir / "backup").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Running again: a changed config on resume, a finished fold, --overwrite, --fold all after a crash
+# ------------------------------------------------------------------------------------------------
+
+
+class Preempted(Exception):
+    """Stands for the interrupt (SIGINT, a preempted VM) that stops a fold inside fit."""
+
+
+class PreemptAtEpoch(keras.callbacks.Callback):
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise Preempted(f"stopped as epoch {epoch + 1} began")
+
+
+def interrupt(params: Path, fold: int = 0, epoch: int = 1, overrides=()) -> Path:
+    """Train ``fold`` of ``params`` in this process and stop it as epoch ``epoch + 1`` begins, as an
+    interrupt in that epoch would: the fold keeps its backup of the epochs before. Returns the fold's folder."""
+    from tfseg.config import load_config
+    from tfseg.train import run
+
+    with pytest.raises(Preempted):
+        run(load_config(params, list(overrides)), str(fold), callbacks=[PreemptAtEpoch(epoch)])
+    fold_dir = params.parent / "runs" / "tiny" / f"fold{fold}"
+    assert (fold_dir / "backup" / "latest.weights.h5").is_file()
+    return fold_dir
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under ``folder``: its bytes and modification time (what 'nothing written' compares)."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_resume_with_another_model_stops_in_one_line_before_writing_anything(tmp_path, capsys):
+    """The tester's kill9b: interrupted in epoch 2, then the same command with other model.options ended in
+    Keras' 'A total of 30 objects could not be loaded' traceback, after overwriting fold0/config.yaml with
+    settings that no longer matched best.keras and backup/."""
+    from tfseg import cli
+
+    params = tiny_config(tmp_path, epochs=3)
+    fold_dir = interrupt(params)
+    runs = tmp_path / "runs"
+    before = snapshot(runs)
+    capsys.readouterr()
+    new = "model.options={filters: [8, 16], batchnorm: true}"
+    assert cli.main(["train", "--config", str(params), "--set", new]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"tfseg train: error: {fold_dir / 'backup'}: fold 0 was interrupted and its backup was trained "
+                   "with other settings, which a resume cannot change: model.options: {filters: [8, 16]} -> "
+                   "{batchnorm: true, filters: [8, 16]}. Expected the settings of "
+                   f"{fold_dir / 'config.yaml'} to resume it; or pass --overwrite to start fold 0 over, or set a "
+                   "new train.name"]
+    assert snapshot(runs) == before
+
+    # The run the old code left: its config.yaml already says the new options. The backup is then loaded
+    # into the model built now, before anything is written, and Keras' refusal becomes the line.
+    from tfseg.config import dump_config, load_config
+
+    dump_config(load_config(params, [new]), fold_dir / "config.yaml")
+    before = snapshot(runs)
+    assert cli.main(["train", "--config", str(params), "--set", new]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    assert err[0].startswith(f"tfseg train: error: {fold_dir / 'backup'}: fold 0's backup does not fit the model "
+                             "and optimizer configured now (Keras: A total of ")
+    assert err[0].endswith("or pass --overwrite to start fold 0 over, or set a new train.name")
+    assert snapshot(runs) == before
+
+
+@pytest.mark.slow
+def test_a_resume_goes_on_with_changed_epochs_and_says_which_settings_changed(tmp_path, capsys):
+    """Settings outside tfseg.train_rerun.RESUME_KEYS may change: the fold resumes with them."""
+    from tfseg import cli
+
+    params = tiny_config(tmp_path, epochs=2)
+    fold_dir = interrupt(params)
+    first = _rows(fold_dir / "history.csv")
+    capsys.readouterr()
+    # model.encoder_weights is free too: the backup's weights replace the starting ones (Kaggle offline)
+    assert cli.main(["train", "--config", str(params), "--set", "train.epochs=3", "--set",
+                     "model.encoder_weights=null"]) == 0
+    err = capsys.readouterr().err
+    assert f"resuming from {fold_dir / 'backup'} with changed settings: train.epochs: 2 -> 3\n" in err
+    rows = _rows(fold_dir / "history.csv")
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2] and rows[0] == first[0]
+    assert yaml.safe_load((fold_dir / "config.yaml").read_text())["train"]["epochs"] == 3
+
+
+@pytest.mark.slow
+def test_fold_all_after_a_crash_skips_the_finished_fold_resumes_the_interrupted_one_trains_the_rest(
+        tmp_path, capsys):
+    """A Kaggle user's `--fold all` after the session died in fold 1: fold 0 is not trained again."""
+    from tfseg import cli
+    from tfseg.config import load_config
+    from tfseg.train import run
+
+    params = tiny_config(tmp_path, epochs=2)
+    run(load_config(params), "0")
+    runs = tmp_path / "runs" / "tiny"
+    fold0 = snapshot(runs / "fold0")
+    interrupt(params, fold=1)
+    capsys.readouterr()
+    assert cli.main(["train", "--config", str(params), "--fold", "all"]) == 0
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    best = json.loads((runs / "summary.json").read_text())["folds"]["0"]
+    assert err[0] == (f"tfseg train: fold 0: skipped: {runs / 'fold0'} holds fold 0, trained already (best "
+                      f"val_dice_coe {best['best']:.4f} at epoch {best['best_epoch']} of 2). --overwrite trains it "
+                      "again")
+    assert any(line.startswith("tfseg train: fold 1/3:") and f"resuming from {runs / 'fold1' / 'backup'}" in line
+               for line in err)
+    assert snapshot(runs / "fold0") == fold0  # untouched
+    summary = json.loads((runs / "summary.json").read_text())
+    assert sorted(summary["folds"]) == ["0", "1", "2"]
+    assert [int(r["epoch"]) for r in _rows(runs / "fold1" / "history.csv")] == [0, 1]
+    assert "tfseg train: fold 0: best" not in captured.out and "tfseg train: fold 2: best" in captured.out

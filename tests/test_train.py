@@ -15,7 +15,7 @@ from PIL import Image
 
 from tfseg import cli
 from tfseg.config import load_config
-from tfseg.errors import ConfigError
+from tfseg.errors import ConfigError, RunError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -562,3 +562,115 @@ def test_whole_device_batches_leave_out_the_uneven_tail_of_validation():
     assert values.tolist() == list(range(12))
     with pytest.raises(RunError, match=r"fold 2: 3 validation record\(s\) for 4 devices"):
         whole_device_batches(ds, 3, 8, 4, fold=2)
+
+
+def _files(folder: Path) -> dict:
+    """Every file under ``folder``: its bytes and modification time (what 'nothing written' compares)."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _oof_evaluation(run_dir: Path, folds) -> None:
+    """RUN/evaluate/oof as `tfseg evaluate --run RUN` writes it (per_image.csv's fold column; the sweep's best
+    threshold in evaluation.json, which infer.threshold_from=oof reads)."""
+    out = run_dir / "evaluate" / "oof"
+    out.mkdir(parents=True)
+    rows = "".join(f"{k},img{i},0.5,0.4,0.9\n" for i, k in enumerate(folds))
+    (out / "per_image.csv").write_text("fold,id,dice,iou,pixel_accuracy\n" + rows)
+    (out / "evaluation.json").write_text(json.dumps({"data": "oof", "best_threshold": {"threshold": 0.3}}))
+
+
+def test_a_finished_fold_is_trained_again_only_with_overwrite(tmp_path, capsys):
+    """The tester's rerun: `tfseg train` on a finished fold retrained it from scratch, silently, replacing a
+    better best.keras, and left RUN/evaluate/oof behind for infer.threshold_from=oof to read."""
+    from tfseg.config import InferConfig
+    from tfseg.inference import resolve_threshold
+    from tfseg.train import run
+
+    params = tiny_config(tmp_path, n=9, epochs=1)
+    summary = run(load_config(params), "0")
+    run_dir, fold_dir = tmp_path / "runs" / "tiny", tmp_path / "runs" / "tiny" / "fold0"
+    _oof_evaluation(run_dir, [0, 0, 0])
+    (fold_dir / "stale.txt").write_text("anything the old fold's folder held")
+    before = _files(run_dir)
+    capsys.readouterr()
+
+    assert cli.main(["train", "--config", str(params)]) == 2
+    best = summary["folds"]["0"]
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"tfseg train: error: {fold_dir} holds fold 0, trained already (best val_dice_coe {best['best']:.4f} at "
+        "epoch 1 of 1), and there is no backup to resume from; expected a fold not trained yet. Pass --overwrite "
+        "to train fold 0 again from scratch (its results are replaced), or set a new train.name"]
+    assert _files(run_dir) == before  # not a byte written
+
+    assert cli.main(["train", "--config", str(params), "--overwrite", "--set", "train.epochs=2"]) == 0
+    err = capsys.readouterr().err
+    assert f"tfseg train: fold 0: removed {fold_dir}, {run_dir / 'evaluate' / 'oof'} (--overwrite; " in err
+    assert not (fold_dir / "stale.txt").exists() and not (run_dir / "evaluate" / "oof").exists()
+    assert [p.name for p in run_dir.iterdir() if p.name.startswith(".")] == []  # nothing left aside
+    with pytest.raises(RunError, match="evaluate/oof/evaluation.json: not found"):
+        resolve_threshold(run_dir, InferConfig(threshold_from="oof"))
+    assert len((fold_dir / "history.csv").read_text().splitlines()) == 3  # header + the new fold's 2 epochs
+    assert json.loads((run_dir / "summary.json").read_text())["folds"]["0"]["epochs"] == 2
+
+
+@pytest.mark.slow
+def test_resuming_a_fold_drops_the_oof_evaluation_that_scored_its_earlier_best_keras(tmp_path, capsys):
+    """With `tfseg evaluate`'s own output: an interrupted fold that has a best.keras, evaluated, then resumed
+    (its best.keras may change), leaves no out-of-fold sweep for infer.threshold_from=oof to read."""
+    from tests.test_resume import interrupt
+    from tfseg.config import InferConfig
+    from tfseg.inference import resolve_threshold
+
+    params = tiny_config(tmp_path, n=9, epochs=2)
+    fold_dir = interrupt(params)
+    run_dir = fold_dir.parent
+    assert cli.main(["evaluate", "--run", str(run_dir)]) == 0
+    assert resolve_threshold(run_dir, InferConfig(threshold_from="oof")).threshold > 0
+    assert cli.main(["train", "--config", str(params)]) == 0
+    assert f"tfseg train: fold 0: removed {run_dir / 'evaluate' / 'oof'} (the evaluations" in capsys.readouterr().err
+    with pytest.raises(RunError, match="evaluate/oof/evaluation.json: not found"):
+        resolve_threshold(run_dir, InferConfig(threshold_from="oof"))
+
+
+def test_the_evaluations_of_a_fold_trained_again_go_and_the_others_stay(tmp_path):
+    """RUN/evaluate/<label>/per_image.csv's fold column: k out of fold, 0+1+2 for an ensemble on other data."""
+    from tfseg.train_rerun import drop_evaluations
+
+    def table(label, folds):
+        (tmp_path / "evaluate" / label).mkdir(parents=True)
+        rows = "".join(f"{k},img{i},0.5,0.4,0.9\n" for i, k in enumerate(folds))
+        (tmp_path / "evaluate" / label / "per_image.csv").write_text("fold,id,dice,iou,pixel_accuracy\n" + rows)
+
+    table("oof", [0, 0, 1, 2])
+    table("test", ["0+1+2", "0+1+2"])
+    table("test_fold1", ["1"])
+    (tmp_path / "evaluate" / "notes").mkdir()  # not an evaluation: left alone
+    gone = drop_evaluations(tmp_path, 0)
+    assert [p.name for p in gone] == ["oof", "test"]
+    assert sorted(p.name for p in (tmp_path / "evaluate").iterdir()) == ["notes", "test_fold1"]
+    assert drop_evaluations(tmp_path, 2) == [] and drop_evaluations(tmp_path / "missing", 0) == []
+
+
+def test_which_changed_settings_stop_a_resume(tmp_path):
+    """Compared with the fold's config.yaml: the model (but its starting weights), the input and classes,
+    the optimizer, the stages and the split stop a resume; epochs, rates, callbacks and paths do not."""
+    from tfseg.config import dump_config
+    from tfseg.train_rerun import blocks_resume, config_changes, describe
+
+    params = tiny_config(tmp_path)
+    dump_config(load_config(params), tmp_path / "config.yaml")
+    changed = config_changes(tmp_path, load_config(params, [
+        "model.options={filters: [8, 32]}", "train.epochs=9", "train.lr=0.01", "data.image_size=[64,64]"]))
+    assert [c[0] for c in changed] == ["data.image_size", "model.input_shape", "model.options", "train.epochs",
+                                       "train.lr"]
+    assert describe(changed[2:3]) == "model.options: {filters: [8, 16]} -> {filters: [8, 32]}"
+    assert describe(changed, limit=2).endswith("; and 3 more")
+    stop = ["model.arch", "model.options", "model.input_shape", "model.classes", "data.image_size", "data.channels",
+            "data.classes", "train.optimizer", "train.freeze_encoder_epochs", "train.folds", "train.seed"]
+    go = ["model.encoder_weights", "train.epochs", "train.lr", "train.schedule", "train.batch_size",
+          "train.early_stopping_patience", "train.time_limit_minutes", "train.tensorboard", "train.loss",
+          "data.root", "data.tfrecord_dir", "augment.ops", "infer.threshold"]
+    assert [k for k in stop if not blocks_resume(k)] == [] and [k for k in go if blocks_resume(k)] == []
+    assert config_changes(tmp_path / "nothing", load_config(params)) == []
+

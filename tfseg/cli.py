@@ -82,6 +82,10 @@ def _args_train(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--fold", default="0", type=fold_list, metavar="K|all",
                    help="fold to train, `all`, or a list such as 0,2 (default: 0)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train the folds from scratch even when they hold results or a backup (their folders, and "
+                   "the evaluations that scored them, are removed first); without it an interrupted fold resumes, "
+                   "and a finished one is an error, or is skipped when several folds are asked")
 
 
 def _args_evaluate(p: argparse.ArgumentParser) -> None:

@@ -27,7 +27,8 @@ Outputs (the run directory layout that evaluation, inference and export read)::
                         tensorboard/, backup/ (and backup-decoder/ with two stages), val_groups.json
 
 A run killed mid-epoch (TPU/Colab preemption) and started again with the same command resumes
-from ``fold<k>/backup`` and finishes with the planned number of epochs.
+from ``fold<k>/backup`` and finishes with the planned number of epochs. What a fold that holds something
+already gets (resume, an error, a skip, or with ``--overwrite`` a fresh start) is :mod:`tfseg.train_rerun`'s.
 """
 
 from __future__ import annotations
@@ -51,6 +52,18 @@ from tfseg.train_checks import (  # noqa: F401 - check_invariants, ensure_tfreco
     model_error,
     prepare,
     removed_if_no_results,
+)
+from tfseg.train_rerun import (  # noqa: F401 - update_summary: part of this module's API
+    RESUME,
+    SKIP,
+    START_OVER,
+    check_backup,
+    check_split,
+    clear_for,
+    describe,
+    plan_fold,
+    skip_line,
+    update_summary,
 )
 from tfseg.train_stages import (  # noqa: F401 - make_callbacks, tensorboard_available: part of this module's API
     Stage,
@@ -163,7 +176,8 @@ def whole_device_batches(val_ds, n_val: int, global_batch: int, replicas: int, f
 # ------------------------------------------------------------------------------------------------
 
 
-def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2, callbacks: Sequence = ()) -> dict:
+def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2, callbacks: Sequence = (),
+               overwrite: bool = False) -> dict:
     """Train fold ``fold`` of ``cfg`` and write its outputs.
 
     Args:
@@ -173,12 +187,15 @@ def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2, callbacks: S
         verbose: Keras ``fit`` verbosity (2 = one line per epoch).
         callbacks: more ``keras.callbacks.Callback`` objects (a notebook's display callback, say);
             they run after tfseg's own, which see each epoch's logs first.
+        overwrite: train the fold from scratch even when its folder holds results or a backup
+            (:mod:`tfseg.train_rerun`); without it a finished fold is an error and an interrupted one resumes.
 
     Returns:
         ``{"best", "best_epoch", "epochs", "n_train", "n_val", "fold_dir"}``.
 
     Raises:
-        ConfigError / DataError: bad config or data (one line). RunError: the loss became NaN.
+        ConfigError / DataError: bad config or data (one line). RunError: the loss became NaN; the fold
+            finished already (without ``overwrite``); its backup cannot resume with this config.
     """
     import keras
 
@@ -186,10 +203,13 @@ def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2, callbacks: S
     from tfseg.data.pipeline import check_global_batch, dataset_from_config
     from tfseg.distribute import prebuild, set_mixed_precision, setup_distribution
 
-    # 1. invariants
+    # 1. invariants, and what to do with the fold's folder: train, resume or start over (tfseg.train_rerun)
     check_invariants(cfg)
     callbacks = _check_callbacks(callbacks)
     t = cfg.train
+    out_dir = run_dir(cfg)
+    fold_dir = out_dir / f"fold{fold}"
+    action, changes = plan_fold(cfg, fold, fold_dir, overwrite)
     # 2. strategy
     set_mixed_precision(t.mixed_precision)
     dist = dist or setup_distribution(t.strategy)
@@ -197,17 +217,18 @@ def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2, callbacks: S
     # 3. model and folds checked, records written, folds split: nothing under runs/ yet
     prepare(cfg)
     split = fold_split(cfg.data.tfrecord_dir, t.folds, fold, t.seed)
+    if action == RESUME:
+        check_split(fold_dir, fold, split.val_groups)
     steps = t.steps_per_epoch or max(1, split.n_train // global_batch)
     # The whole validation fold each epoch; counted from the manifest, so Keras does not run the
     # (group-filtered, unknown-length) dataset dry and warn that the input "ran out of data".
     val_steps = t.validation_steps or (math.ceil(split.n_val / global_batch) if dist.workers == 1 else None)
-    out_dir = run_dir(cfg)
-    fold_dir = out_dir / f"fold{fold}"
+    rerun = action in (RESUME, START_OVER) and (fold_dir / "best.keras").is_file()  # its evaluations go (step 6)
     if not dist.is_chief:  # the other workers of a multi-worker run write beside, not over, the chief
         fold_dir = fold_dir / f".worker-{os.getpid()}"
     # 4. model under the strategy scope, compiled for the stage to start at (a resumed run's latest)
     stages = plan_stages(t)
-    first = resume_stage(stages, fold_dir)
+    first = 0 if action == START_OVER else resume_stage(stages, fold_dir)
     with dist.scope():
         model, from_logits = build_compiled_model(cfg, steps, stages[first])
     crop = mask_crop_for(model)
@@ -226,6 +247,8 @@ def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2, callbacks: S
         val_note = (f"; validating on {n_scored} of the {split.n_val} records (JAX shards each batch over "
                     f"{dist.replicas} devices; `tfseg evaluate` scores them all)")
     prebuild(model, train_ds)
+    if action == RESUME and dist.is_chief:
+        check_backup(model, fold_dir / stages[first].backup, fold)
     sample = None
     if t.tensorboard and dist.is_chief and not tensorboard_available():
         print("tfseg train: the tensorboard package is not installed (pip install tensorboard); "
@@ -233,7 +256,9 @@ def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2, callbacks: S
     if t.tensorboard and dist.kind != "multiworker" and tensorboard_available():
         images, masks = next(iter(val_ds.take(1)))
         sample = (images.numpy()[:3], masks.numpy()[:3])
-    # 6. the fold's folder (callbacks: each stage's own, below)
+    # 6. the fold's folder (callbacks: each stage's own, below); a fold started over first loses the old one
+    if dist.is_chief:
+        clear_for(action, fold_dir, fold, rerun)
     with removed_if_no_results(fold_dir, out_dir, out_dir.parent):  # a fold that cannot start leaves nothing
         fold_dir.mkdir(parents=True, exist_ok=True)
         if dist.is_chief:
@@ -246,7 +271,9 @@ def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2, callbacks: S
         backup = fold_dir / stages[first].backup
         print(f"tfseg train: fold {fold}/{t.folds}: {split.n_train} train / {split.n_val} val records, "
               f"{steps} steps of {global_batch} ({dist.kind}, {dist.replicas} replica(s))" + val_note
-              + (f"; resuming from {backup}" if backup.is_dir() else ""), file=sys.stderr, flush=True)
+              + (f"; resuming from {backup}" if backup.is_dir() else "")
+              + (f" with changed settings: {describe(changes)}" if changes and backup.is_dir() else ""),
+              file=sys.stderr, flush=True)
         # 7. fit, stage by stage (tfseg.train_stages)
         start, started = time.perf_counter(), time.monotonic()
         for index in range(first, len(stages)):
@@ -266,7 +293,8 @@ def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2, callbacks: S
             if nan_guard.where is not None:
                 epoch, batch, value = nan_guard.where
                 raise RunError(f"fold {fold}: the training loss became {value} at epoch {epoch + 1}, batch "
-                               f"{batch}; training stopped. Lower train.lr (now {t.lr}) or check the data and loss")
+                               f"{batch}; training stopped. Lower train.lr (now {t.lr}) or check the data and "
+                               "loss, then train the fold again with --overwrite")
             if model.stop_training:  # the time limit: no further stage
                 break
         for stage in stages[:-1]:  # the earlier stages' backups, kept for a resume between the stages
@@ -298,43 +326,36 @@ def _plot(fold_dir: Path, monitor: str, mode: str) -> None:
     plot_curves(fold_dir / "history.csv", fold_dir / "curves.png", monitor, mode)
 
 
-def update_summary(out_dir: Path, cfg: Config, fold: int, result: dict) -> dict:
-    """Merge one fold's best score into ``<run>/summary.json`` (CV mean and spread over the folds)."""
-    path = out_dir / "summary.json"
-    summary = json.loads(path.read_text()) if path.is_file() else {}
-    folds = summary.get("folds", {})
-    folds[str(fold)] = {k: result[k] for k in ("best", "best_epoch", "epochs", "n_train", "n_val", "seconds")}
-    scores = [f["best"] for f in folds.values() if isinstance(f.get("best"), (int, float)) and
-              math.isfinite(f["best"])]
-    mean = sum(scores) / len(scores) if scores else None
-    std = math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores)) if scores else None
-    summary = {"monitor": cfg.train.monitor, "mode": cfg.train.monitor_mode,
-               "folds": dict(sorted(folds.items(), key=lambda kv: int(kv[0]))),
-               "cv_mean": mean, "cv_std": std}
-    atomic_write_text(path, json.dumps(summary, indent=1, allow_nan=False))
-    return summary
-
-
 # ------------------------------------------------------------------------------------------------
 # several folds and the entry points
 # ------------------------------------------------------------------------------------------------
 
 
-def run(cfg: Config, folds: str | int = 0, callbacks: Sequence = ()) -> dict:
+def run(cfg: Config, folds: str | int = 0, callbacks: Sequence = (), overwrite: bool = False) -> dict:
     """Train the folds ``folds`` (``all``, ``K`` or ``K,L``) in turn; returns the run's summary.
 
-    ``callbacks`` are more Keras callbacks for every fold's ``fit`` (see :func:`train_fold`).
+    ``callbacks`` are more Keras callbacks for every fold's ``fit`` (see :func:`train_fold`). A fold that
+    finished already is an error when asked alone, and skipped with one line when several folds are
+    asked (``--fold all`` after a crash resumes the interrupted fold and trains the rest); ``overwrite``
+    trains every fold asked from scratch. Every fold is checked so before the first one trains.
     """
     fold_list = parse_folds(folds, cfg.train.folds)
     callbacks = _check_callbacks(callbacks)
     check_invariants(cfg)
+    out_dir = run_dir(cfg)
+    todo = []
+    for fold in fold_list:
+        action, changes = plan_fold(cfg, fold, out_dir / f"fold{fold}", overwrite, several=len(fold_list) > 1)
+        if action == SKIP:
+            print(skip_line(out_dir / f"fold{fold}", fold, changes), file=sys.stderr, flush=True)
+        else:
+            todo.append(fold)
     from tfseg.distribute import set_mixed_precision, setup_distribution
 
     set_mixed_precision(cfg.train.mixed_precision)
     dist = setup_distribution(cfg.train.strategy)  # once per process (multi-worker needs that)
-    out_dir = run_dir(cfg)
-    for fold in fold_list:
-        result = train_fold(cfg, fold, dist, callbacks=callbacks)
+    for fold in todo:
+        result = train_fold(cfg, fold, dist, callbacks=callbacks, overwrite=overwrite)
         value = "none" if result["best"] is None else f"{result['best']:.4f}"
         print(f"tfseg train: fold {fold}: best {cfg.train.monitor} = {value} at epoch "
               f"{result['best_epoch']} of {result['epochs']}", flush=True)
@@ -357,9 +378,9 @@ def _check_callbacks(callbacks: Sequence) -> list:
 
 
 def cli_train(args) -> int:
-    """``tfseg train --config C [--set k=v ...] --fold K|all``."""
+    """``tfseg train --config C [--set k=v ...] --fold K|all [--overwrite]``."""
     cfg = load_config(args.config, args.overrides)
-    run(cfg, args.fold)
+    run(cfg, args.fold, overwrite=getattr(args, "overwrite", False))
     return 0
 
 

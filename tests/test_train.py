@@ -674,3 +674,17 @@ def test_which_changed_settings_stop_a_resume(tmp_path):
     assert [k for k in stop if not blocks_resume(k)] == [] and [k for k in go if blocks_resume(k)] == []
     assert config_changes(tmp_path / "nothing", load_config(params)) == []
 
+
+def test_a_data_root_other_than_the_shards_came_from_is_said_in_one_line(tmp_path, capsys):
+    """`--set data.root=/nope` at train time was silently ignored once the shards existed."""
+    from tfseg.train_checks import warn_other_root
+
+    params = tiny_config(tmp_path)
+    assert cli.main(["tfrecords", "--config", str(params)]) == 0  # writes tfrec/config.yaml beside the shards
+    capsys.readouterr()
+    assert warn_other_root(load_config(params)) is None
+    line = warn_other_root(load_config(params, ["data.root=/nope"]))
+    assert line == (f"tfseg train: warning: data.root is /nope, but the shards in {tmp_path / 'tfrec'} were "
+                    f"written from {tmp_path / 'data'} ({tmp_path / 'tfrec' / 'config.yaml'}); training reads the "
+                    "shards as they are (`tfseg tfrecords --overwrite` writes them again from data.root)")
+    assert capsys.readouterr().err == line + "\n"

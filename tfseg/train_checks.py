@@ -17,10 +17,13 @@ A ModelError of the builders becomes a ConfigError naming the key to change and 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import sys
 from pathlib import Path
+
+import yaml
 
 from tfseg.config import Config, blame, key_origin
 from tfseg.errors import ConfigError, DataError, ModelError
@@ -244,11 +247,36 @@ def prepare(cfg: Config) -> list[str]:
         The shard files.
     """
     files = existing_shards(cfg)
+    if files:
+        warn_other_root(cfg)
     check_model(cfg)
     check_folds(cfg, bool(files))
     if not files:
         check_model(cfg, weights=True)
     return ensure_tfrecords(cfg, files)
+
+
+def warn_other_root(cfg: Config) -> str | None:
+    """One line on stderr when the shards were written from another ``data.root`` than the one set now.
+
+    Training reads existing shards and never ``data.root``, so a mistyped ``--set data.root=...`` would
+    pass unnoticed. The root they came from is known when ``tfseg tfrecords`` wrote them (its
+    ``config.yaml`` beside the shards; shards written by ``tfseg train`` record none). Returns the line.
+    """
+    folder = Path(cfg.data.tfrecord_dir)
+    try:
+        saved = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    root = saved.get("data", {}).get("root") if isinstance(saved, dict) and isinstance(saved.get("data"), dict) \
+        else None
+    if not root or not cfg.data.root or os.path.abspath(root) == os.path.abspath(cfg.data.root):
+        return None
+    line = (f"tfseg train: warning: data.root is {cfg.data.root}, but the shards in {folder} were written from "
+            f"{root} ({folder / 'config.yaml'}); training reads the shards as they are (`tfseg tfrecords "
+            "--overwrite` writes them again from data.root)")
+    print(line, file=sys.stderr, flush=True)
+    return line
 
 
 def check_folds(cfg: Config, have_shards: bool) -> None:

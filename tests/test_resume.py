@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
 import yaml
 
@@ -196,3 +197,35 @@ def test_fold_all_after_a_crash_skips_the_finished_fold_resumes_the_interrupted_
     assert sorted(summary["folds"]) == ["0", "1", "2"]
     assert [int(r["epoch"]) for r in _rows(runs / "fold1" / "history.csv")] == [0, 1]
     assert "tfseg train: fold 0: best" not in captured.out and "tfseg train: fold 2: best" in captured.out
+
+
+def test_early_stopping_patience_and_best_weights_run_across_a_resume(tmp_path, capsys):
+    # A fold resumed at epoch 3: history says the best loss was at epoch 0 and epochs 1 and 2 did not
+    # improve. With patience 3 the first resumed epoch that does not improve either is the third one
+    # waited, so fitting stops there (Keras' own callback would wait 3 more epochs), and the weights
+    # come back from best.keras, written at epoch 0, not from a resumed epoch.
+    from tfseg.callbacks import ResumableEarlyStopping
+
+    history = tmp_path / "history.csv"
+    history.write_text("epoch,loss\n0,0.01\n1,0.5\n2,0.6\n")
+    inp = keras.Input((4,))
+    model = keras.Model(inp, keras.layers.Dense(1)(inp))
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    best = tmp_path / "best.keras"
+    saved = [np.full(w.shape, 0.25, np.float32) for w in model.get_weights()]
+    model.set_weights(saved)
+    model.save(best)
+    model.set_weights([np.full(w.shape, -1.0, np.float32) for w in saved])
+    x, y = np.ones((8, 4), np.float32), np.full((8, 1), 3.0, np.float32)  # loss 49 at every epoch
+    stop = ResumableEarlyStopping("loss", "min", 3, history, best)
+    fit = model.fit(x, y, initial_epoch=3, epochs=10, callbacks=[stop], verbose=0)
+    assert len(fit.history["loss"]) == 1 and stop.stopped_epoch == 3
+    for got, want in zip(model.get_weights(), saved):
+        np.testing.assert_array_equal(got, want)
+    assert "best epoch: 1 (before the resume; from best.keras)" in capsys.readouterr().out
+
+    # The stage's epochs only (since): with the two-stage fold's stage 1 left out, nothing was waited yet.
+    model.set_weights([np.full(w.shape, -1.0, np.float32) for w in saved])
+    stop = ResumableEarlyStopping("loss", "min", 3, history, best, since=3, verbose=0)
+    fit = model.fit(x, y, initial_epoch=3, epochs=10, callbacks=[stop], verbose=0)
+    assert len(fit.history["loss"]) == 4  # epoch 3 is the best so far, 4, 5 and 6 wait

@@ -110,6 +110,65 @@ class BestCheckpoint(keras.callbacks.Callback):
                 self.model.save(tmp)
 
 
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """``EarlyStopping(restore_best_weights=True)`` whose patience runs across a resumed fit.
+
+    Keras' callback starts counting afresh at every ``fit``, so a fold resumed after an interruption
+    waited ``patience`` epochs more than an uninterrupted one, and restored "the best epoch" among the
+    resumed epochs only. At the first epoch of a ``fit``, this one replays the ``monitor`` column of
+    ``history`` for the epochs before it, from epoch ``since`` (the stage's first: a two-stage fold's
+    frozen-encoder epochs do not count), giving the best value, the best epoch and the epochs waited. When the best
+    epoch is one from before the resume, its weights are not in memory: stopping restores them from
+    ``best_path`` (``best.keras``, which :class:`BestCheckpoint` wrote at that epoch).
+    """
+
+    def __init__(self, monitor: str, mode: str, patience: int, history: str | os.PathLike,
+                 best_path: str | os.PathLike, since: int = 0, verbose: int = 1):
+        super().__init__(monitor=monitor, mode=mode, patience=patience, restore_best_weights=True,
+                         verbose=verbose)
+        self.history = Path(history)
+        self.best_path = Path(best_path)
+        self.since = int(since)
+        self._replayed = False
+        self._best_from_file = False
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._replayed = self._best_from_file = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._replayed:
+            return
+        self._replayed = True
+        if self.monitor_op is None:
+            self._set_monitor_op()
+        for row in _read_rows(self.history):
+            past, value = int(float(row["epoch"])), float(row.get(self.monitor) or "nan")
+            if not self.since <= past < epoch or not math.isfinite(value):
+                continue
+            self.wait += 1
+            if self.best is None or self._is_improvement(value, self.best):
+                self.best, self.best_epoch, self.wait = value, past, 0
+                self._best_from_file = self.best_path.is_file()
+        if self._best_from_file:
+            self.best_weights = []  # not None: Keras would take the current weights for the best ones
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        if self.best_epoch == epoch:
+            self._best_from_file = False
+
+    def on_train_end(self, logs=None):
+        if not self._best_from_file:
+            return super().on_train_end(logs)
+        if self.stopped_epoch > 0 and self.verbose > 0:
+            print(f"Epoch {self.stopped_epoch + 1}: early stopping", flush=True)
+        if self.verbose > 0:
+            print(f"Restoring model weights from the end of the best epoch: {self.best_epoch + 1} "
+                  f"(before the resume; from {self.best_path.name}).", flush=True)
+        self.model.load_weights(self.best_path)
+
+
 class Warmup(keras.callbacks.Callback):
     """Linear warm-up of a constant learning rate over ``steps`` optimizer steps.
 

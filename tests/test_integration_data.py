@@ -8,6 +8,7 @@ The CLI runs in-process (`tfseg.cli.main`), the same code path as the console sc
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +111,7 @@ def test_carvana_kaggle_layout_to_a_batch(tmp_path, capsys):
     assert mask.shape == (2, 160, 224, 1) and set(np.unique(mask)) <= {0.0, 1.0} and mask.max() == 1.0
     assert 0.05 < mask.mean() < 0.4 and 0.05 < np.mean(list(truth.values())[0]) < 0.4  # ~18 % car
     # one car = one group: grouped folds refuse, the notebooks' KFold over shard files works
-    with pytest.raises(DataError, match="1 groups cannot make 2 folds"):
+    with pytest.raises(DataError, match=r"1 group cannot make 2 folds \(train.folds\)\. Expected at least 2"):
         fold_split(out, 2, 0, 42)
     train, val = kfold_files(shard_files(out), 2, 0, 42)
     assert len(train) == len(val) == 1
@@ -199,3 +200,34 @@ def test_bad_input_is_one_line_and_leaves_no_shard(tmp_path, capsys, damage):
     assert "Traceback" not in err
     assert not out.exists()
     assert not list(tmp_path.rglob("*.tfrec")) and not list(tmp_path.rglob("*.part"))
+
+
+def test_carvana_sample_one_car_is_one_group_and_the_documented_overrides_make_folds(monkeypatch):
+    """The sample is 16 views of one car: the recipe says `1 group cannot make 5 folds` (it said `1 groups`),
+    and the overrides of configs/README.md read it as 16 groups of one image each."""
+    from tfseg.train_checks import check_folds
+
+    root = shared_path("carvana_sample")
+    monkeypatch.chdir(ROOT)
+    recipe = ROOT / "configs" / "carvana_unet.yaml"
+    cfg = load_config(recipe, [f"data.root={root}"])
+    assert {e.group for e in sources.list_entries(cfg.data)} == {"0cdf5b5d0ce1"}
+    with pytest.raises(DataError) as err:
+        check_folds(cfg, have_shards=False)
+    assert str(err.value) == (f"data.root {root}: 1 group cannot make 5 folds (train.folds). Expected at least 5 "
+                              "distinct groups (the records of one group, such as one car or one patient, are never "
+                              "split between folds).")
+    # the command of configs/README.md, "Trying the Carvana recipes on the sample"
+    text = (ROOT / "configs" / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"## Trying the Carvana recipes.*?```bash\n(.*?)```", text, re.S)[1].replace("\\\n", " ")
+    words = shlex.split(block)
+    assert words[:3] == ["tfseg", "train", "--config"] and words[3] == "configs/carvana_unet.yaml"
+    overrides = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+    assert "data.source=folder" in overrides and "data.mask_suffix=_mask" in overrides
+    overrides = [f"data.root={root}" if o.startswith("data.root=") else o for o in overrides]
+    cfg = load_config(recipe, overrides)
+    entries = sources.list_entries(cfg.data)
+    assert len(entries) == 16 and len({e.group for e in entries}) == 16
+    check_folds(cfg, have_shards=False)
+    sample = next(iter(sources.read_entry(cfg.data, entries[0])))
+    assert sample.image.shape == (480, 720, 3) and set(np.unique(sample.mask)) == {0, 1}

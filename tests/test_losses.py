@@ -162,3 +162,31 @@ def test_errors_are_one_line_and_name_the_problem():
     with pytest.raises(ConfigError, match="weight must be a number"):
         build_loss({"bce": "a lot"})
     assert set(ALL_BINARY) <= set(loss_names()) and "lovasz_hinge" in LOSSES
+
+
+def test_an_unknown_loss_names_train_loss_and_lists_presets_and_aliases():
+    """It said only `Received: loss='dise'`, without the key, and left out bce_dice, scce... which it accepts."""
+    with pytest.raises(ConfigError) as err:
+        build_loss({"bce": 1, "dise": 1})
+    message = str(err.value)
+    assert message.startswith("train.loss: Received: loss='dise' (did you mean 'dice'?). Expected one of [")
+    for name in ("bce", "dice", "bce_dice", "bce_log_jaccard", "scce", "categorical_dice"):
+        assert f"'{name}'" in message
+    with pytest.raises(ConfigError, match=r"^train\.loss: Received: loss='bce_dise' \(did you mean 'bce_dice'\?\)"):
+        build_loss({"bce_dise": 1})
+
+
+def test_cli_train_names_the_loss_key_of_a_typo(tmp_path, capsys):
+    """The tester's command: `tfseg train --config configs/isbi2012.yaml --set "train.loss={bce: 1, dise: 1}"`."""
+    from tests.conftest import ROOT
+    from tfseg import cli
+
+    root = shared_path("isbi2012_em_membrane")
+    code = cli.main(["train", "--config", str(ROOT / "configs" / "isbi2012.yaml"), "--fold", "0",
+                     "--set", "train.loss={bce: 1, dise: 1}", "--set", f"data.root={root}",
+                     "--set", f"data.tfrecord_dir={tmp_path / 'tfr'}",
+                     "--set", f"train.output_dir={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "train.loss" in err and "Received: loss='dise' (did you mean 'dice'?)" in err and "'bce_dice'" in err
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -381,3 +382,25 @@ def test_tfds_not_installed_is_one_line(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # makes the import fail
     with pytest.raises(DataError, match=r"needs tensorflow-datasets .*pip install tensorflow-datasets"):
         list_entries(DataConfig(source="tfds", tfds_data_dir=str(tmp_path)))
+
+
+def test_a_missing_split_file_names_every_place_looked_in(tmp_path, monkeypatch):
+    """kvasir.yaml's split_file (../shared/data/kvasir_seg/split.json) is relative to the project; run from
+    another folder with data.root set, the message said only `... not found`, not where it had looked."""
+    root = shared_path("kvasir_seg")
+    cfg = DataConfig(source="folder", root=str(root), classes=1, channels=3,
+                     split_file="../shared/data/kvasir_seg/split.json", split="test")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as err:
+        list_entries(cfg)
+    assert str(err.value) == (
+        "data.split_file: '../shared/data/kvasir_seg/split.json' not found; looked in data.root "
+        f"({root.resolve().parent}/shared/data/kvasir_seg/split.json) and in the working directory "
+        f"({tmp_path.resolve().parent}/shared/data/kvasir_seg/split.json). Expected a JSON file {{split: [ids]}} "
+        "(a relative path is read from data.root, then from the working directory).")
+    # both places work: data.root first, then the working directory
+    assert len(list_entries(replace(cfg, split_file="split.json"))) == 100
+    monkeypatch.chdir(root.parent)
+    assert len(list_entries(replace(cfg, split_file="kvasir_seg/split.json"))) == 100
+    with pytest.raises(DataError, match=r"^data.split_file: /nowhere/split.json not found. Expected a JSON file"):
+        list_entries(replace(cfg, split_file="/nowhere/split.json"))

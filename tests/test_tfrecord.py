@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -220,6 +223,71 @@ def test_parallel_workers_write_the_same_bytes_and_fail_cleanly(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+# A parent that starts the writer's worker pool, prints the pids of its workers and of
+# multiprocessing's resource tracker, and waits to be killed.
+POOL_PARENT = """
+import json, os, time
+from multiprocessing import resource_tracker
+from tfseg.data.tfrecord_encode import worker_pool
+pool = worker_pool(2)
+for f in [pool.submit(os.getpid) for _ in range(4)]:
+    f.result()
+print(json.dumps([*pool._processes, resource_tracker._resource_tracker._pid]), flush=True)
+time.sleep(600)
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (an exited child its new parent has not reaped yet)."""
+    try:
+        return " Z " not in Path(f"/proc/{pid}/stat").read_text().split(")", 1)[1][:4]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_end_when_the_writer_is_killed():
+    """SIGKILL of `tfseg tfrecords` used to leave its spawn workers and the resource tracker running for ever."""
+    parent = subprocess.Popen([sys.executable, "-c", POOL_PARENT], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        pids = json.loads(parent.stdout.readline())
+        assert len(pids) == 3 and all(_running(p) for p in pids)
+    finally:
+        parent.kill()
+        parent.wait(timeout=30)
+        parent.stdout.close()
+    deadline = time.monotonic() + 20
+    while any(_running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [p for p in pids if _running(p)]
+    for pid in left:  # do not leak them into the rest of the test run
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "workers or resource tracker still running after their parent was killed"
+
+
+def test_the_next_run_removes_a_killed_runs_temporary_folder_not_a_live_ones(tmp_path):
+    """A SIGKILLed run leaves `.tfrecords.tfseg-<pid>@<host>.*.tmp/`; the next run into the folder removes it,
+    but not the folder of a run still writing there."""
+    out = tmp_path / "set"
+    make = ("import sys, time; from tfseg.files import make_temp; "
+            "d = make_temp(sys.argv[1], 'tfrecords', directory=True); (d / '.set-000.part').write_bytes(b'x' * 100); "
+            "print(d, flush=True); time.sleep(float(sys.argv[2]))")
+    dead = Path(subprocess.run([sys.executable, "-c", make, str(out), "0"], cwd=ROOT, capture_output=True, text=True,
+                               timeout=60, check=True).stdout.strip())
+    live_run = subprocess.Popen([sys.executable, "-c", make, str(out), "600"], cwd=ROOT, stdout=subprocess.PIPE,
+                                text=True)
+    try:
+        live = Path(live_run.stdout.readline().strip())
+        assert dead.is_dir() and live.is_dir() and dead.parent == live.parent == out
+        write(out, make_samples(4), shards=2)
+        assert not dead.exists() and (live / ".set-000.part").exists()
+        assert sorted(p.name for p in out.iterdir()) == sorted([live.name, "manifest.json", *shards_of(out)])
+    finally:
+        live_run.kill()
+        live_run.wait(timeout=30)
+        live_run.stdout.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # Verify
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +320,7 @@ def _flip_middle_byte(path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda d: _chop(d / "set-001-2.tfrec", 50), r"set-001-2\.tfrec: unreadable after 1 good records"),
+    (lambda d: _chop(d / "set-001-2.tfrec", 50), r"set-001-2\.tfrec: unreadable after 1 good record \("),
     (lambda d: _flip_middle_byte(d / "set-001-2.tfrec"), r"set-001-2\.tfrec: unreadable after"),
     (lambda d: (d / "set-002-2.tfrec").rename(d / "set-002-3.tfrec"),
      r"set-002-2\.tfrec: listed in .*but missing"),
@@ -295,3 +363,16 @@ def test_cli_verify_exit_codes(shard_dir, capsys):
     assert cli.main(["verify", str(shard_dir)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tfseg verify: error: ") and "set-000-3.tfrec" in err and "\n" not in err
+
+
+def test_counts_of_one_are_singular(tmp_path, capsys):
+    """`1 records in 1 shards`, `already holds 1 shards`: the counts of a one-image data set (DSB2018's)."""
+    out = tmp_path / "one"
+    write(out, make_samples(1), shards=3)
+    assert cli.main(["verify", str(out)]) == 0
+    assert re.search(r"one: OK, 1 record in 1 shard \(", capsys.readouterr().out)
+    with pytest.raises(DataError, match=r"one: already holds 1 shard\. Expected an empty folder"):
+        write(out, make_samples(1))
+    T.write_tfrecords(data_cfg(), out, overwrite=True, entries=make_samples(2), progress=False)
+    assert cli.main(["verify", str(out)]) == 0
+    assert re.search(r"one: OK, 2 records in 2 shards \(", capsys.readouterr().out)

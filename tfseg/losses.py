@@ -25,7 +25,7 @@ import keras
 from keras import ops
 
 from tfseg.errors import ConfigError
-from tfseg.registry import Registry
+from tfseg.registry import Registry, unknown_name_message
 
 LOSSES: Registry = Registry("loss", ConfigError)
 EPS = 1e-7
@@ -260,8 +260,9 @@ def normalize_spec(spec: Mapping) -> dict[str, dict]:
     """Expand presets and aliases: ``{bce_dice: 1}`` -> ``{bce: {weight: 1}, dice: {weight: 1}}``.
 
     Raises:
-        ConfigError: unknown term (listing the valid names), a weight that is not a number, or a
-            parameter the term does not take.
+        ConfigError: ``train.loss: Received: loss='dise' (did you mean 'dice'?). Expected one of
+            [...]`` for an unknown term (presets and aliases listed too), a weight that is not a
+            number, or a parameter the term does not take.
     """
     if not isinstance(spec, Mapping) or not spec:
         raise ConfigError(f"train.loss: expected a mapping of loss names to weights, got {spec!r}")
@@ -276,7 +277,8 @@ def normalize_spec(spec: Mapping) -> dict[str, dict]:
             for sub, sub_weight in PRESETS[name].items():
                 _add_term(out, sub, float(weight) * sub_weight, params)
             continue
-        LOSSES.get(name)
+        if name not in LOSSES:
+            raise ConfigError("train.loss: " + unknown_name_message("loss", name, loss_names()))
         _add_term(out, name, float(weight), params)
     return out
 

@@ -35,6 +35,14 @@ def unknown_name_message(kind: str, name, valid) -> str:
     return f"Received: {kind}={name!r}{did_you_mean}. Expected one of {valid}."
 
 
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """``n`` and the noun it counts, for messages: ``plural(1, "group")`` -> ``"1 group"``, else ``"2 groups"``.
+
+    ``words`` is the plural when it is not ``word + "s"`` (``plural(3, "entry", "entries")``).
+    """
+    return f"{n} {word}" if n == 1 else f"{n} {words or word + 's'}"
+
+
 class Registry(Generic[T]):
     """A table of named entries (builders, encoders, augmentations...).
 

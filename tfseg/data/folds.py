@@ -24,6 +24,7 @@ from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold
 
 from tfseg.data.tfrecord import record_index, shard_files
 from tfseg.errors import ConfigError, DataError
+from tfseg.registry import plural
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,10 @@ def assign_folds(groups: Sequence[str], k: int, seed: int,
     groups = [str(g) for g in groups]
     distinct = sorted(set(groups))
     if len(distinct) < k:
-        raise DataError(f"{len(distinct)} groups cannot make {k} folds (train.folds). "
-                        f"Expected at least {k} distinct groups.")
+        fix = (f", or train.folds of at most {len(distinct)}" if len(distinct) > 1 else
+               " (the records of one group, such as one car or one patient, are never split between folds)")
+        raise DataError(f"{plural(len(distinct), 'group')} cannot make {k} folds (train.folds). "
+                        f"Expected at least {k} distinct groups{fix}.")
     if labels is not None and len(labels) != len(groups):
         raise DataError(f"{len(labels)} labels for {len(groups)} records. Expected one label per record.")
     counts = collections.Counter(int(v) for v in labels) if labels is not None else {}
@@ -167,7 +170,7 @@ def kfold_files(files: Sequence[str], k: int, fold: int, seed: int) -> tuple[lis
     _check_k(k, fold)
     files = sorted(str(f) for f in files)
     if len(files) < k:
-        raise DataError(f"{len(files)} shard files cannot make {k} folds. Expected at least {k} files "
+        raise DataError(f"{plural(len(files), 'shard file')} cannot make {k} folds. Expected at least {k} files "
                         "(write more data.shards or lower train.folds).")
     train_idx, val_idx = list(KFold(n_splits=k, shuffle=True, random_state=seed).split(files))[fold]
     return [files[i] for i in sorted(train_idx)], [files[i] for i in sorted(val_idx)]

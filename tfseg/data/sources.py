@@ -21,6 +21,7 @@ empty folder, unknown split.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,11 +117,7 @@ def split_ids(cfg: DataConfig) -> list[str] | None:
             raise DataError(f"data.split={cfg.split!r} is set but data.split_file is null. "
                             "Expected a JSON file mapping split names to ids.")
         return None
-    path = Path(cfg.split_file).expanduser()
-    if not path.is_absolute() and cfg.root and (Path(cfg.root) / path).is_file():
-        path = Path(cfg.root) / path
-    if not path.is_file():
-        raise DataError(f"data.split_file: {path} not found")
+    path = _find_split_file(cfg)
     try:
         splits = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -132,6 +129,24 @@ def split_ids(cfg: DataConfig) -> list[str] | None:
     if cfg.split not in lists:
         raise DataError(f"{path}: no split {cfg.split!r}. Expected one of {sorted(lists)}.")
     return [str(i) for i in lists[cfg.split]]
+
+
+def _find_split_file(cfg: DataConfig) -> Path:
+    """``cfg.split_file`` as a path that exists: an absolute one as given; a relative one under ``root``,
+    else in the working directory. Raises a DataError naming every place looked in."""
+    path = Path(cfg.split_file).expanduser()
+    if path.is_absolute():
+        if path.is_file():
+            return path
+        raise DataError(f"data.split_file: {path} not found. Expected a JSON file {{split: [ids]}}.")
+    places = [("data.root", Path(cfg.root).expanduser() / path)] if cfg.root else []
+    places.append(("the working directory", path))
+    for _, place in places:
+        if place.is_file():
+            return place
+    looked = " and in ".join(f"{name} ({os.path.abspath(place)})" for name, place in places)
+    raise DataError(f"data.split_file: {str(path)!r} not found; looked in {looked}. Expected a JSON file "
+                    "{split: [ids]} (a relative path is read from data.root, then from the working directory).")
 
 
 def _apply_split(cfg: DataConfig, entries: list[Entry]) -> list[Entry]:

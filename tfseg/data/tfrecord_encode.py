@@ -3,7 +3,8 @@
 The writer's worker processes run only this module (and the sources), so they start without
 importing TensorFlow: a "spawn" worker is ready in about a second instead of the tens of seconds
 a TensorFlow import takes on a busy 2-core machine. The parent process assembles the
-``tf.train.Example`` and writes the shards (``tfrecord.example_bytes``).
+``tf.train.Example`` and writes the shards (``tfrecord.example_bytes``). The workers
+(:func:`worker_pool`) end when the parent dies, even when it is killed outright.
 
 Encoding uses PIL with fixed settings, so the same array always gives the same bytes:
 PNG at zlib level 6 without optimisation; JPEG baseline, 4:2:0 chroma, no optimisation, no EXIF.
@@ -13,7 +14,15 @@ PNG at zlib level 6 without optimisation; JPEG baseline, 4:2:0 chroma, no optimi
 
 from __future__ import annotations
 
+import ctypes
 import io
+import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
@@ -112,3 +121,46 @@ def encode_entry(cfg, entry) -> list[EncodedSample]:
 
         samples = sources.read_entry(cfg, entry)
     return [encode_sample(s, cfg.image_format, cfg.jpeg_quality, cfg.channels, cfg.classes) for s in samples]
+
+
+# ------------------------------------------------------------------------------------------------
+# The worker processes
+# ------------------------------------------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """``workers`` "spawn" processes for :func:`encode_entry` that end when this process ends.
+
+    A pool's workers wait on a queue that they hold open themselves, so when their parent is
+    killed (SIGKILL, out of memory: no chance to shut the pool down) they would wait for ever,
+    and multiprocessing's resource tracker with them. Each worker therefore asks to be sent
+    SIGTERM when its parent dies (Linux ``prctl(PR_SET_PDEATHSIG)``; elsewhere a thread that
+    watches the parent's id): see :func:`exit_with_parent`. Linux sends it when the *thread* that
+    started the worker ends, and workers are started by ``submit``: use the pool from one thread.
+    """
+    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                               initializer=exit_with_parent, initargs=(os.getpid(),))
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """Pool initializer: end this process when process ``parent_pid``, which started it, dies."""
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent_pid,), name="tfseg-watch-parent", daemon=True).start()
+
+
+def _watch_parent(parent_pid: int, interval: float = 0.5) -> None:
+    """End this process (exit status 1) once its parent is no longer ``parent_pid``."""
+    while os.getppid() == parent_pid:
+        time.sleep(interval)
+    os._exit(1)

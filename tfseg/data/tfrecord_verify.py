@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from tfseg.data.tfrecord import SHARD_RE, features, read_manifest, shard_files
 from tfseg.errors import DataError, first_line
+from tfseg.registry import plural
 
 
 def _inspect(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -66,7 +67,7 @@ def _verify_shard(path: str, channels: int | None) -> tuple[list[str], np.ndarra
             hw = (int(r["height"]), int(r["width"]))
             lo, hi = min(lo, hw), max(hi, hw)
     except tf.errors.OpError as err:
-        raise DataError(f"{path}: unreadable after {len(ids)} good records ({first_line(err)}). "
+        raise DataError(f"{path}: unreadable after {plural(len(ids), 'good record')} ({first_line(err)}). "
                         "Expected a complete shard; rewrite it with `tfseg tfrecords --overwrite`.") from None
     return ids, hist, lo, hi, chans
 
@@ -121,7 +122,7 @@ def verify_dir(directory: str | Path) -> dict:
                             "Expected <prefix>-<shard>-<count>.tfrec.")
         ids, shard_hist, s_lo, s_hi, s_chans = _verify_shard(path, channels)
         if len(ids) != int(m["count"]):
-            raise DataError(f"{path}: holds {len(ids)} records, its name says {int(m['count'])}.")
+            raise DataError(f"{path}: holds {plural(len(ids), 'record')}, its name says {int(m['count'])}.")
         if manifest is not None and ids != by_shard.get(name):
             raise DataError(f"{path}: its ids differ from those listed for it in {directory}/manifest.json.")
         for rid in ids:
@@ -138,7 +139,7 @@ def verify_dir(directory: str | Path) -> dict:
         size += tf.io.gfile.stat(path).length
         chans |= s_chans
     if manifest is not None and total != len(manifest["records"]):
-        raise DataError(f"{directory}/manifest.json: lists {len(manifest['records'])} records, "
+        raise DataError(f"{directory}/manifest.json: lists {plural(len(manifest['records']), 'record')}, "
                         f"the shards hold {total}.")
     return {"dir": directory, "shards": len(files), "records": total, "bytes": size,
             "manifest": manifest is not None, "channels": sorted(chans),
@@ -152,7 +153,8 @@ def cli_verify(args) -> int:
     s = verify_dir(args.dir)
     sizes = (f"{s['min_size'][0]}x{s['min_size'][1]}" if s["min_size"] == s["max_size"]
              else f"{s['min_size'][0]}x{s['min_size'][1]}..{s['max_size'][0]}x{s['max_size'][1]}")
-    print(f"{s['dir']}: OK, {s['records']} records in {s['shards']} shards ({s['bytes'] / 2**20:.1f} MiB), "
+    print(f"{s['dir']}: OK, {plural(s['records'], 'record')} in {plural(s['shards'], 'shard')} "
+          f"({s['bytes'] / 2**20:.1f} MiB), "
           f"sizes {sizes}, mask values {s['mask_values']}, "
           f"manifest {'matches' if s['manifest'] else 'absent'} ({s['seconds']:.1f} s)")
     return 0

@@ -11,21 +11,21 @@ All or nothing: shards are written under a hidden temporary folder inside the ou
 output folder only when every entry succeeded, then ``manifest.json`` is written, atomically,
 last. A failure (a :class:`DataError` from any worker) removes the temporary folder and
 re-raises the one-line error: no new shard is left behind. Empty shards produce no file.
+A run killed outright (SIGKILL) cannot remove its folder (``.tfrecords.tfseg-<pid>@<host>...tmp``);
+the next run into the same output folder does, once that process is gone
+(:func:`tfseg.files.remove_stale_temps`), and its workers end with it (``worker_pool``).
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import multiprocessing as mp
 import os
 import shutil
 import stat
 import sys
-import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from itertools import islice
 from pathlib import Path
 
@@ -34,9 +34,10 @@ from tqdm import tqdm
 
 from tfseg.config import DataConfig
 from tfseg.data import tfrecord as schema
-from tfseg.data.tfrecord_encode import EncodedSample, encode_entry
+from tfseg.data.tfrecord_encode import EncodedSample, encode_entry, worker_pool
 from tfseg.errors import DataError
-from tfseg.files import atomic_write_text
+from tfseg.files import atomic_write_text, make_temp, remove_stale_temps
+from tfseg.registry import plural
 
 
 def _encoded_entries(cfg: DataConfig, entries: Sequence, workers: int) -> Iterator[list[EncodedSample]]:
@@ -50,7 +51,7 @@ def _encoded_entries(cfg: DataConfig, entries: Sequence, workers: int) -> Iterat
         for entry in entries:
             yield encode_entry(cfg, entry)
         return
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+    pool = worker_pool(workers)
     try:
         todo = iter(entries)
         window = deque(pool.submit(encode_entry, cfg, e) for e in islice(todo, 4 * workers))
@@ -152,7 +153,7 @@ def write_tfrecords(cfg: DataConfig, output_dir: str | Path | None = None, overw
         raise DataError(f"{out}: exists and is not a folder. Expected a folder for the TFRecord shards.")
     existing = schema.shard_files(out) if out.is_dir() else []
     if existing and not overwrite:
-        raise DataError(f"{out}: already holds {len(existing)} shards. Expected an empty folder; "
+        raise DataError(f"{out}: already holds {plural(len(existing), 'shard')}. Expected an empty folder; "
                         "pass --overwrite to replace them.")
     if entries is None:
         from tfseg.data import sources
@@ -165,7 +166,8 @@ def write_tfrecords(cfg: DataConfig, output_dir: str | Path | None = None, overw
     n_shards = min(cfg.shards, len(entries))
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tfrecords-", suffix=".tmp", dir=out))
+    remove_stale_temps(out)  # the temporary folder of a run that was killed (SIGKILL) before it could clean up
+    tmp = make_temp(out, "tfrecords", directory=True)
     shard_set = _ShardSet(tmp, prefix, n_shards)
     try:
         with tqdm(total=len(entries), unit="entry", desc=f"tfrecords {prefix}", disable=not progress,
@@ -182,8 +184,8 @@ def write_tfrecords(cfg: DataConfig, output_dir: str | Path | None = None, overw
         shards = shard_set.close()
         records = [{"shard": s["file"], **rec} for s in shards for rec in s["records"]]
         if not records:
-            raise DataError(f"{out}: the {len(entries)} entries gave no sample (data.source={cfg.source!r}). "
-                            "Expected at least one image.")
+            raise DataError(f"{out}: the {plural(len(entries), 'entry', 'entries')} gave no sample "
+                            f"(data.source={cfg.source!r}). Expected at least one image.")
         _check_unique_ids(records, out)
         manifest = {"format": "tfseg.tfrecord", "version": schema.SCHEMA_VERSION, "prefix": prefix,
                     "source": cfg.source, "image_format": cfg.image_format,
@@ -222,6 +224,6 @@ def cli_write(cfg, args) -> int:
     summary = write_tfrecords(cfg.data, out, overwrite=args.overwrite)
     dump_config(cfg, out / "config.yaml")
     _same_mode_as_shards(out / "config.yaml", Path(summary["files"][0]) if summary["files"] else None)
-    print(f"wrote {summary['records']} records in {summary['shards']} shards "
+    print(f"wrote {plural(summary['records'], 'record')} in {plural(summary['shards'], 'shard')} "
           f"({summary['bytes'] / 2**20:.1f} MiB) to {out} in {summary['seconds']:.1f} s")
     return 0

@@ -93,7 +93,7 @@ def test_inputs_with_the_same_name_are_refused_up_front(tmp_path, capsys):
     # one file named twice (its folder and itself) is one input, not a clash
     assert main(["predict", "--run", str(run), "--input", str(tmp_path / "A"), str(tmp_path / "A" / "0.png"),
                  "--output", str(out)]) == 0
-    assert "1 images" in capsys.readouterr().out
+    assert "1 image (" in capsys.readouterr().out
 
 
 def test_tfrecord_ids_that_clash_name_the_shard(tmp_path, capsys):

@@ -23,6 +23,7 @@ import numpy as np
 from tfseg.config import Config
 from tfseg.errors import DataError, first_line
 from tfseg.files import atomic_path
+from tfseg.registry import plural
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
 TFRECORD_EXTENSIONS = (".tfrec", ".tfrecord", ".tfrecords")
@@ -96,8 +97,9 @@ def check_inputs(files: list[Path], output: Path, to_csv: bool, overlays: str | 
         raise DataError(f"{output}: is a folder. Expected the path of a submission file *.csv / *.csv.gz")
     for where, folder in (("--output", None if to_csv else output), ("--overlays", overlays)):
         if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
-            raise DataError(f"{folder}: exists and is not a folder. Expected a folder for {where} (masks "
-                            f"{'or a *.csv / *.csv.gz submission ' if where == '--output' else ''}are written into it)")
+            what = ("a folder (one mask PNG per image is written into it) or a submission file *.csv / *.csv.gz"
+                    if where == "--output" else "a folder (the overlay PNGs are written into it)")
+            raise DataError(f"{folder}: exists and is not a folder. Expected {where} to be {what}")
     images = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
     names = [(lambda f: image_id(f.name, id_format), lambda key: f"id {key!r} in {output}")] if to_csv else \
         [(lambda f: f.stem, lambda key: f"{output / key}.png")]
@@ -244,12 +246,13 @@ def run_predict(args) -> int:
                 save_panel(Path(args.overlays) / f"{stem}.png", _overlay_image(item, step),
                            (thumb > 0).astype(np.uint8) if binary else thumb, truth, title=item.name)
             n += 1
-    where = f"{output} ({sub.count} rows)" if to_csv else f"{output}/ ({n} masks)"
+    where = f"{output} ({plural(sub.count, 'row')})" if to_csv else f"{output}/ ({plural(n, 'mask')})"
     cut = ""
     if binary:
         source = " (out-of-fold sweep)" if cfg.infer.threshold_from == "oof" else ""
         cut = f", threshold {predictor.infer.threshold:g}{source}"
-    print(f"tfseg predict: {n} images ({predictor.how}), folds {predictor.folds}, tta {cfg.infer.tta}{cut} -> {where}")
+    print(f"tfseg predict: {plural(n, 'image')} ({predictor.how}), folds {predictor.folds}, tta {cfg.infer.tta}{cut} "
+          f"-> {where}")
     return 0
 
 

@@ -49,7 +49,11 @@ def check_invariants(cfg: Config) -> None:
     # No TensorFlow state may be created before the strategy (MultiWorkerMirroredStrategy must
     # configure the collective ops at program start-up): check names, build nothing.
     classes = cfg.model.classes or cfg.data.classes
-    check_loss(cfg.train.loss, classes, cfg.train.class_weights)
+    try:
+        check_loss(cfg.train.loss, classes, cfg.train.class_weights)
+    except ConfigError as err:
+        key = "train.class_weights" if str(err).startswith("train.class_weights") else "train.loss"
+        raise ConfigError(blame(key_origin(cfg, key), key, str(err))) from None
     metrics = check_metric_names(cfg.train.metrics, classes)
     valid = [*LOSS_MONITORS, *metrics, *(f"val_{m}" for m in metrics)]
     if cfg.train.monitor not in valid:

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 from tfseg.config import Config, key_origin
 from tfseg.errors import ConfigError
+from tfseg.registry import plural
 
 
 def fixed_input_size(model) -> tuple[int, int] | None:
@@ -49,10 +50,6 @@ def _classes_key(cfg: Config) -> str:
     if model and not to_null and (model.startswith("--set ") or not data):
         return "model.classes"
     return "data.classes"
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def check_checkpoint(model, path: str | os.PathLike, cfg: Config, feed: Sequence[int] | None = None,
@@ -84,7 +81,7 @@ def check_checkpoint(model, path: str | os.PathLike, cfg: Config, feed: Sequence
         what = "a binary mask" if classes == 1 else f"{classes} classes"
         wanted = "a binary mask" if want == 1 else f"{want} classes"
         raise ConfigError(f"{key} is {want}{_origin(cfg, key)}, but the run's model {path} outputs "
-                          f"{_plural(classes, 'channel')} ({what}). Expected {key}: {classes}, or a "
+                          f"{plural(classes, 'channel')} ({what}). Expected {key}: {classes}, or a "
                           f"checkpoint trained for {wanted}")
     check_fixed_size(fixed_input_size(model), feed, cfg.infer.tta, str(path), feed_key, _origin(cfg, feed_key),
                      alternative)

@@ -152,7 +152,7 @@ def keras_predict_fn(model) -> Callable[[np.ndarray], np.ndarray]:
     import keras
 
     logits = output_is_logits(model)
-    if keras.backend.backend() == "tensorflow" and None in tuple(model.input_shape[1:3]):
+    if keras.backend.backend() == "tensorflow" and fixed_input_size(model) is None:
         from tfseg.export import free_size_traceable
 
         model = free_size_traceable(model)

@@ -201,12 +201,11 @@ def evaluate_run(run: str | Path, folds: str = "all", data: str | Path | None = 
         RunError: missing run, fold or checkpoint. DataError: unreadable or empty data. ConfigError: a
         checkpoint that does not match the config (:func:`tfseg.checkpoint_checks.check_checkpoint`).
     """
-    from tfseg.checkpoint_checks import check_checkpoint
     from tfseg.data.tfrecord import shard_files
     from tfseg.inference import (
         Predictor,
         keras_predict_fn,
-        load_model,
+        load_checked,
         load_run_config,
         resolve_threshold,
         select_folds,
@@ -230,16 +229,16 @@ def evaluate_run(run: str | Path, folds: str = "all", data: str | Path | None = 
         feed, feed_key, how = _pipeline_feed(cfg)
     else:
         feed, feed_key = resize_to, "data.image_size"
-    models = {}
-    for k, path in checkpoints.items():  # each checkpoint against the config, before any image
-        models[k] = load_model(path)
-        check_checkpoint(models[k], path, cfg, feed, feed_key, "" if pipeline else "infer.fit=tile")
-        if pipeline:  # a model of any size: can it take the records' size? (one line naming the key if not)
-            tile_spec(models[k], feed, feed_key)
+    # each checkpoint against the config, before any image
+    models = load_checked(checkpoints, cfg, feed, feed_key, "" if pipeline else "infer.fit=tile")
+    if pipeline:  # a model of any size: can it take the records' size? (one line naming the key if not)
+        for model in models.values():
+            tile_spec(model, feed, feed_key)
     # held-out data is scored at the out-of-fold threshold when asked (infer.threshold_from: oof)
     threshold = (cfg.infer if data is None else resolve_threshold(run, cfg.infer)).threshold
-    # scored as `tfseg predict` would predict: with the run's test-time augmentation
-    predicts = {k: with_tta(keras_predict_fn(m), cfg.infer.tta) for k, m in models.items()}
+    # records are scored as `tfseg predict` would predict them: with the run's test-time augmentation
+    # (image files go through a Predictor, which does the same)
+    predicts = {k: with_tta(keras_predict_fn(m), cfg.infer.tta) for k, m in models.items()} if pipeline else {}
     classes = int(next(iter(models.values())).output_shape[-1])
     binary = classes == 1
     sweep = Sweep() if binary else None

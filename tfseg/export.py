@@ -89,16 +89,12 @@ def free_size_traceable(model):
     """
     import keras
 
+    from tfseg.models.common import all_layers
+
     def resizes(layer) -> bool:
         return isinstance(layer, keras.layers.UpSampling2D) and layer.interpolation != "nearest"
 
-    def all_of(m):
-        for layer in m.layers:
-            yield layer
-            if isinstance(layer, keras.Model):
-                yield from all_of(layer)
-
-    if not any(resizes(layer) for layer in all_of(model)):
+    if not any(resizes(layer) for layer in all_layers(model)):
         return model
     cls = _dynamic_upsampling_class()
 

@@ -133,6 +133,19 @@ def load_model(path: str | os.PathLike):
         raise RunError(f"{path}: cannot load the model ({first[:200]}).") from None
 
 
+def load_checked(paths: dict[int, Path], cfg: Config | None, feed: Sequence[int] | None = None,
+                 feed_key: str = "data.image_size", alternative: str = "") -> dict:
+    """``{fold: model}`` of the checkpoints ``paths``, each checked against ``cfg`` as it is loaded
+    (:func:`tfseg.checkpoint_checks.check_checkpoint`, with ``feed``, ``feed_key`` and ``alternative``);
+    ``cfg`` None: loaded unchecked."""
+    models = {}
+    for k, path in paths.items():
+        models[k] = load_model(path)
+        if cfg is not None:
+            check_checkpoint(models[k], path, cfg, feed, feed_key, alternative)
+    return models
+
+
 def output_is_logits(model) -> bool:
     """True when the model's last layer has a linear activation (it returns logits)."""
     act = getattr(model.layers[-1], "activation", None)
@@ -294,11 +307,8 @@ class Predictor:
         if data is None and infer.fit != "tile":
             data = load_run_config(run_dir).data
         resize_to = None if infer.fit == "tile" else whole_image_size(infer, data)
-        models = [load_model(p) for p in paths.values()]
-        if config is not None:
-            for path, model in zip(paths.values(), models):
-                check_checkpoint(model, path, config, resize_to, "data.image_size", "infer.fit=tile")
-        predictor = cls(models, infer, resize_to=resize_to)
+        models = load_checked(paths, config, resize_to, "data.image_size", "infer.fit=tile")
+        predictor = cls(list(models.values()), infer, resize_to=resize_to)
         predictor.folds = list(paths)
         return predictor
 

@@ -67,24 +67,28 @@ def conv3x3_bn_relu(x, filters: int, use_batchnorm: bool, name: str):
     return conv_bn_act(x, filters, 3, activation="relu", use_batchnorm=use_batchnorm, name=name)
 
 
-def decoder_upsampling_block(x, skip, filters: int, stage: int, use_batchnorm: bool = True):
-    """U-Net decoder block: UpSampling2D x2 -> concat skip -> two conv3x3-BN-ReLU.
+def decoder_upsampling_block(x, skip, filters: int, stage: int, use_batchnorm: bool = True, *,
+                             name: str | None = None):
+    """U-Net decoder block: UpSampling2D x2 -> concat skip(s) -> two conv3x3-BN-ReLU.
 
     Args:
         x: [B, H, W, F] deeper features.
-        skip: [B, 2H, 2W, S] encoder features, or None.
+        skip: [B, 2H, 2W, S] encoder features, a list of such (UNet++'s nodes), or None.
         filters: output channels.
         stage: block index (names ``decoder_stage{stage}...``).
         use_batchnorm: BN after each convolution.
+        name: the layers' name prefix instead of ``decoder_stage{stage}``.
 
     Returns:
         [B, 2H, 2W, filters].
     """
-    x = keras.layers.UpSampling2D(size=2, name=f"decoder_stage{stage}_upsampling")(x)
-    if skip is not None:
-        x = keras.layers.Concatenate(axis=-1, name=f"decoder_stage{stage}_concat")([x, skip])
-    x = conv3x3_bn_relu(x, filters, use_batchnorm, name=f"decoder_stage{stage}a")
-    return conv3x3_bn_relu(x, filters, use_batchnorm, name=f"decoder_stage{stage}b")
+    name = name or f"decoder_stage{stage}"
+    skips = [] if skip is None else list(skip) if isinstance(skip, (list, tuple)) else [skip]
+    x = keras.layers.UpSampling2D(size=2, name=f"{name}_upsampling")(x)
+    if skips:
+        x = keras.layers.Concatenate(axis=-1, name=f"{name}_concat")([x, *skips])
+    x = conv3x3_bn_relu(x, filters, use_batchnorm, name=f"{name}a")
+    return conv3x3_bn_relu(x, filters, use_batchnorm, name=f"{name}b")
 
 
 def decoder_transpose_block(x, skip, filters: int, stage: int, use_batchnorm: bool = True):

@@ -102,7 +102,7 @@ def _check(opts: dict) -> None:
 def conv_bn_relu(x, filters: int, kernel_size: int, *, rate: int = 1, separable: bool = False, name: str):
     """Conv (atrous with ``rate`` > 1; depthwise-separable with ``separable`` and kernel > 1) -> BN -> ReLU:
     layers ``<name>_conv`` (Conv2D or SeparableConv2D, no bias), ``<name>_bn``, ``<name>_relu``."""
-    return conv_bn_act(x, filters, kernel_size, dilation_rate=rate, separable=separable and kernel_size > 1,
+    return conv_bn_act(x, filters, kernel_size, dilation_rate=rate, separable=separable,
                        name=name)
 
 
@@ -145,8 +145,7 @@ def aspp(x, filters: int = 256, rates=(6, 12, 18), *, separable: bool = False, d
 
 def _features_message(backbone: str, features, problem: str) -> str:
     spec = get_encoder_spec(backbone)
-    names = ", ".join(f"{s}: {f!r}" for s, f in sorted(spec.features.items(), reverse=True)
-                      if isinstance(f, str) and "/" not in f)
+    names = ", ".join(f"{s}: {f!r}" for f, s in sorted(spec.layer_names.items(), key=lambda fs: -fs[1]))
     return (f"{ARCH}: option encoder_features={features!r}: {problem}; expected 'default' or [ASPP feature, "
             f"low-level feature], strides from {list(spec.strides)} or layer names of the {backbone} encoder"
             + (f" (the table's: {names})" if names else ""))
@@ -179,8 +178,7 @@ def _encode(cfg: ModelConfig, features):
     backbone = cfg.backbone
     spec = get_encoder_spec(backbone)
     shape = tuple(cfg.input_shape or (None, None, 3))
-    table_names = {f: s for s, f in spec.features.items() if isinstance(f, str) and "/" not in f}
-    refs = DEFAULT_FEATURES if features == "default" else tuple(table_names.get(f, f) for f in features)
+    refs = DEFAULT_FEATURES if features == "default" else tuple(spec.layer_names.get(f, f) for f in features)
     for ref in refs:
         if _is_int(ref) and ref not in spec.strides:
             raise ModelError(_features_message(backbone, features, f"{backbone} has no features at stride {ref}"))
@@ -208,7 +206,8 @@ def _encode(cfg: ModelConfig, features):
                                                                    "encoder")) from err
     h, w, c = shape
     side = (h or PROBE_SIDE, w or PROBE_SIDE)
-    specs = keras.Model(encoder.inputs, tensors).compute_output_spec(keras.KerasTensor((1, *side, c)))
+    cut = keras.Model(encoder.inputs, tensors, name="encoder")
+    specs = cut.compute_output_spec(keras.KerasTensor((1, *side, c)))
     strides = tuple(2 ** round(math.log2(side[0] / out.shape[1])) for out in specs)
     _check_strides(backbone, features, strides)
     check_input_shape(shape, strides[0], ARCH, min_size=-(-spec.min_size // strides[0]) * strides[0])
@@ -218,7 +217,7 @@ def _encode(cfg: ModelConfig, features):
                 backbone, features, f"layer {ref!r} gives {out.shape[1]}x{out.shape[2]} maps at input "
                                     f"{side[0]}x{side[1]}, not input / {stride} (a valid-padded encoder: use "
                                     "the table's features, by stride)"))
-    high, low = keras.Model(encoder.inputs, tensors, name="encoder")(image)
+    high, low = cut(image)
     return image, high, low, strides
 
 

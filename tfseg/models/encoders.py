@@ -87,6 +87,11 @@ class EncoderSpec:
     kwargs: dict = field(default_factory=dict)
 
     @property
+    def layer_names(self) -> dict[str, int]:
+        """``{layer name: stride}`` of the features the table names by a layer of the encoder (sm's names)."""
+        return {f: s for s, f in self.features.items() if isinstance(f, str) and "/" not in f}
+
+    @property
     def model_name(self) -> str:
         """The constructor's name, for messages (``EfficientNetB0``, ``ResNet34``)."""
         return self.constructor.rsplit(":", 1)[-1]

@@ -113,8 +113,9 @@ def skip_strides(backbone_name: str, encoder_features, arch: str = ARCH) -> tupl
     shares it; ``arch`` names the architecture in the error)."""
     if isinstance(encoder_features, str) and encoder_features == "default":
         return available_strides(backbone_name, SKIP_STRIDES)
-    features = {s: f for s, f in get_encoder_spec(backbone_name).features.items() if s < 32}
-    names = {f: s for s, f in features.items() if isinstance(f, str) and "/" not in f}  # sm's layer names
+    spec = get_encoder_spec(backbone_name)
+    features = {s: f for s, f in spec.features.items() if s < 32}
+    names = {f: s for f, s in spec.layer_names.items() if s < 32}  # sm's layer names
     entries = [encoder_features] if isinstance(encoder_features, (str, int)) else list(encoder_features)
     strides = []
     for entry in entries:

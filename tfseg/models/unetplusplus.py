@@ -11,7 +11,8 @@ the skip pathway. Every node with ``j >= 1`` is
 with nearest-neighbour x2 upsampling (``decoder_x{i}_{j}_upsampling``), the concatenation in smp's order
 (the upsampled node, then the level's nodes newest first, the encoder feature last;
 ``decoder_x{i}_{j}_concat``) and the convolutions ``decoder_x{i}_{j}a`` and ``decoder_x{i}_{j}b``
-(:func:`tfseg.models.blocks.conv_bn_act`, He-uniform, no bias when there is BatchNorm).
+(:func:`tfseg.models.blocks.decoder_upsampling_block`, the U-Net block with several skips; He-uniform, no bias
+when there is BatchNorm).
 
 - The nodes with ``i + j == 5`` are the decoder's path up: ``X(4, 1)``, ``X(3, 2)``, ``X(2, 3)``,
   ``X(1, 4)`` and ``X(0, 5)`` (the input size) have ``model.decoder_filters`` (256, 128, 64, 32, 16)
@@ -46,7 +47,7 @@ import keras
 from tfseg.config import ModelConfig
 from tfseg.errors import ModelError
 from tfseg.models import ARCHS
-from tfseg.models.blocks import conv_bn_act
+from tfseg.models.blocks import decoder_upsampling_block
 from tfseg.models.common import freeze_encoder, read_options, segmentation_head
 from tfseg.models.encoders import encoder_on_input
 from tfseg.models.unet import skip_strides
@@ -87,12 +88,8 @@ def nested_decoder(features: dict, filters, use_batchnorm: bool = True) -> dict:
                 continue
             level = [nodes[(i, k)] for k in range(j - 1, -1, -1) if (i, k) in nodes]  # newest first, as smp
             width = int(filters[DEPTH - 1 - i]) if path_up else int(nodes[(i, 0)].shape[-1])
-            name = node_name(i, j)
-            x = keras.layers.UpSampling2D(2, interpolation="nearest", name=f"{name}_upsampling")(nodes[(i + 1, j - 1)])
-            if level:
-                x = keras.layers.Concatenate(axis=-1, name=f"{name}_concat")([x, *level])
-            x = conv_bn_act(x, width, 3, use_batchnorm=use_batchnorm, name=f"{name}a")
-            nodes[(i, j)] = conv_bn_act(x, width, 3, use_batchnorm=use_batchnorm, name=f"{name}b")
+            nodes[(i, j)] = decoder_upsampling_block(nodes[(i + 1, j - 1)], level, width, 0, use_batchnorm,
+                                                     name=node_name(i, j))
     return nodes
 
 

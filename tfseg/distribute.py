@@ -219,7 +219,6 @@ def global_batch_size(per_replica: int, replicas: int) -> int:
 # Strategies under which Keras 3's multi-step loop (steps_per_execution > 1) fails: it runs the step's
 # strategy.run inside tf.cond in a tf.while_loop, and the optimizer's cross-replica merge_call there
 # fails with "You must feed a value for placeholder tensor" (keras-team/keras#19246, open).
-_NO_MULTI_STEP = ("MirroredStrategy", "MultiWorkerMirroredStrategy", "CollectiveAllReduceStrategy")
 _TOLD_STEPS: list[int] = []
 
 
@@ -234,9 +233,10 @@ def steps_per_execution_for(requested: int) -> int:
         return requested
     import tensorflow as tf
 
-    name = type(tf.distribute.get_strategy()).__name__
-    if name not in _NO_MULTI_STEP:
+    strategy = tf.distribute.get_strategy()
+    if _strategy_kind(strategy) not in ("mirrored", "multiworker"):
         return requested
+    name = type(strategy).__name__
     if not _TOLD_STEPS:
         _TOLD_STEPS.append(requested)
         print(f"tfseg train: train.steps_per_execution={requested} runs as 1 under {name}: Keras 3's multi-step "
@@ -276,7 +276,7 @@ def prebuild(model: keras.Model, dataset) -> None:
 
     build_from_spec()
     model._maybe_symbolic_build = build_from_spec
-    if type(strategy).__name__ in ("MultiWorkerMirroredStrategy", "CollectiveAllReduceStrategy"):
+    if _strategy_kind(strategy) == "multiworker":
         # The same Keras version reduces the step logs across workers with MEAN over axis 0, which
         # fails for scalar logs ("Invalid reduction dimension 0"); give them that axis.
         for step in ("train_step", "test_step"):

@@ -30,7 +30,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -38,7 +37,7 @@ import yaml
 
 from tfseg.config import Config, to_dict
 from tfseg.errors import RunError, first_line
-from tfseg.files import atomic_write_text
+from tfseg.files import atomic_write_text, make_temp
 
 NEW, INTERRUPTED, FINISHED = "new", "interrupted", "finished"
 TRAIN, RESUME, SKIP, START_OVER = "train", "resume", "skip", "start over"
@@ -194,8 +193,9 @@ def check_backup(model, backup: Path, fold: int) -> None:
     weights = backup / "latest.weights.h5"
     if not weights.is_file():
         return
-    if model.optimizer is not None and not model.optimizer.built:
-        model.optimizer.build(model.trainable_variables)
+    from tfseg.distribute import build_optimizer_state
+
+    build_optimizer_state(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -294,7 +294,7 @@ def _scored_folds(path: Path) -> set[int]:
 
 def _remove(folder: Path) -> None:
     """Rename ``folder`` aside (one atomic step), then delete it."""
-    aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.removed-", dir=folder.parent))
+    aside = make_temp(folder.parent, f"{folder.name}.removed", directory=True)  # a killed run's: removed later
     os.replace(folder, aside)  # onto the empty folder just made
     shutil.rmtree(aside, ignore_errors=True)
 

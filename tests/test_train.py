@@ -564,12 +564,6 @@ def test_whole_device_batches_leave_out_the_uneven_tail_of_validation():
         whole_device_batches(ds, 3, 8, 4, fold=2)
 
 
-def _files(folder: Path) -> dict:
-    """Every file under ``folder``: its bytes and modification time (what 'nothing written' compares)."""
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def _oof_evaluation(run_dir: Path, folds) -> None:
     """RUN/evaluate/oof as `tfseg evaluate --run RUN` writes it (per_image.csv's fold column; the sweep's best
     threshold in evaluation.json, which infer.threshold_from=oof reads)."""
@@ -592,7 +586,9 @@ def test_a_finished_fold_is_trained_again_only_with_overwrite(tmp_path, capsys):
     run_dir, fold_dir = tmp_path / "runs" / "tiny", tmp_path / "runs" / "tiny" / "fold0"
     _oof_evaluation(run_dir, [0, 0, 0])
     (fold_dir / "stale.txt").write_text("anything the old fold's folder held")
-    before = _files(run_dir)
+    from tests.test_resume import snapshot
+
+    before = snapshot(run_dir)
     capsys.readouterr()
 
     assert cli.main(["train", "--config", str(params)]) == 2
@@ -601,7 +597,7 @@ def test_a_finished_fold_is_trained_again_only_with_overwrite(tmp_path, capsys):
         f"tfseg train: error: {fold_dir} holds fold 0, trained already (best val_dice_coe {best['best']:.4f} at "
         "epoch 1 of 1), and there is no backup to resume from; expected a fold not trained yet. Pass --overwrite "
         "to train fold 0 again from scratch (its results are replaced), or set a new train.name"]
-    assert _files(run_dir) == before  # not a byte written
+    assert snapshot(run_dir) == before  # not a byte written
 
     assert cli.main(["train", "--config", str(params), "--overwrite", "--set", "train.epochs=2"]) == 0
     err = capsys.readouterr().err

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import pytest
 
+from tests.test_models_fpn_linknet_pspnet import count as _count
 from tfseg.config import ModelConfig
 from tfseg.errors import ModelError
 from tfseg.models import build_model
@@ -26,10 +27,6 @@ KERAS_IO_TOTAL, KERAS_IO_TRAINABLE, KERAS_IO_NON_TRAINABLE = 11_857_236, 11_824_
 def _build(backbone="mobilenetv2", shape=(64, 64, 3), classes=3, activation="auto", **options):
     return build_model(ModelConfig(arch="deeplabv3plus", backbone=backbone, input_shape=shape, classes=classes,
                                    activation=activation, encoder_weights=None, options=options))
-
-
-def _count(weights) -> int:
-    return int(sum(np.prod(w.shape) for w in weights))
 
 
 def _shape(model, name):

@@ -33,6 +33,7 @@ import keras
 import numpy as np
 import pytest
 
+from tests.test_models_fpn_linknet_pspnet import count as _count
 from tfseg.config import ModelConfig
 from tfseg.errors import ModelError
 from tfseg.models import build_model
@@ -133,10 +134,6 @@ def _build(backbone="resnet18", shape=(64, 64, 3), classes=1, activation="auto",
     kw.setdefault("encoder_weights", None)
     return build_model(ModelConfig(arch="unetplusplus", backbone=backbone, input_shape=shape, classes=classes,
                                    activation=activation, decoder_filters=filters, **kw))
-
-
-def _count(weights) -> int:
-    return int(sum(np.prod(w.shape) for w in weights))
 
 
 def _decoder_counts(model) -> tuple[int, int]:

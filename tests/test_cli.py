@@ -113,14 +113,22 @@ def test_models_describes_the_configured_model(capsys):
     assert "not loaded here" in out[5]  # params.yaml's encoder_weights: imagenet is not downloaded
 
 
-def test_models_with_an_impossible_size_exits_2_one_line(project_root):
+def test_models_with_an_impossible_size_or_name_exits_2_one_line_naming_the_key(project_root, tmp_path):
     res = subprocess.run([sys.executable, "-m", "tfseg", "models", "--set", "model.arch=pix2pix_unet", "--set",
                           "data.image_size=[100,100]"], capture_output=True, text=True, cwd=project_root,
                          timeout=300)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
-        "tfseg models: error: pix2pix_unet: input height 100 is not divisible by 32; the nearest sizes that work "
-        "are 96 and 128"]
+        "tfseg models: error: --set data.image_size=[100,100]: pix2pix_unet: input height 100 is not divisible by "
+        "32; the nearest sizes that work are 96 and 128"]
+    # a name the builders refuse is reported against the file and key that set it, as `tfseg train` does
+    params = tmp_path / "bad.yaml"
+    params.write_text("model:\n  arch: unet\n  backbone: efficientnetb9\n")
+    res = subprocess.run([sys.executable, "-m", "tfseg", "models", "--config", str(params)], capture_output=True,
+                         text=True, cwd=project_root, timeout=300)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert res.stderr.startswith(f"tfseg models: error: {params}: model.backbone: Received: "
+                                 "backbone='efficientnetb9' (did you mean 'efficientnetb7'?)"), res.stderr
 
 
 @pytest.mark.parametrize(("argv", "flag"), [

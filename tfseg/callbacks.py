@@ -21,14 +21,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from tfseg.files import atomic_path, atomic_write_text
-
-
-def _read_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with path.open(newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+from tfseg.files import atomic_path, atomic_write_text, read_csv_rows
 
 
 def current_lr(model) -> float:
@@ -54,7 +47,7 @@ class HistoryCSV(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         start = int(getattr(self.model, "_initial_epoch", None) or 0)
-        self.rows = [r for r in _read_rows(self.path) if int(float(r["epoch"])) < start]
+        self.rows = [r for r in read_csv_rows(self.path) if int(float(r["epoch"])) < start]
         self._write()
 
     def on_epoch_end(self, epoch, logs=None):
@@ -97,7 +90,7 @@ class BestCheckpoint(keras.callbacks.Callback):
         return value > self.best if self.mode == "max" else value < self.best
 
     def on_train_begin(self, logs=None):
-        for row in _read_rows(self.history):
+        for row in read_csv_rows(self.history):
             value = float(row.get(self.monitor) or "nan")
             if self._better(value):
                 self.best, self.best_epoch = value, int(float(row["epoch"]))
@@ -142,7 +135,7 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
         self._replayed = True
         if self.monitor_op is None:
             self._set_monitor_op()
-        for row in _read_rows(self.history):
+        for row in read_csv_rows(self.history):
             past, value = int(float(row["epoch"])), float(row.get(self.monitor) or "nan")
             if not self.since <= past < epoch or not math.isfinite(value):
                 continue

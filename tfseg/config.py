@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -109,6 +110,12 @@ class DataConfig:
     shuffle_buffer: int = opt(256, "Examples in the shuffle buffer of the training pipeline.", min=0)
     cache: bool = opt(False, "Cache decoded examples in memory after the first epoch.")
     deterministic: bool = opt(False, "Make the pipeline's order and augmentation reproducible (slower).")
+
+    def validation_size(self) -> tuple[tuple[int, int], str]:
+        """[h, w] of the records the validation pipeline feeds the model, and the key that sets it."""
+        if self.val_size is not None:
+            return (int(self.val_size[0]), int(self.val_size[1])), "data.val_size"
+        return (int(self.image_size[0]), int(self.image_size[1])), "data.image_size"
 
 
 @dataclass(frozen=True)
@@ -461,6 +468,37 @@ def key_origin(cfg: Config, key: str) -> str | None:
     :func:`config_from_dict`; copies made with ``dataclasses.replace`` forget where keys came from).
     """
     return getattr(cfg, "_origins", {}).get(key)
+
+
+# A builder's ModelError -> the config key a user changes to fix it (the first pattern found wins).
+_MODEL_ERROR_KEYS = (
+    (r"Received: arch=", "model.arch"),
+    (r"Received: (backbone|encoder)=|backbone=|^encoder \S+ has no features", "model.backbone"),
+    (r"Received: activation=", "model.activation"),
+    (r"encoder_weights", "model.encoder_weights"),
+    (r"decoder_filters", "model.decoder_filters"),
+    (r"decoder_block_type", "model.decoder_block_type"),
+    (r"unknown option|option \w+=|encoder_features=", "model.options"),
+    (r"input (height|width) |input_shape|input channels|needs a fixed input size", None),  # the size key
+)
+
+
+def model_error(cfg: Config, err: Exception, size_key: str) -> ConfigError:
+    """The builder's one-line ModelError as a ConfigError that starts with the key to change.
+
+    Keys are named as the user wrote them: ``--set model.arch=unett: Received: arch='unett' ...``
+    or ``configs/x.yaml: model.arch: ...``; the builders' own argument names (``encoder_weights=``)
+    become config keys (``model.encoder_weights=``). ``size_key`` is the key of the size being
+    built (``data.image_size``, ``data.val_size`` or ``model.input_shape``).
+    """
+    text = re.sub(r"(?<![\w.])encoder_weights=", "model.encoder_weights=", str(err))
+    key = "model"
+    for pattern, name in _MODEL_ERROR_KEYS:
+        if re.search(pattern, text):
+            key = name or size_key
+            break
+    return ConfigError(blame(key_origin(cfg, key), key, f"{key}: {text}"))
+
 
 
 # ---------------------------------------------------------------------------------------------

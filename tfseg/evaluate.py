@@ -175,11 +175,9 @@ def _folder_pairs(cfg: Config, root: Path) -> Iterator[tuple[str, np.ndarray, np
 def _pipeline_feed(cfg: Config) -> tuple[tuple[int, int], str, str]:
     """[h, w] of the records the validation pipeline feeds the model, the key that sets it, and how
     (:func:`tfseg.data.pipeline.dataset_from_config` with ``training=False``)."""
-    data = cfg.data
-    key = "data.val_size" if data.val_size is not None else "data.image_size"
-    h, w = (int(v) for v in (data.val_size if data.val_size is not None else data.image_size))
+    (h, w), key = cfg.data.validation_size()
     how = {"resize": f"records resized to {h}x{w} ({key})",
-           "random_crop": f"central {h}x{w} windows of the records ({key})"}.get(data.fit, f"records of {h}x{w}")
+           "random_crop": f"central {h}x{w} windows of the records ({key})"}.get(cfg.data.fit, f"records of {h}x{w}")
     return (h, w), key, f"{how}, scored at that size"
 
 

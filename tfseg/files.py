@@ -12,6 +12,7 @@ folder, is never touched.
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 import re
 import shutil
@@ -147,3 +148,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
+
+
+def read_csv_rows(path: str | os.PathLike) -> list[dict]:
+    """The rows of a CSV file with a header (a fold's ``history.csv``), as dicts of strings; ``[]`` when
+    the file does not exist. An unreadable or undecodable file raises (OSError, csv.Error,
+    UnicodeDecodeError): a caller that only asks whether there is history catches them."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with path.open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))

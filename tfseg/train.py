@@ -44,7 +44,7 @@ from pathlib import Path
 
 from tfseg.config import Config, dump_config, key_origin, load_config
 from tfseg.errors import ConfigError, ModelError, RunError
-from tfseg.files import atomic_write_text
+from tfseg.files import atomic_write_text, read_csv_rows
 from tfseg.train_checks import (  # noqa: F401 - check_invariants, ensure_tfrecords: part of this module's API
     LOSS_MONITORS,
     check_invariants,
@@ -313,9 +313,7 @@ def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2, callbacks: S
 
 
 def _epochs_done(fold_dir: Path) -> int:
-    from tfseg.callbacks import _read_rows
-
-    return len(_read_rows(fold_dir / "history.csv"))
+    return len(read_csv_rows(fold_dir / "history.csv"))
 
 
 def _plot(fold_dir: Path, monitor: str, mode: str) -> None:

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
 
 import yaml
 
-from tfseg.config import Config, blame, key_origin
+from tfseg.config import Config, blame, key_origin, model_error  # noqa: F401 - model_error: used by train
 from tfseg.errors import ConfigError, DataError, ModelError
+from tfseg.files import read_csv_rows
 
 LOSS_MONITORS = ("loss", "val_loss")
 
@@ -90,36 +90,6 @@ def check_stages(cfg: Config) -> None:
 # ------------------------------------------------------------------------------------------------
 # 2. model
 # ------------------------------------------------------------------------------------------------
-
-# A builder's ModelError -> the config key a user changes to fix it (the first pattern found wins).
-_MODEL_ERROR_KEYS = (
-    (r"Received: arch=", "model.arch"),
-    (r"Received: (backbone|encoder)=|backbone=|^encoder \S+ has no features", "model.backbone"),
-    (r"Received: activation=", "model.activation"),
-    (r"encoder_weights", "model.encoder_weights"),
-    (r"decoder_filters", "model.decoder_filters"),
-    (r"decoder_block_type", "model.decoder_block_type"),
-    (r"unknown option|option \w+=|encoder_features=", "model.options"),
-    (r"input (height|width) |input_shape|input channels|needs a fixed input size", None),  # the size key
-)
-
-
-def model_error(cfg: Config, err: ModelError, size_key: str) -> ConfigError:
-    """The builder's one-line ModelError as a ConfigError that starts with the key to change.
-
-    Keys are named as the user wrote them: ``--set model.arch=unett: Received: arch='unett' ...``
-    or ``configs/x.yaml: model.arch: ...``; the builders' own argument names (``encoder_weights=``)
-    become config keys (``model.encoder_weights=``). ``size_key`` is the key of the size being
-    built (``data.image_size``, ``data.val_size`` or ``model.input_shape``).
-    """
-    text = re.sub(r"(?<![\w.])encoder_weights=", "model.encoder_weights=", str(err))
-    key = "model"
-    for pattern, name in _MODEL_ERROR_KEYS:
-        if re.search(pattern, text):
-            key = name or size_key
-            break
-    return ConfigError(blame(key_origin(cfg, key), key, f"{key}: {text}"))
-
 
 def check_model(cfg: Config, weights: bool = False) -> None:
     """Build the configured model at every input size training feeds it, before anything is written.
@@ -340,6 +310,4 @@ def has_results(folder: Path) -> bool:
         return True
     if any(b.is_dir() and any(b.iterdir()) for b in folder.rglob("backup*")):  # backup/, backup-decoder/
         return True
-    from tfseg.callbacks import _read_rows
-
-    return any(_read_rows(h) for h in folder.rglob("history.csv"))
+    return any(read_csv_rows(h) for h in folder.rglob("history.csv"))

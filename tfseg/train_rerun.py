@@ -37,7 +37,7 @@ import yaml
 
 from tfseg.config import Config, to_dict
 from tfseg.errors import RunError, first_line
-from tfseg.files import atomic_write_text, make_temp
+from tfseg.files import atomic_write_text, make_temp, read_csv_rows
 
 NEW, INTERRUPTED, FINISHED = "new", "interrupted", "finished"
 TRAIN, RESUME, SKIP, START_OVER = "train", "resume", "skip", "start over"
@@ -301,8 +301,7 @@ def _remove(folder: Path) -> None:
 
 def _history(fold_dir: Path) -> list[dict]:
     try:
-        with (fold_dir / "history.csv").open(newline="", encoding="utf-8") as fh:
-            return list(csv.DictReader(fh))
+        return read_csv_rows(fold_dir / "history.csv")
     except (OSError, csv.Error, UnicodeDecodeError):
         return []
 

@@ -260,7 +260,7 @@ def dataset_from_config(cfg, files: Sequence[str], *, training: bool, groups: Co
         with_ids: add the record ids.
     """
     data = cfg.data
-    size = data.val_size if data.val_size is not None and not training else data.image_size
+    size = data.image_size if training else data.validation_size()[0]
     return make_dataset(
         files, batch_size=global_batch or cfg.train.batch_size, training=training,
         image_size=size, fit=data.fit, augment_ops=cfg.augment.ops, channels=data.channels,

@@ -84,9 +84,15 @@ def cli_models(args) -> int:
     if args.config is None and not args.overrides and not args.summary:
         print(catalog())
         return 0
-    from tfseg.config import load_config
+    from tfseg.config import key_origin, load_config, model_error
+    from tfseg.errors import ModelError
 
-    report, model = describe(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    try:
+        report, model = describe(cfg)
+    except ModelError as err:  # one line that names the key to change and where it was set
+        raise model_error(cfg, err, "model.input_shape" if key_origin(cfg, "model.input_shape")
+                          else "data.image_size") from None
     print(report)
     if args.summary:
         model.summary(expand_nested=False, line_length=110)

@@ -684,3 +684,6 @@ def test_a_data_root_other_than_the_shards_came_from_is_said_in_one_line(tmp_pat
                     f"written from {tmp_path / 'data'} ({tmp_path / 'tfrec' / 'config.yaml'}); training reads the "
                     "shards as they are (`tfseg tfrecords --overwrite` writes them again from data.root)")
     assert capsys.readouterr().err == line + "\n"
+    # `--fold all` checks before every fold: the line is said once
+    assert warn_other_root(load_config(params, ["data.root=/nope"])) == line
+    assert capsys.readouterr().err == ""

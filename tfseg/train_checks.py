@@ -235,7 +235,8 @@ def warn_other_root(cfg: Config) -> str | None:
 
     Training reads existing shards and never ``data.root``, so a mistyped ``--set data.root=...`` would
     pass unnoticed. The root they came from is known when ``tfseg tfrecords`` wrote them (its
-    ``config.yaml`` beside the shards; shards written by ``tfseg train`` record none). Returns the line.
+    ``config.yaml`` beside the shards; shards written by ``tfseg train`` record none). Returns the line;
+    prints it once per process.
     """
     folder = Path(cfg.data.tfrecord_dir)
     try:
@@ -249,8 +250,13 @@ def warn_other_root(cfg: Config) -> str | None:
     line = (f"tfseg train: warning: data.root is {cfg.data.root}, but the shards in {folder} were written from "
             f"{root} ({folder / 'config.yaml'}); training reads the shards as they are (`tfseg tfrecords "
             "--overwrite` writes them again from data.root)")
-    print(line, file=sys.stderr, flush=True)
+    if line not in _WARNED:  # `--fold all` checks before every fold: say it once
+        _WARNED.add(line)
+        print(line, file=sys.stderr, flush=True)
     return line
+
+
+_WARNED: set[str] = set()
 
 
 def check_folds(cfg: Config, have_shards: bool) -> None:

@@ -460,3 +460,28 @@ def test_a_free_size_bilinear_model_predicts_rotated_rectangular_tiles():
         np.testing.assert_allclose(predict(batch), want, rtol=1e-5, atol=1e-6)
     averaged = tta.with_tta(predict, 8)(image)
     assert averaged.shape == (1, 16, 24, 1) and np.isfinite(averaged).all()
+
+
+def test_a_small_tile_of_a_valid_convolution_model_is_said_once_to_be_slow(capsys):
+    """The original U-Net at infer.tile_size 188 predicts 4x4 pixels of each 188x188 window: one line says so."""
+    from tfseg.config import ModelConfig
+    from tfseg.inference import warn_small_output
+    from tfseg.models import build_model
+    from tfseg.models import unet_original as uo
+
+    model = build_model(ModelConfig(arch="unet_original", input_shape=[None, None, 1], classes=1,
+                                    encoder_weights=None, options=uo.TEST_OPTIONS))
+    capsys.readouterr()
+    small = Predictor([model], InferConfig(tile_size=188))
+    line = ("tfseg: warning: infer.tile_size 188: the model predicts the central 4x4 of each 188x188 window it "
+            "reads (0.045% of it; its valid convolutions use 92 pixels on each side), so prediction is slow; a larger "
+            "infer.tile_size wastes less")
+    assert small.spec.out_hw == (4, 4) and capsys.readouterr().err == line + "\n"
+    Predictor([model], InferConfig(tile_size=188))
+    assert capsys.readouterr().err == ""  # once per process
+    # the paper's 572 -> 388 reads 2.2 pixels per pixel predicted: no warning
+    assert Predictor([model], InferConfig(tile_size=572)).spec.out_hw == (388, 388)
+    assert capsys.readouterr().err == "" and warn_small_output(tp.TileSpec(572, 388, 1, 1)) is None
+    # it still predicts: a 24x40 ISBI crop, 4x4 pixels at a time
+    probs = small.predict(isbi((24, 40)).astype(np.float32))
+    assert probs.shape == (24, 40, 1) and np.isfinite(probs).all()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -284,6 +285,8 @@ class Predictor:
         key = "data.image_size" if self.resize_to else "infer.tile_size"
         self.spec = spec or tile_spec(models[0], self.resize_to or self.infer.tile_size, key)
         _check_sizes(self.spec, self.resize_to, self.infer.tta, fixed_input_size(models[0]))
+        if spec is None and self.resize_to is None and fixed_input_size(models[0]) is None:
+            warn_small_output(self.spec)
         fns = [keras_predict_fn(m) if hasattr(m, "predict_on_batch") else m for m in models]
         self._fns = [with_tta(f, self.infer.tta) for f in fns]
         self.models = list(models)
@@ -372,6 +375,26 @@ class Predictor:
             if probabilities is not None:
                 probabilities[y0:y0 + band.shape[0]] = band
             yield y0, band_to_mask(band, self.infer.threshold)
+
+
+_WARNED: set[str] = set()
+
+
+def warn_small_output(spec: TileSpec, key: str = "infer.tile_size") -> str | None:
+    """One line on stderr (once per process) when a model that takes any size predicts less than a
+    quarter of each window it reads (valid convolutions, as the original U-Net's, at a small
+    ``infer.tile_size``): every pixel then costs more than four pixels' work. Returns the line."""
+    (ih, iw), (oh, ow) = spec.in_hw, spec.out_hw
+    share = oh * ow / (ih * iw)
+    if share >= 0.25:
+        return None
+    line = (f"tfseg: warning: {key} {ih if ih == iw else [ih, iw]}: the model predicts the central {oh}x{ow} "
+            f"of each {ih}x{iw} window it reads ({share * 100:.2g}% of it; its valid convolutions use {(ih - oh) // 2} "
+            f"pixels on each side), so prediction is slow; a larger {key} wastes less")
+    if line not in _WARNED:
+        _WARNED.add(line)
+        print(line, file=sys.stderr, flush=True)
+    return line
 
 
 def _check_sizes(spec: TileSpec, resize_to: tuple[int, int] | None, tta: int,

@@ -56,6 +56,13 @@ _SCRIPT = textwrap.dedent("""
     model.save(path)
     loaded = keras.models.load_model(path, compile=False)
     out["loaded"] = float(np.abs(np.asarray(loaded(big)) - got).max())
+    # An EfficientNet one, whose .keras file names sm's own FixedDropout and swish (loaded in another process).
+    eff = build_model(ModelConfig(arch="sm.Unet", backbone="efficientnetb0", input_shape=(64, 64, 3), classes=1,
+                                  encoder_weights=None))
+    out["effb0"] = os.path.join(os.path.dirname(path), "sm_effb0.keras")
+    eff.save(out["effb0"])
+    np.save(out["effb0"] + ".npy", np.asarray(eff(big)))
+    np.save(out["effb0"] + ".in.npy", big)
     print("RESULT " + json.dumps(out))
 """)
 
@@ -90,3 +97,34 @@ def test_bridged_vgg16_is_sm_model_on_sm_preprocessed_input_and_loads_without_cu
     assert bridge_results["preprocess_layer"] <= 1e-4
     assert bridge_results["model"] <= 1e-5 * max(1.0, bridge_results["model_scale"])
     assert bridge_results["loaded"] == 0.0
+
+
+_LOAD_SM_CHECKPOINT = textwrap.dedent("""
+    import os, sys
+    import keras
+    import numpy as np
+    path = sys.argv[1]
+    assert "SM_FRAMEWORK" not in os.environ and "segmentation_models" not in sys.modules
+    try:
+        keras.models.load_model(path, compile=False)
+        print("keras alone: loaded")
+    except Exception as err:
+        print("keras alone: " + type(err).__name__)
+    from tfseg.inference import load_model
+    model = load_model(path)
+    print("diff", float(np.abs(np.asarray(model(np.load(path + ".in.npy"))) - np.load(path + ".npy")).max()))
+""")
+
+
+def test_a_run_of_sm_efficientnet_loads_for_predict_and_evaluate_without_importing_sm_first(bridge_results):
+    """The tester's bug: a run trained with model.arch sm.Unet on efficientnetb0 could not be predicted or
+    evaluated, as its .keras file refers to sm's FixedDropout and swish, which Keras finds only once
+    segmentation_models is imported. tfseg's loader imports it when the file names its modules."""
+    env = sm_env()
+    env.pop("SM_FRAMEWORK")
+    proc = subprocess.run([sys.executable, "-c", _LOAD_SM_CHECKPOINT, bridge_results["effb0"]], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert "keras alone: TypeError" in lines  # what predict and evaluate used to run into
+    assert float(next(x for x in lines if x.startswith("diff ")).split()[1]) == 0.0

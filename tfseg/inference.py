@@ -127,11 +127,43 @@ def load_model(path: str | os.PathLike):
             __import__(name)
         except ImportError:
             pass
+    _import_builders_of(path)
     try:
         return keras.models.load_model(path, compile=False)
     except (OSError, ValueError, TypeError) as err:
         first = first_line(err)
-        raise RunError(f"{path}: cannot load the model ({first[:200]}).") from None
+        if len(first) > 200:  # Keras' deserialization errors run on: keep the first sentence
+            first = first[:first.find(". ") + 1 if 0 < first.find(". ") < 200 else 200].rstrip(".") + " ..."
+        raise RunError(f"{path}: cannot load the model ({first}).") from None
+
+
+# Python modules whose layers and functions a model built through segmentation_models (model.arch sm.*)
+# refers to in its .keras file; they load only once segmentation_models has set them up on Keras 3.
+_SM_MODULES = ("segmentation_models", "efficientnet", "classification_models")
+
+
+def _import_builders_of(path: str | os.PathLike) -> None:
+    """Import segmentation_models (:func:`tfseg.models.sm_bridge.import_sm`) when the ``.keras`` file at
+    ``path`` refers to its modules (sm's EfficientNet: ``FixedDropout``, ``swish``), so that a run trained
+    with ``model.arch: sm.Unet`` predicts and evaluates like any other. A file that cannot be read is
+    left to ``keras.models.load_model`` to report."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            text = z.read("config.json").decode("utf-8", "replace")
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return
+    modules = set(re.findall(r'"module":\s*"([^"]+)"', text))
+    if not any(m.split(".")[0] in _SM_MODULES for m in modules):
+        return
+    from tfseg.models.sm_bridge import import_sm
+
+    try:
+        import_sm()
+    except ModelError as err:
+        raise RunError(f"{path}: was built through segmentation_models (model.arch sm.*), which it needs to load: "
+                       f"{str(err).removeprefix('model.arch sm.*: ')}") from None
 
 
 def load_checked(paths: dict[int, Path], cfg: Config | None, feed: Sequence[int] | None = None,

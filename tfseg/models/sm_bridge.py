@@ -3,8 +3,9 @@
 For comparing with tfseg's own twins (``unet``, ``fpn``, ``linknet``, ``pspnet``) and for
 reproducing a notebook exactly. segmentation_models 1.0.1 runs on Keras 3 with
 ``SM_FRAMEWORK=tf.keras`` (set here unless already set, before its first import); its DenseNet
-backbones do not build under Keras 3, and models with its EfficientNet backbones need
-segmentation_models' ``FixedDropout`` in ``custom_objects`` to load (tfseg's own models do not).
+backbones do not build under Keras 3, and models with its EfficientNet backbones load only once
+segmentation_models is imported (their files name its ``FixedDropout`` and ``swish``; tfseg's own
+models need nothing): :func:`tfseg.inference.load_model` imports it when a file names its modules.
 
 The sm model is wrapped so that it follows tfseg's model contract: it takes float RGB images in
 0..255, like every tfseg model, and applies ``sm.get_preprocessing(name)`` inside (a nested model

@@ -42,10 +42,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _add_config_args(p: argparse.ArgumentParser, default: str | None = "params.yaml") -> None:
+def _add_config_args(p: argparse.ArgumentParser, default: str | None = "params.yaml",
+                     unset: str = "the run's own config.yaml") -> None:
     p.add_argument("--config", default=default, metavar="YAML",
-                   help=f"params file (default: {default})" if default else
-                   "params file (default: the run's own config.yaml)")
+                   help=f"params file (default: {default if default else unset})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config key, value parsed as YAML; repeatable")
 
@@ -120,7 +120,7 @@ def _args_export(p: argparse.ArgumentParser) -> None:
 
 
 def _args_models(p: argparse.ArgumentParser) -> None:
-    _add_config_args(p, default=None)
+    _add_config_args(p, default=None, unset="tfseg's defaults, which params.yaml repeats")
     p.add_argument("--summary", action="store_true", help="also print Keras' layer table of the configured model")
     p.epilog = ("Without --config, --set or --summary: the architectures and encoders. With them: build the "
                 "configured model (params.yaml's defaults where no --config is given) without pretrained "

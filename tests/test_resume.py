@@ -229,3 +229,16 @@ def test_early_stopping_patience_and_best_weights_run_across_a_resume(tmp_path, 
     stop = ResumableEarlyStopping("loss", "min", 3, history, best, since=3, verbose=0)
     fit = model.fit(x, y, initial_epoch=3, epochs=10, callbacks=[stop], verbose=0)
     assert len(fit.history["loss"]) == 4  # epoch 3 is the best so far, 4, 5 and 6 wait
+
+    # What tfseg train runs: no restore (best.keras is the fold's best, over both stages of a two-stage fold;
+    # a tester read "Restoring ... the best epoch: 2" in stage 2 beside "best ... at epoch 1"): the patience
+    # still runs across the resume, and the weights stay the last epoch's.
+    last = [np.full(w.shape, -1.0, np.float32) for w in saved]
+    model.set_weights(last)
+    capsys.readouterr()
+    stop = ResumableEarlyStopping("loss", "min", 3, history, best, restore_best_weights=False)
+    fit = model.fit(x, y, initial_epoch=3, epochs=10, callbacks=[stop], verbose=0)
+    assert len(fit.history["loss"]) == 1 and stop.stopped_epoch == 3
+    for got, want in zip(model.get_weights(), last):
+        np.testing.assert_array_equal(got, want)
+    assert capsys.readouterr().out == "Epoch 4: early stopping\n"

@@ -113,11 +113,16 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
     frozen-encoder epochs do not count), giving the best value, the best epoch and the epochs waited. When the best
     epoch is one from before the resume, its weights are not in memory: stopping restores them from
     ``best_path`` (``best.keras``, which :class:`BestCheckpoint` wrote at that epoch).
+
+    ``restore_best_weights=False`` (what ``tfseg train`` passes) stops without putting any weights back:
+    ``best.keras`` holds the fold's best already, over all its stages, and the model in memory is dropped
+    after the fold. Keras' restore would copy every weight to the host at each improvement, and in a
+    two-stage fold say it restored the best epoch of the last stage, which need not be the fold's best.
     """
 
     def __init__(self, monitor: str, mode: str, patience: int, history: str | os.PathLike,
-                 best_path: str | os.PathLike, since: int = 0, verbose: int = 1):
-        super().__init__(monitor=monitor, mode=mode, patience=patience, restore_best_weights=True,
+                 best_path: str | os.PathLike, since: int = 0, verbose: int = 1, restore_best_weights: bool = True):
+        super().__init__(monitor=monitor, mode=mode, patience=patience, restore_best_weights=restore_best_weights,
                          verbose=verbose)
         self.history = Path(history)
         self.best_path = Path(best_path)
@@ -143,7 +148,7 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
             if self.best is None or self._is_improvement(value, self.best):
                 self.best, self.best_epoch, self.wait = value, past, 0
                 self._best_from_file = self.best_path.is_file()
-        if self._best_from_file:
+        if self._best_from_file and self.restore_best_weights:
             self.best_weights = []  # not None: Keras would take the current weights for the best ones
 
     def on_epoch_end(self, epoch, logs=None):
@@ -152,7 +157,7 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
             self._best_from_file = False
 
     def on_train_end(self, logs=None):
-        if not self._best_from_file:
+        if not (self._best_from_file and self.restore_best_weights):
             return super().on_train_end(logs)
         if self.stopped_epoch > 0 and self.verbose > 0:
             print(f"Epoch {self.stopped_epoch + 1}: early stopping", flush=True)

@@ -139,8 +139,10 @@ def make_callbacks(cfg: Config, fold_dir: Path, steps_per_epoch: int, sample=Non
     if t.time_limit_minutes is not None:
         callbacks.append(TimeLimit(t.time_limit_minutes, start=started))
     if t.early_stopping_patience > 0 and stage.early_stopping:
+        # no restore: best.keras is the fold's best (over its stages); the weights in memory are dropped
         callbacks.append(ResumableEarlyStopping(t.monitor, t.monitor_mode, t.early_stopping_patience, history,
-                                                fold_dir / "best.keras", since=stage.first_epoch))
+                                                fold_dir / "best.keras", since=stage.first_epoch,
+                                                restore_best_weights=False))
     if t.tensorboard and write and tensorboard_available():  # tfseg.train says once per fold when it is not
         callbacks.append(keras.callbacks.TensorBoard(str(fold_dir / "tensorboard"), write_graph=False))
         if sample is not None:

@@ -340,6 +340,35 @@ def test_mask_crop_for_models_with_smaller_outputs():
     valid = keras.Model(inp, keras.layers.Conv2D(1, 5, padding="valid")(inp))
     same = keras.Model(inp, keras.layers.Conv2D(1, 5, padding="same")(inp))
     assert mask_crop_for(valid) == (32, 32) and mask_crop_for(same) is None
+    # a model of any size: the crop follows the size fed
+    free = keras.Input((None, None, 1))
+    free = keras.Model(free, keras.layers.Conv2D(1, 5, padding="valid")(free))
+    assert mask_crop_for(free, (36, 40)) == (32, 36) and mask_crop_for(free, [12, 12]) == (8, 8)
+    assert mask_crop_for(valid, (36, 36)) == (32, 32)
+
+
+def test_a_valid_convolution_model_of_any_size_trains_and_evaluates(tmp_path, capsys):
+    """unet_original built for any size (data.val_size) trains on 188 crops (output 4x4) and validates on
+    204 windows (output 20x20): each dataset's masks are cropped to the output of the size it feeds. The
+    masks were never cropped (the crop was asked of the model's [null, null] input): bce failed on
+    [4, 4, 4, 1] against [4, 188, 188, 1] at the first step."""
+    from tfseg.evaluate import evaluate_run
+    from tfseg.models import unet_original as uo
+
+    path = tiny_config(tmp_path, n=6, size=204, steps_per_epoch=2, epochs=1)
+    sets = ["model.arch=unet_original", "data.fit=random_crop", "data.image_size=[188,188]",
+            "data.val_size=[204,204]", f"model.options={{filters: {list(uo.TEST_OPTIONS['filters'])}}}"]
+    assert cli.main(["train", "--config", str(path), "--fold", "0", *[a for s in sets for a in ("--set", s)]]) == 0
+    fold_dir = tmp_path / "runs" / "tiny" / "fold0"
+    model = keras.models.load_model(fold_dir / "best.keras", compile=False)
+    assert model.input_shape == (None, None, None, 1)
+    rows = (fold_dir / "history.csv").read_text().splitlines()
+    assert len(rows) == 2 and "val_dice_coe" in rows[0]
+    # evaluate scores the held-out records at 204 against their truth cropped to the 20x20 output
+    result = evaluate_run(tmp_path / "runs" / "tiny", "0")
+    assert result["images"] == 2 and result["input_size"] == [204, 204]
+    per_image = (tmp_path / "runs" / "tiny" / "evaluate" / "oof" / "per_image.csv").read_text().splitlines()
+    assert len(per_image) == 3 and per_image[0].startswith("fold,id,dice,iou")
 
 
 def test_summary_gathers_folds(tmp_path):

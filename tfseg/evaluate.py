@@ -229,9 +229,11 @@ def evaluate_run(run: str | Path, folds: str = "all", data: str | Path | None = 
         feed, feed_key = resize_to, "data.image_size"
     # each checkpoint against the config, before any image
     models = load_checked(checkpoints, cfg, feed, feed_key, "" if pipeline else "infer.fit=tile")
+    crops = {}  # pipeline records: the truth centre-cropped to each model's output at the records' size
     if pipeline:  # a model of any size: can it take the records' size? (one line naming the key if not)
-        for model in models.values():
+        for k, model in models.items():
             tile_spec(model, feed, feed_key)
+            crops[k] = mask_crop_for(model, feed)
     # held-out data is scored at the out-of-fold threshold when asked (infer.threshold_from: oof)
     threshold = (cfg.infer if data is None else resolve_threshold(run, cfg.infer)).threshold
     # records are scored as `tfseg predict` would predict them: with the run's test-time augmentation
@@ -250,20 +252,19 @@ def evaluate_run(run: str | Path, folds: str = "all", data: str | Path | None = 
     ensemble = "+".join(str(k) for k in models)
     if data is None:
         label = "oof"
-        for k, model in models.items():
+        for k in models:
             held = run / f"fold{k}" / "val_groups.json"
             if not held.is_file():
                 raise RunError(f"{held}: not found. Expected the held-out groups written by `tfseg train`.")
             split = json.loads(held.read_text())
             fold_files = [f for f in shard_files(cfg.data.tfrecord_dir) if f in set(split["val_files"])] \
                 or split["val_files"]
-            for ids, images, masks in _shard_batches(cfg, fold_files, split["val_groups"], mask_crop_for(model)):
+            for ids, images, masks in _shard_batches(cfg, fold_files, split["val_groups"], crops[k]):
                 for ident, truth, probs in zip(ids, masks, predicts[k](images)):
                     score(k, ident, truth, probs)
     elif files:
         label = Path(data).name
-        crop = mask_crop_for(next(iter(models.values())))
-        for ids, images, masks in _shard_batches(cfg, files, None, crop):
+        for ids, images, masks in _shard_batches(cfg, files, None, next(iter(crops.values()))):
             probs = np.mean([p(images) for p in predicts.values()], axis=0)
             for ident, truth, prob in zip(ids, masks, probs):
                 score(ensemble, ident, truth, prob)

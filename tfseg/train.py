@@ -8,8 +8,8 @@ One fold, top to bottom (:func:`train_fold`):
        still to be written) and the folds, then write the TFRecord shards if there are none, and
        split the records into folds (grouped, stratified; ``tfseg.data.folds.fold_split``)
     4. build the model, its loss, optimizer and metrics under ``strategy.scope()``
-    5. build the datasets (global batch = per-replica batch x replicas; mask crop for models
-       whose output is smaller than their input)
+    5. build the datasets (global batch = per-replica batch x replicas; masks centre-cropped to the
+       output of models whose output is smaller than their input, for the size each dataset feeds)
     6. create the fold's folder; callbacks: BackupAndRestore, history CSV, best and last
        checkpoints, EarlyStopping, ReduceLROnPlateau, warm-up, TerminateOnNaN, TensorBoard
     7. fit: one stage, or two with ``train.freeze_encoder_epochs`` (the encoder frozen, then all;
@@ -128,10 +128,36 @@ def build_compiled_model(cfg: Config, steps_per_epoch: int, stage: Stage | None 
     return model, from_logits
 
 
-def mask_crop_for(model) -> tuple[int, int] | None:
-    """[h, w] of the output when smaller than the input (the original U-Net: 572 -> 388), else None."""
-    (ih, iw), (oh, ow) = model.input_shape[1:3], model.output_shape[1:3]
-    if None in (ih, iw, oh, ow) or (ih, iw) == (oh, ow):
+def mask_crop_for(model, size: Sequence[int] | None = None) -> tuple[int, int] | None:
+    """[h, w] of the model's output for an input of ``size`` [h, w] when smaller than it (the original
+    U-Net: 572 -> 388), else None: the size to centre-crop the masks fed with such inputs to.
+
+    A model that takes any size (``[null, null, C]``: ``data.val_size`` set) is fed two sizes, e.g. 188
+    to train (output 4) and 508 to validate (output 324), so the crop is asked for the size fed. Keras'
+    ``compute_output_shape`` answers without computing; it does not check that a U-Net's skips line up,
+    so the size must be one the model was built at already (``tfseg.train_checks.check_model`` builds
+    it at every size training feeds; ``tfseg.inference.tile_spec`` runs it once at the size evaluated).
+
+    Args:
+        model: a Keras model, one image input [B, H, W, C].
+        size: [h, w] fed; None: the model's own fixed input size (None for a model that takes any size).
+
+    Raises:
+        ModelError: ``size`` differs from the fixed size of the model.
+    """
+    (ih, iw), channels = model.input_shape[1:3], model.input_shape[-1]
+    if size is None:
+        if None in (ih, iw):
+            return None
+        size = (ih, iw)
+    h, w = int(size[0]), int(size[1])
+    if None not in (ih, iw) and (int(ih), int(iw)) != (h, w):
+        raise ModelError(f"the model takes only {ih}x{iw} inputs; it cannot be fed {h}x{w}")
+    if None in (ih, iw):
+        oh, ow = model.compute_output_shape((1, h, w, channels))[1:3]
+    else:
+        oh, ow = model.output_shape[1:3]
+    if None in (oh, ow) or (int(oh), int(ow)) == (h, w):
         return None
     return int(oh), int(ow)
 
@@ -231,13 +257,14 @@ def train_fold(cfg: Config, fold: int, dist=None, verbose: int = 2, callbacks: S
     first = 0 if action == START_OVER else resume_stage(stages, fold_dir)
     with dist.scope():
         model, from_logits = build_compiled_model(cfg, steps, stages[first])
-    crop = mask_crop_for(model)
-    # 5. datasets
+    # 5. datasets; masks cropped to the output of the size each feeds (a model of any size: two crops)
     workers = dist.workers
+    train_crop = mask_crop_for(model, cfg.data.image_size)
+    val_crop = mask_crop_for(model, cfg.data.validation_size()[0])
     train_ds = dataset_from_config(cfg, split.train_files, training=True, groups=split.train_groups,
-                                   global_batch=global_batch, mask_crop=crop, num_workers=workers)
+                                   global_batch=global_batch, mask_crop=train_crop, num_workers=workers)
     val_ds = dataset_from_config(cfg, split.val_files, training=False, groups=split.val_groups,
-                                 global_batch=global_batch, mask_crop=crop, num_workers=workers)
+                                 global_batch=global_batch, mask_crop=val_crop, num_workers=workers)
     if dist.workers > 1:  # FILE sharding cannot walk past the pipeline's seed stream: shard by DATA
         train_ds, val_ds = shard_by_data(train_ds), shard_by_data(val_ds)
     val_note = ""

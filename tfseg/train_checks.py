@@ -152,7 +152,10 @@ def check_model(cfg: Config, weights: bool = False) -> None:
 
 
 # Architectures whose output is a centre crop of their input (valid convolutions); training crops the
-# masks to it (``tfseg.train.mask_crop_for``). Any other model must give a map of its input's size.
+# masks to it, for the size each dataset feeds (``tfseg.train.mask_crop_for(model, size)``: a model of
+# any size, data.val_size set, gets one crop to train and another to validate). The probes of
+# check_model are built at those sizes, so this check sees each. Any other model must give a map of
+# its input's size.
 CROPPED_OUTPUT_ARCHS = ("unet_original",)
 
 

@@ -347,7 +347,7 @@ def test_mask_crop_for_models_with_smaller_outputs():
     assert mask_crop_for(valid, (36, 36)) == (32, 32)
 
 
-def test_a_valid_convolution_model_of_any_size_trains_and_evaluates(tmp_path, capsys):
+def test_a_valid_convolution_model_of_any_size_trains_and_evaluates(tmp_path):
     """unet_original built for any size (data.val_size) trains on 188 crops (output 4x4) and validates on
     204 windows (output 20x20): each dataset's masks are cropped to the output of the size it feeds. The
     masks were never cropped (the crop was asked of the model's [null, null] input): bce failed on

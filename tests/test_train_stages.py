@@ -176,3 +176,23 @@ def test_the_key_in_a_params_file(tmp_path):
     values["train"]["freeze_encoder_epochs"] = 1
     params.write_text(yaml.safe_dump(values))
     assert load_config(params).train.freeze_encoder_epochs == 1
+
+
+def test_checkpoints_record_each_backends_own_compile_mode_not_this_runs(tmp_path):
+    """A JAX run compiles with jit_compile=True; saved as such, keras.models.load_model then compiled with
+    torch.compile on PyTorch (the tester's failure) and with XLA on TensorFlow's CPU. The checkpoint says
+    `auto`, which each backend resolves for itself, and steps_per_execution 1 (a TPU run's setting)."""
+    import json
+    import zipfile
+
+    from tfseg.train import build_compiled_model
+
+    cfg = load_config(tiny_config(tmp_path), ["train.jit_compile=true", "train.steps_per_execution=4"])
+    model, _ = build_compiled_model(cfg, steps_per_epoch=2)
+    assert model.jit_compile is True and model.steps_per_execution == 4  # this run trains as asked
+    path = tmp_path / "m.keras"
+    model.save(path)
+    saved = json.loads(zipfile.ZipFile(path).read("config.json"))["compile_config"]
+    assert (saved["jit_compile"], saved["steps_per_execution"]) == ("auto", 1)
+    loaded = keras.models.load_model(path)  # TensorFlow on a CPU: auto is no XLA
+    assert loaded.jit_compile is False and loaded.steps_per_execution == 1

@@ -61,7 +61,8 @@ def resume_stage(stages: list[Stage], fold_dir: Path) -> int:
 
 def compile_stage(model, cfg: Config, steps_per_epoch: int, stage: Stage, from_logits: bool) -> None:
     """Compile ``model`` for ``stage``: the encoder frozen or unfrozen, loss, metrics, and an optimizer
-    whose schedule spans the stage's epochs; then ``prepare_training`` (call under the strategy scope)."""
+    whose schedule spans the stage's epochs; then ``prepare_training`` (call under the strategy scope).
+    Checkpoints record ``jit_compile: auto`` and ``steps_per_execution: 1``, whatever this run used."""
     import keras
 
     from tfseg.distribute import prepare_training, steps_per_execution_for
@@ -82,6 +83,10 @@ def compile_stage(model, cfg: Config, steps_per_epoch: int, stage: Stage, from_l
         jit_compile=t.jit_compile or keras.config.backend() == "jax",
         steps_per_execution=steps_per_execution_for(t.steps_per_execution),
     )
+    # What the checkpoints say about compiling: each backend's own default, not this run's choice. A JAX run's
+    # jit_compile=True made keras.models.load_model on PyTorch call torch.compile, and on TensorFlow's CPU XLA
+    # (5x slower there); a TPU run's steps_per_execution is a setting of that run.
+    model._compile_config.config.update(jit_compile="auto", steps_per_execution=1)
     prepare_training(model)  # TensorFlow backend: fused BatchNorm and optimizer kernels, one trace
 
 

@@ -200,9 +200,9 @@ def test_ternaus_unet16_takes_keras_vgg16_weights_through_the_encoder_table(tmp_
 
 
 def test_ternaus_option_errors():
-    with pytest.raises(ModelError, match="num_filters=0; expected a positive integer"):
+    with pytest.raises(ModelError, match="num_filters=0: expected a positive integer"):
         build_model(_cfg("ternaus_unet11", (32, 32, 3), options={"num_filters": 0}))
-    with pytest.raises(ModelError, match="is_deconv='yes'; expected true or false"):
+    with pytest.raises(ModelError, match="is_deconv='yes': expected true or false"):
         build_model(_cfg("ternaus_unet16", (32, 32, 3), options={"is_deconv": "yes"}))
     with pytest.raises(ModelError, match="Keras has no ImageNet VGG11 weights"):
         build_model(_cfg("ternaus_unet11", (32, 32, 3), encoder_weights="imagenet"))

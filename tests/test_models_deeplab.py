@@ -118,13 +118,13 @@ def test_keras_io_example_parameter_count():
 
 @pytest.mark.parametrize("backbone, shape, options, message", [
     ("mobilenetv2", (64, 64, 3), {"aspp_filter": 64}, r"unknown option 'aspp_filter' \(did you mean 'aspp_filters'"),
-    ("mobilenetv2", (64, 64, 3), {"decoder_filters": 0}, "option decoder_filters=0; expected a positive integer"),
-    ("mobilenetv2", (64, 64, 3), {"low_level_filters": True}, "option low_level_filters=True; expected a positive"),
+    ("mobilenetv2", (64, 64, 3), {"decoder_filters": 0}, "option decoder_filters=0: expected a positive integer"),
+    ("mobilenetv2", (64, 64, 3), {"low_level_filters": True}, "option low_level_filters=True: expected a positive"),
     ("mobilenetv2", (64, 64, 3), {"atrous_rates": [6, 6]}, "option atrous_rates=.*distinct positive integers"),
     ("mobilenetv2", (64, 64, 3), {"atrous_rates": []}, "option atrous_rates=.*distinct positive integers"),
-    ("mobilenetv2", (64, 64, 3), {"aspp_dropout": 1.0}, r"aspp_dropout=1.0; expected null or a rate in \[0, 1\)"),
-    ("mobilenetv2", (64, 64, 3), {"separable": "yes"}, "option separable='yes'; expected true or false"),
-    ("mobilenetv2", (64, 64, 3), {"encoder_features": [16]}, r"encoder_features=\[16\]; expected 'default' or \["),
+    ("mobilenetv2", (64, 64, 3), {"aspp_dropout": 1.0}, r"aspp_dropout=1.0: expected null or a rate in \[0, 1\)"),
+    ("mobilenetv2", (64, 64, 3), {"separable": "yes"}, "option separable='yes': expected true or false"),
+    ("mobilenetv2", (64, 64, 3), {"encoder_features": [16]}, r"encoder_features=\[16\]: expected 'default' or \["),
     ("mobilenetv2", (64, 64, 3), {"encoder_features": [8, 4]},
      "the ASPP feature is at stride 8, not 16 or 32 .output stride 8 needs a dilated encoder"),
     ("mobilenetv2", (64, 64, 3), {"encoder_features": [16, 16]}, "low-level feature is at stride 16, not 2, 4 or 8"),

@@ -229,13 +229,13 @@ def test_unknown_option_names_it_and_lists_the_valid_ones(arch, key, match):
         (
             "fpn",
             {"pyramid_aggregation": "mean"},
-            r"pyramid_aggregation='mean'; expected one of \['concat', 'sum'\]",
+            r"pyramid_aggregation='mean': expected one of \['concat', 'sum'\]",
         ),
-        ("fpn", {"pyramid_block_filters": 0}, "pyramid_block_filters=0; expected a positive integer"),
-        ("fpn", {"upsampling": 8}, "upsampling=8; expected 2 or 4"),
-        ("fpn", {"pyramid_dropout": 1.5}, r"pyramid_dropout=1.5; expected a rate in \[0, 1\)"),
-        ("pspnet", {"downsample_factor": 32}, r"downsample_factor=32; expected one of \[4, 8, 16\]"),
-        ("pspnet", {"psp_pooling_type": "min"}, r"psp_pooling_type='min'; expected one of \['avg', 'max'\]"),
+        ("fpn", {"pyramid_block_filters": 0}, "pyramid_block_filters=0: expected a positive integer"),
+        ("fpn", {"upsampling": 8}, r"upsampling=8: expected one of \[2, 4\]"),
+        ("fpn", {"pyramid_dropout": 1.5}, r"pyramid_dropout=1.5: expected null or a rate in \[0, 1\)"),
+        ("pspnet", {"downsample_factor": 32}, r"downsample_factor=32: expected one of \[4, 8, 16\]"),
+        ("pspnet", {"psp_pooling_type": "min"}, r"psp_pooling_type='min': expected one of \['avg', 'max'\]"),
     ],
 )
 def test_bad_option_values_are_model_errors(arch, options, match):

@@ -22,8 +22,13 @@ T = TypeVar("T")
 
 
 def nearest(name: str, candidates) -> str | None:
-    """Return the candidate closest to ``name`` (difflib ratio >= 0.5), or None."""
-    matches = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=1, cutoff=0.5)
+    """Return the candidate closest to ``name``, or None: the one that differs only in case (``sm.unet`` ->
+    ``sm.Unet``), else the closest by difflib's ratio (at least 0.5)."""
+    candidates = [str(c) for c in candidates]
+    same = [c for c in candidates if c.lower() == str(name).lower()]
+    if same:
+        return same[0]
+    matches = difflib.get_close_matches(str(name), candidates, n=1, cutoff=0.5)
     return matches[0] if matches else None
 
 

@@ -5,31 +5,134 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+import inspect
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import keras
 
-from tfseg.errors import ModelError
+from tfseg.errors import ModelError, first_line
 from tfseg.registry import nearest
+
+# What a tfseg model's output may be: the losses, metrics and predict read it as probabilities or logits.
+OUTPUT_ACTIVATIONS = ("auto", "sigmoid", "softmax", "linear")
+
+
+def check_classes(classes, arch: str | None = None) -> int:
+    """``classes`` as an int >= 1 (output channels: 1 for a binary mask, N for N classes).
+
+    Raises:
+        ModelError: "unet: classes=0: expected an integer >= 1 ..." (``arch`` names the model when given).
+    """
+    if not _is_int(classes) or classes < 1:
+        where = f"{arch}: " if arch else ""
+        raise ModelError(f"{where}classes={show(classes)}: expected an integer >= 1 (the output channels: 1 for a "
+                         "binary mask with sigmoid, N >= 2 for N classes with softmax)")
+    return int(classes)
 
 
 def resolve_activation(activation: str | None, classes: int) -> str:
     """Map the config's activation to a Keras one.
 
     Args:
-        activation: ``auto`` (sigmoid for 1 class, softmax otherwise), ``sigmoid``, ``softmax``,
-            ``linear`` (logits) or None (= linear).
-        classes: number of output channels.
+        activation: ``auto`` (sigmoid for 1 class, softmax otherwise), ``sigmoid``, ``softmax``
+            (2 classes or more), ``linear`` (logits) or None (= linear, as segmentation_models).
+        classes: number of output channels, >= 1.
+
+    Raises:
+        ModelError: an unknown name (with the nearest one), a Keras activation that gives neither
+            probabilities nor logits (``relu``, ``tanh``: segmentation_models takes any Keras name, but
+            tfseg's losses, metrics and predict read the output as one or the other), softmax over one
+            channel (1.0 everywhere), or ``classes`` below 1.
     """
+    classes = check_classes(classes)
     if activation in (None, "linear"):
         return "linear"
     if activation == "auto":
         return "sigmoid" if classes == 1 else "softmax"
-    if activation in ("sigmoid", "softmax"):
+    if activation == "sigmoid":
         return activation
-    raise ModelError(f"Received: activation={activation!r}. Expected one of ['auto', 'sigmoid', 'softmax', "
-                     "'linear']")
+    if activation == "softmax":
+        if classes == 1:
+            raise ModelError("Received: activation='softmax' with classes=1: a softmax over one channel is 1.0 at "
+                             "every pixel; expected 'sigmoid' (or 'auto') for one class")
+        return activation
+    if isinstance(activation, str) and _is_keras_activation(activation):
+        raise ModelError(f"Received: activation={activation!r}: a Keras activation, but tfseg's losses, metrics "
+                         "and predict read a model's output as probabilities (sigmoid, softmax) or logits "
+                         f"(linear or null). Expected one of {list(OUTPUT_ACTIVATIONS)}")
+    hint = nearest(activation, OUTPUT_ACTIVATIONS) if isinstance(activation, str) else None
+    did_you_mean = f" (did you mean {hint!r}?)" if hint else ""
+    raise ModelError(f"Received: activation={activation!r}{did_you_mean}. Expected one of "
+                     f"{list(OUTPUT_ACTIVATIONS)} or null (= linear)")
+
+
+def _is_keras_activation(name: str) -> bool:
+    try:
+        keras.activations.get(name)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def check_arguments(function: Callable) -> Callable:
+    """Decorate a segmentation_models-style constructor (``Unet``, ``FPN``...) so that an argument it does
+    not take is a one-line ModelError with the nearest name, not Python's bare TypeError:
+    ``FPN: unknown argument 'pyramid_filters' (did you mean 'pyramid_block_filters'?). Expected one of [...]``.
+    """
+    signature = inspect.signature(function)
+    names = [name for name, p in signature.parameters.items() if p.kind is not p.VAR_KEYWORD]
+
+    @functools.wraps(function)
+    def checked(*args, **kwargs):
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as err:
+            unknown = [key for key in kwargs if key not in signature.parameters]
+            if unknown:
+                hint = nearest(unknown[0], names)
+                did_you_mean = f" (did you mean {hint!r}?)" if hint else ""
+                raise ModelError(f"{function.__name__}: unknown argument {unknown[0]!r}{did_you_mean}. Expected one "
+                                 f"of {names}") from None
+            raise ModelError(f"{function.__name__}: {err}; it takes {names}") from None
+        return function(*args, **kwargs)
+
+    return checked
+
+
+def check_weights_path(weights, arch: str) -> None:
+    """The constructors' ``weights=`` is null or an existing file: checked before anything is built.
+
+    Raises:
+        ModelError: "unet: weights='missing.h5': no such file; expected null or ...".
+    """
+    if weights is None:
+        return
+    if not isinstance(weights, (str, os.PathLike)):
+        raise ModelError(f"{arch}: weights={weights!r}: expected null or the path of this model's weights file "
+                         "(.weights.h5 from model.save_weights, or a .keras file)")
+    if not os.path.isfile(weights):
+        raise ModelError(f"{arch}: weights={str(weights)!r}: no such file; expected null or the path of this "
+                         "model's weights file (.weights.h5 from model.save_weights, or a .keras file)")
+
+
+def load_model_weights(model: keras.Model, weights, arch: str) -> None:
+    """Load the whole model's ``weights`` file (the constructors' ``weights=``, as segmentation_models').
+
+    Raises:
+        ModelError: one line naming the file: not a path, no such file (as for ``encoder_weights``), or a
+            file Keras cannot load into this model (another architecture, backbone, ``classes``...).
+    """
+    check_weights_path(weights, arch)
+    try:
+        model.load_weights(weights)
+    except Exception as err:  # Keras raises ValueError, KeyError, OSError... for a file of another model
+        raise ModelError(f"{arch}: weights={str(weights)!r}: could not load it into {model.name} "
+                         f"({type(err).__name__}: {first_line(err)}); a segmentation_models file loads with "
+                         "tfseg.models.load_sm_weights(model, path)") from None
 
 
 def check_input_shape(input_shape: Sequence[int | None], multiple: int, arch: str,
@@ -135,28 +238,139 @@ def check_from_scratch(arch: str, encoder_weights: str | None) -> None:
                          "no pretrained encoder to load it into; expected null (or imagenet, which does not apply)")
 
 
+@dataclass(frozen=True)
+class Option:
+    """An architecture option: its default and the values it takes.
+
+    Attributes:
+        default: the value when ``model.options`` does not set it.
+        expected: what a value must be, for the message (``"true or false"``).
+        accepts: whether a value (not None) is valid.
+        nullable: whether null (None) is valid too.
+    """
+
+    default: Any
+    expected: str
+    accepts: Callable[[Any], bool] = field(default=lambda value: True, repr=False)
+    nullable: bool = False
+
+    def valid(self, value) -> bool:
+        return (value is None and self.nullable) or (value is not None and self.accepts(value))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _null_or(nullable: bool, text: str) -> str:
+    return f"null or {text}" if nullable else text
+
+
+def flag(default: bool | None, nullable: bool = False) -> Option:
+    """A boolean option: YAML ``true`` / ``false`` only (not ``"yes"``, not 1)."""
+    return Option(default, _null_or(nullable, "true or false"), lambda v: isinstance(v, bool), nullable)
+
+
+def positive_int(default: int | None, nullable: bool = False) -> Option:
+    """An integer >= 1 (filters, widths); not a bool, not a float."""
+    return Option(default, _null_or(nullable, "a positive integer"), lambda v: _is_int(v) and v >= 1, nullable)
+
+
+def int_list(default: Sequence[int], *, length: int | None = None, min_length: int = 1,
+             distinct: bool = False) -> Option:
+    """A list of positive integers: exactly ``length`` of them, or at least ``min_length``."""
+    count = f"{length}" if length is not None else (f"at least {min_length}" if min_length > 1 else "one or more")
+    text = f"a list of {count}{' distinct' if distinct else ''} positive integers, e.g. {list(default)}"
+
+    def accepts(value) -> bool:
+        if not isinstance(value, (list, tuple)) or not all(_is_int(v) and v >= 1 for v in value):
+            return False
+        if distinct and len(set(value)) != len(value):
+            return False
+        return len(value) == length if length is not None else len(value) >= min_length
+
+    return Option(tuple(default), text, accepts)
+
+
+def choice(default, values: Sequence) -> Option:
+    """One of ``values``, of the same type (``8`` for a factor of [4, 8, 16], not ``8.0`` or ``"8"``)."""
+    values = list(values)
+    return Option(default, f"one of {values}", lambda v: any(type(v) is type(c) and v == c for c in values))
+
+
+def dropout_rate(default: float | None = None) -> Option:
+    """A dropout rate in [0, 1), or null (the default: the model's ``dropout``)."""
+    return Option(default, "null or a rate in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1, nullable=True)
+
+
+def any_value(default, expected: str) -> Option:
+    """An option the architecture checks itself (``encoder_features``: a name, a stride or a list)."""
+    return Option(default, expected, lambda v: True, nullable=True)
+
+
+def option_for(default) -> Option:
+    """The :class:`Option` of a plain default: its type says what a value must be."""
+    if isinstance(default, Option):
+        return default
+    if isinstance(default, bool):
+        return flag(default)
+    if _is_int(default):
+        return Option(default, "an integer", _is_int)
+    if isinstance(default, float):
+        return Option(default, "a number", _is_number)
+    if isinstance(default, str):
+        return Option(default, "a string", lambda v: isinstance(v, str))
+    if isinstance(default, (list, tuple)) and default and all(_is_int(v) for v in default):
+        return int_list(default, length=len(default))
+    return any_value(default, "any value")
+
+
+def show(value) -> str:
+    """A value as the user wrote it in YAML or Python: tuples as lists."""
+    return repr(list(value)) if isinstance(value, tuple) else repr(value)
+
+
+def option_error(arch: str, name: str, value, expected: str) -> ModelError:
+    """The one message format of a bad option: ``unet_small: option filters=16: expected a list of ...``."""
+    return ModelError(f"{arch}: option {name}={show(value)}: expected {expected}")
+
+
 def read_options(arch: str, options: Mapping[str, Any] | None, defaults: Mapping[str, Any]) -> dict:
-    """Merge ``cfg.options`` over an architecture's ``defaults``; an unknown key lists the valid ones.
+    """Merge ``cfg.options`` over an architecture's ``defaults``, checking every name and value.
 
     Args:
         arch: architecture name, for the message.
         options: the config's ``model.options`` (None or a mapping).
-        defaults: every option the architecture takes, with its default.
+        defaults: every option the architecture takes: an :class:`Option` (``positive_int(256)``,
+            ``flag(False)``, ``int_list(...)``, ``choice(...)``, ``dropout_rate()``), or a plain default whose
+            type says what a value must be (a bool takes true or false; an int an integer; a tuple of
+            ints a list of as many positive integers).
 
     Returns:
-        A new dict with every key of ``defaults``.
+        A new dict with every key of ``defaults``: the value given, else the default.
 
     Raises:
-        ModelError: e.g. "fpn: unknown option 'pyramid_filters' (did you mean 'pyramid_block_filters'?).
-            Expected one of ['pyramid_aggregation', 'pyramid_block_filters', ...]".
+        ModelError: one line: an unknown name ("fpn: unknown option 'pyramid_filters' (did you mean
+            'pyramid_block_filters'?). Expected one of [...]") or a value of the wrong type or range
+            ("unet1024: option center='big': expected a positive integer").
     """
+    if options is not None and not isinstance(options, Mapping):
+        raise ModelError(f"{arch}: options={show(options)}: expected a mapping of option names to values, "
+                         "e.g. {filters: [64, 128, 256, 512]}")
     options = dict(options or {})
+    specs = {name: option_for(default) for name, default in defaults.items()}
     for key in options:
-        if key not in defaults:
-            hint = nearest(key, defaults)
+        if key not in specs:
+            hint = nearest(key, specs)
             did_you_mean = f" (did you mean {hint!r}?)" if hint else ""
-            if not defaults:
+            if not specs:
                 raise ModelError(f"{arch}: unknown option {key!r}; {arch} takes no options")
             raise ModelError(f"{arch}: unknown option {key!r}{did_you_mean}. Expected one of "
-                             f"{sorted(defaults)}")
-    return {**defaults, **options}
+                             f"{sorted(specs)}")
+        if not specs[key].valid(options[key]):
+            raise option_error(arch, key, options[key], specs[key].expected)
+    return {**{name: spec.default for name, spec in specs.items()}, **options}

@@ -51,18 +51,30 @@ from tfseg.config import ModelConfig
 from tfseg.errors import ModelError
 from tfseg.models import ARCHS
 from tfseg.models.blocks import conv_bn_act
-from tfseg.models.common import check_input_shape, freeze_encoder, read_options, segmentation_head
+from tfseg.models.common import (
+    any_value,
+    check_input_shape,
+    dropout_rate,
+    flag,
+    freeze_encoder,
+    int_list,
+    option_error,
+    positive_int,
+    read_options,
+    segmentation_head,
+)
 from tfseg.models.encoders import encoder_on_input, get_encoder_spec
 
 ARCH = "deeplabv3plus"
+FEATURES_EXPECTED = "'default' or [ASPP feature, low-level feature], each a stride or a layer name, e.g. [16, 4]"
 DEFAULT_OPTIONS = {
-    "encoder_features": "default",
-    "atrous_rates": [6, 12, 18],
-    "aspp_filters": 256,
-    "aspp_dropout": None,
-    "low_level_filters": 48,
-    "decoder_filters": 256,
-    "separable": False,
+    "encoder_features": any_value("default", FEATURES_EXPECTED),
+    "atrous_rates": int_list([6, 12, 18], distinct=True),
+    "aspp_filters": positive_int(256),
+    "aspp_dropout": dropout_rate(),
+    "low_level_filters": positive_int(48),
+    "decoder_filters": positive_int(256),
+    "separable": flag(False),
 }
 DEFAULT_FEATURES = (16, 4)
 ASPP_STRIDES = (16, 32)
@@ -78,25 +90,10 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check(opts: dict) -> None:
-    for key in ("aspp_filters", "low_level_filters", "decoder_filters"):
-        if not _is_int(opts[key]) or opts[key] < 1:
-            raise ModelError(f"{ARCH}: option {key}={opts[key]!r}; expected a positive integer")
-    rates = opts["atrous_rates"]
-    if (not isinstance(rates, (list, tuple)) or not rates or not all(_is_int(r) and r >= 1 for r in rates)
-            or len(set(rates)) != len(rates)):
-        raise ModelError(f"{ARCH}: option atrous_rates={rates!r}; expected a list of distinct positive integers, "
-                         "e.g. [6, 12, 18]")
-    rate = opts["aspp_dropout"]
-    if rate is not None and not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0 <= rate < 1):
-        raise ModelError(f"{ARCH}: option aspp_dropout={rate!r}; expected null or a rate in [0, 1)")
-    if not isinstance(opts["separable"], bool):
-        raise ModelError(f"{ARCH}: option separable={opts['separable']!r}; expected true or false")
-    features = opts["encoder_features"]
+def _check_features(features) -> None:
     if features != "default" and not (isinstance(features, (list, tuple)) and len(features) == 2
                                       and all(_is_int(f) or isinstance(f, str) for f in features)):
-        raise ModelError(f"{ARCH}: option encoder_features={features!r}; expected 'default' or [ASPP feature, "
-                         "low-level feature], each a stride or a layer name, e.g. [16, 4]")
+        raise option_error(ARCH, "encoder_features", features, FEATURES_EXPECTED)
 
 
 def conv_bn_relu(x, filters: int, kernel_size: int, *, rate: int = 1, separable: bool = False, name: str):
@@ -237,7 +234,7 @@ def build_deeplabv3plus(cfg: ModelConfig) -> keras.Model:
             cannot take, input size not a multiple of the ASPP feature's stride, unknown backbone.
     """
     opts = read_options(ARCH, cfg.options, DEFAULT_OPTIONS)
-    _check(opts)
+    _check_features(opts["encoder_features"])
     dropout = cfg.dropout if opts["aspp_dropout"] is None else opts["aspp_dropout"]
     separable = opts["separable"]
 

@@ -30,7 +30,15 @@ from tfseg.errors import ModelError
 from tfseg.models import ARCHS
 from tfseg.models.blocks import conv3x3_bn_relu
 from tfseg.models.common import (
+    check_arguments,
+    check_classes,
+    check_weights_path,
+    choice,
+    dropout_rate,
+    flag,
     freeze_encoder,
+    load_model_weights,
+    positive_int,
     read_options,
     segmentation_head,
 )
@@ -38,33 +46,18 @@ from tfseg.models.encoders import available_strides, encoder_on_input
 
 ARCH = "fpn"
 DEFAULT_OPTIONS = {
-    "pyramid_block_filters": 256,
-    "segmentation_filters": None,
-    "pyramid_use_batchnorm": None,
-    "pyramid_aggregation": "concat",
-    "pyramid_dropout": None,
-    "upsampling": 2,
+    "pyramid_block_filters": positive_int(256),
+    "segmentation_filters": positive_int(None, nullable=True),
+    "pyramid_use_batchnorm": flag(None, nullable=True),
+    "pyramid_aggregation": choice("concat", ["concat", "sum"]),
+    "pyramid_dropout": dropout_rate(),
+    "upsampling": choice(2, [2, 4]),
 }
 SIZE_MULTIPLE = 32
 # Shared model contract (tests/test_models_contract.py): tiny test size, encoders, small options.
 TEST_SIZE = 64
 TEST_BACKBONES = ("mobilenetv2", "efficientnetb0", "resnet50")
 TEST_OPTIONS = {"pyramid_block_filters": 64}
-
-
-def _check(opts: dict) -> None:
-    for key in ("pyramid_block_filters", "segmentation_filters"):
-        value = opts[key]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ModelError(f"fpn: option {key}={value!r}; expected a positive integer")
-    if opts["pyramid_aggregation"] not in ("sum", "concat"):
-        raise ModelError(f"fpn: option pyramid_aggregation={opts['pyramid_aggregation']!r}; expected one of "
-                         "['concat', 'sum']")
-    if opts["upsampling"] not in (2, 4):
-        raise ModelError(f"fpn: option upsampling={opts['upsampling']!r}; expected 2 or 4")
-    rate = opts["pyramid_dropout"]
-    if rate is not None and not (isinstance(rate, (int, float)) and 0 <= rate < 1):
-        raise ModelError(f"fpn: option pyramid_dropout={rate!r}; expected a rate in [0, 1)")
 
 
 def _pyramid_block(x, skip, filters: int, stage: int):
@@ -135,7 +128,6 @@ def build_fpn(cfg: ModelConfig) -> keras.Model:
         ModelError: unknown or invalid option, input size not a multiple of 32, unknown backbone.
     """
     opts = read_options(ARCH, cfg.options, DEFAULT_OPTIONS)
-    _check(opts)
     filters = opts["pyramid_block_filters"]
     seg_filters = opts["segmentation_filters"] or filters // 2
     use_bn = opts["pyramid_use_batchnorm"]
@@ -156,6 +148,7 @@ def build_fpn(cfg: ModelConfig) -> keras.Model:
     return freeze_encoder(model) if cfg.encoder_freeze else model
 
 
+@check_arguments
 def FPN(  # noqa: N802 - the segmentation_models name, so notebooks port by changing the import
     backbone_name: str = "vgg16",
     input_shape: Sequence[int | None] = (None, None, 3),
@@ -190,6 +183,8 @@ def FPN(  # noqa: N802 - the segmentation_models name, so notebooks port by chan
     Returns:
         The same model as ``build_model`` with ``arch: fpn``.
     """
+    check_classes(classes, ARCH)
+    check_weights_path(weights, ARCH)
     if encoder_features != "default":
         raise ModelError(f"fpn: encoder_features={encoder_features!r} is not supported; tfseg takes sm's "
                          "default feature layers of each encoder ('default')")
@@ -203,5 +198,5 @@ def FPN(  # noqa: N802 - the segmentation_models name, so notebooks port by chan
                                "pyramid_dropout": pyramid_dropout, "upsampling": upsampling})
     model = build_fpn(cfg)
     if weights is not None:
-        model.load_weights(weights)
+        load_model_weights(model, weights, ARCH)
     return model

@@ -27,7 +27,11 @@ from tfseg.errors import ModelError
 from tfseg.models import ARCHS
 from tfseg.models.blocks import conv_bn_act
 from tfseg.models.common import (
+    check_arguments,
+    check_classes,
+    check_weights_path,
     freeze_encoder,
+    load_model_weights,
     read_options,
     segmentation_head,
 )
@@ -135,6 +139,7 @@ def build_linknet(cfg: ModelConfig) -> keras.Model:
     return freeze_encoder(model) if cfg.encoder_freeze else model
 
 
+@check_arguments
 def Linknet(  # noqa: N802 - the segmentation_models name, so notebooks port by changing the import
     backbone_name: str = "vgg16",
     input_shape: Sequence[int | None] = (None, None, 3),
@@ -165,6 +170,8 @@ def Linknet(  # noqa: N802 - the segmentation_models name, so notebooks port by 
     Returns:
         The same model as ``build_model`` with ``arch: linknet``.
     """
+    check_classes(classes, ARCH)
+    check_weights_path(weights, ARCH)
     if encoder_features != "default":
         raise ModelError(f"linknet: encoder_features={encoder_features!r} is not supported; tfseg takes sm's "
                          "default feature layers of each encoder ('default')")
@@ -174,5 +181,5 @@ def Linknet(  # noqa: N802 - the segmentation_models name, so notebooks port by 
                       decoder_filters=tuple(decoder_filters), decoder_use_batchnorm=decoder_use_batchnorm)
     model = build_linknet(cfg)
     if weights is not None:
-        model.load_weights(weights)
+        load_model_weights(model, weights, ARCH)
     return model

@@ -31,14 +31,14 @@ import keras
 from tfseg.config import ModelConfig
 from tfseg.errors import ModelError
 from tfseg.models import ARCHS
-from tfseg.models.common import check_input_shape, read_options, segmentation_head
+from tfseg.models.common import check_input_shape, flag, int_list, read_options, segmentation_head
 from tfseg.models.encoders import build_encoder
 
 ARCH = "pix2pix_unet"
 BACKBONE = "mobilenetv2"
 SKIP_LAYERS = ("block_1_expand_relu", "block_3_expand_relu", "block_6_expand_relu", "block_13_expand_relu",
                "block_16_project")
-DEFAULT_OPTIONS = {"freeze": True, "filters": (512, 256, 128, 64)}
+DEFAULT_OPTIONS = {"freeze": flag(True), "filters": int_list((512, 256, 128, 64), length=4)}
 
 SIZE_MULTIPLE = 32
 MIN_SIZE = 32
@@ -92,10 +92,6 @@ def build_pix2pix_unet(cfg: ModelConfig) -> keras.Model:
         raise ModelError(f"{ARCH}: backbone={cfg.backbone!r}; the tutorial's model has a MobileNetV2 encoder "
                          f"(expected {BACKBONE!r}; arch unet takes any encoder)")
     filters = tuple(opts["filters"])
-    if len(filters) != 4 or any(isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in filters):
-        raise ModelError(f"{ARCH}: option filters={list(filters)}; expected 4 positive integers")
-    if not isinstance(opts["freeze"], bool):
-        raise ModelError(f"{ARCH}: option freeze={opts['freeze']!r}; expected true or false")
     h, w, c = check_input_shape(cfg.input_shape or (), SIZE_MULTIPLE, ARCH, min_size=MIN_SIZE)
 
     inputs = keras.Input((h, w, c), name="image")

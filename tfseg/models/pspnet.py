@@ -30,7 +30,15 @@ from tfseg.errors import ModelError
 from tfseg.models import ARCHS
 from tfseg.models.blocks import conv_bn_act
 from tfseg.models.common import (
+    check_arguments,
+    check_classes,
+    check_weights_path,
+    choice,
+    dropout_rate,
+    flag,
     freeze_encoder,
+    load_model_weights,
+    positive_int,
     read_options,
     resolve_activation,
 )
@@ -38,11 +46,11 @@ from tfseg.models.encoders import encoder_on_input
 
 ARCH = "pspnet"
 DEFAULT_OPTIONS = {
-    "downsample_factor": 8,
-    "psp_conv_filters": 512,
-    "psp_pooling_type": "avg",
-    "psp_use_batchnorm": None,
-    "psp_dropout": None,
+    "downsample_factor": choice(8, [4, 8, 16]),
+    "psp_conv_filters": positive_int(512),
+    "psp_pooling_type": choice("avg", ["avg", "max"]),
+    "psp_use_batchnorm": flag(None, nullable=True),
+    "psp_dropout": dropout_rate(),
 }
 BINS = (1, 2, 3, 6)
 # Shared model contract (tests/test_models_contract.py): the smallest size for factor 8, encoders,
@@ -50,21 +58,6 @@ BINS = (1, 2, 3, 6)
 TEST_SIZE = 48
 TEST_BACKBONES = ("mobilenetv2", "resnet50", "vgg16")
 TEST_OPTIONS = {"psp_conv_filters": 64}
-
-
-def _check(opts: dict) -> None:
-    if opts["downsample_factor"] not in (4, 8, 16):
-        raise ModelError(f"pspnet: option downsample_factor={opts['downsample_factor']!r}; expected one of "
-                         "[4, 8, 16]")
-    filters = opts["psp_conv_filters"]
-    if isinstance(filters, bool) or not isinstance(filters, int) or filters < 1:
-        raise ModelError(f"pspnet: option psp_conv_filters={filters!r}; expected a positive integer")
-    if opts["psp_pooling_type"] not in ("avg", "max"):
-        raise ModelError(f"pspnet: option psp_pooling_type={opts['psp_pooling_type']!r}; expected one of "
-                         "['avg', 'max']")
-    rate = opts["psp_dropout"]
-    if rate is not None and not (isinstance(rate, (int, float)) and 0 <= rate < 1):
-        raise ModelError(f"pspnet: option psp_dropout={rate!r}; expected a rate in [0, 1)")
 
 
 def pyramid_pooling(x, filters: int = 512, pooling_type: str = "avg", use_batchnorm: bool = True):
@@ -102,7 +95,6 @@ def build_pspnet(cfg: ModelConfig) -> keras.Model:
             ``6 * downsample_factor``, unknown backbone.
     """
     opts = read_options(ARCH, cfg.options, DEFAULT_OPTIONS)
-    _check(opts)
     factor = opts["downsample_factor"]
     shape = tuple(cfg.input_shape or (None, None, 3))
     if len(shape) == 3 and (shape[0] is None or shape[1] is None):
@@ -133,6 +125,7 @@ def build_pspnet(cfg: ModelConfig) -> keras.Model:
     return freeze_encoder(model) if cfg.encoder_freeze else model
 
 
+@check_arguments
 def PSPNet(  # noqa: N802 - the segmentation_models name, so notebooks port by changing the import
     backbone_name: str = "vgg16",
     input_shape: Sequence[int] = (384, 384, 3),
@@ -162,6 +155,8 @@ def PSPNet(  # noqa: N802 - the segmentation_models name, so notebooks port by c
     Returns:
         The same model as ``build_model`` with ``arch: pspnet``.
     """
+    check_classes(classes, ARCH)
+    check_weights_path(weights, ARCH)
     cfg = ModelConfig(arch=ARCH, backbone=backbone_name, input_shape=tuple(input_shape), classes=classes,
                       activation=activation or "linear", encoder_weights=encoder_weights,
                       encoder_freeze=encoder_freeze,
@@ -170,5 +165,5 @@ def PSPNet(  # noqa: N802 - the segmentation_models name, so notebooks port by c
                                "psp_dropout": psp_dropout})
     model = build_pspnet(cfg)
     if weights is not None:
-        model.load_weights(weights)
+        load_model_weights(model, weights, ARCH)
     return model

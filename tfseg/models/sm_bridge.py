@@ -29,6 +29,7 @@ from tfseg.config import ModelConfig
 from tfseg.errors import ModelError, first_line
 from tfseg.models.common import resolve_activation
 from tfseg.models.encoders import ENCODERS, adapt_constants
+from tfseg.registry import unknown_name_message
 
 SM_ARCHS = ("FPN", "Linknet", "PSPNet", "Unet")
 
@@ -64,7 +65,7 @@ def build_sm_model(cfg: ModelConfig) -> keras.Model:
     """
     name = cfg.arch[len("sm."):]
     if name not in SM_ARCHS:
-        raise ModelError(f"Received: arch={cfg.arch!r}. Expected one of {['sm.' + a for a in SM_ARCHS]}")
+        raise ModelError(unknown_name_message("arch", cfg.arch, [f"sm.{a}" for a in SM_ARCHS]))
     sm = import_sm()
     shape = tuple(cfg.input_shape) if cfg.input_shape else (None, None, 3)
     classes = int(cfg.classes or 1)

@@ -30,7 +30,17 @@ from tfseg.config import ModelConfig
 from tfseg.errors import ModelError
 from tfseg.models import ARCHS
 from tfseg.models.blocks import DECODER_BLOCKS, conv3x3_bn_relu
-from tfseg.models.common import freeze_encoder, read_options, segmentation_head
+from tfseg.models.common import (
+    any_value,
+    check_arguments,
+    check_classes,
+    check_weights_path,
+    freeze_encoder,
+    load_model_weights,
+    read_options,
+    resolve_activation,
+    segmentation_head,
+)
 from tfseg.models.encoders import available_strides, encoder_on_input, get_encoder_spec
 
 ARCH = "unet"
@@ -39,8 +49,10 @@ SIZE_MULTIPLE = 32
 TEST_SIZE = 64
 TEST_BACKBONES = ("mobilenetv2", "efficientnetb0", "vgg16")
 SKIP_STRIDES = (16, 8, 4, 2)
+FEATURES_EXPECTED = "'default', or encoder strides deepest first, or their layer names"
 
 
+@check_arguments
 def Unet(  # noqa: N802 - the segmentation_models name, so notebooks port by changing the import
     backbone_name: str = "vgg16",
     input_shape: Sequence[int | None] = (None, None, 3),
@@ -81,6 +93,9 @@ def Unet(  # noqa: N802 - the segmentation_models name, so notebooks port by cha
         ModelError: unknown backbone or block type, a stride the encoder lacks in ``encoder_features``,
             input size not divisible by 32, bad weights.
     """
+    check_classes(classes, ARCH)
+    check_weights_path(weights, ARCH)
+    resolve_activation(activation, classes)
     if decoder_block_type not in DECODER_BLOCKS:
         raise ModelError(f"Received: decoder_block_type={decoder_block_type!r}. Expected one of "
                          f"{sorted(DECODER_BLOCKS)}")
@@ -103,7 +118,7 @@ def Unet(  # noqa: N802 - the segmentation_models name, so notebooks port by cha
     if encoder_freeze:
         freeze_encoder(model)
     if weights is not None:
-        model.load_weights(weights)
+        load_model_weights(model, weights, ARCH)
     return model
 
 
@@ -145,7 +160,7 @@ def build_unet(cfg: ModelConfig) -> keras.Model:
 
     ``cfg.options`` may set ``encoder_features`` (strides, deepest first).
     """
-    options = read_options(ARCH, cfg.options, {"encoder_features": "default"})
+    options = read_options(ARCH, cfg.options, {"encoder_features": any_value("default", FEATURES_EXPECTED)})
     return Unet(
         cfg.backbone,
         input_shape=tuple(cfg.input_shape) if cfg.input_shape else (None, None, 3),

@@ -20,13 +20,19 @@ from __future__ import annotations
 import keras
 
 from tfseg.config import ModelConfig
-from tfseg.errors import ModelError
 from tfseg.models import ARCHS
-from tfseg.models.common import check_from_scratch, check_input_shape, read_options, segmentation_head
+from tfseg.models.common import (
+    check_from_scratch,
+    check_input_shape,
+    int_list,
+    positive_int,
+    read_options,
+    segmentation_head,
+)
 
 ARCH = "unet1024"
 FILTERS = (8, 16, 32, 64, 128, 256, 512)
-DEFAULT_OPTIONS = {"filters": FILTERS, "center": 1024}
+DEFAULT_OPTIONS = {"filters": int_list(FILTERS), "center": positive_int(1024)}
 
 # For the shared model contract (tests/test_models_contract.py): 2 small levels keep its
 # training step cheap (tracing ~70 BatchNorm layers is slow); the 7-level default is checked in
@@ -58,11 +64,7 @@ def build_unet1024(cfg: ModelConfig) -> keras.Model:
     """
     check_from_scratch(ARCH, cfg.encoder_weights)
     opts = read_options(ARCH, cfg.options, DEFAULT_OPTIONS)
-    filters = tuple(int(f) for f in opts["filters"])
-    center = int(opts["center"])
-    if not filters or min(filters) < 1 or center < 1:
-        raise ModelError(f"{ARCH}: options filters and center must be positive integers, got "
-                         f"filters={list(opts['filters'])} center={opts['center']}")
+    filters, center = tuple(opts["filters"]), opts["center"]
     multiple = 2 ** len(filters)
     h, w, c = check_input_shape(cfg.input_shape or (), multiple, ARCH, min_size=multiple)
 

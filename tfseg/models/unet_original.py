@@ -23,11 +23,11 @@ import keras
 from tfseg.config import ModelConfig
 from tfseg.errors import ModelError
 from tfseg.models import ARCHS
-from tfseg.models.common import check_from_scratch, read_options, segmentation_head
+from tfseg.models.common import check_from_scratch, flag, int_list, read_options, segmentation_head
 
 ARCH = "unet_original"
 FILTERS = (64, 128, 256, 512, 1024)
-DEFAULT_OPTIONS = {"batchnorm": False, "filters": FILTERS}
+DEFAULT_OPTIONS = {"batchnorm": flag(False), "filters": int_list(FILTERS, length=len(FILTERS))}
 
 # Size rule for len(FILTERS) = 5 levels: s = 16 b + 124 with bottom size b >= 4.
 _STEP = 16
@@ -123,16 +123,13 @@ def build_unet_original(cfg: ModelConfig) -> keras.Model:
     """
     check_from_scratch(ARCH, cfg.encoder_weights)
     opts = read_options(ARCH, cfg.options, DEFAULT_OPTIONS)
-    filters = tuple(int(f) for f in opts["filters"])
-    if len(filters) != len(FILTERS) or min(filters) < 1:
-        raise ModelError(f"{ARCH}: option filters must be {len(FILTERS)} positive integers, got "
-                         f"{list(opts['filters'])}")
+    filters = tuple(opts["filters"])
     if cfg.input_shape is None or len(cfg.input_shape) != 3:
         raise ModelError(f"{ARCH}: input_shape must be [height, width, channels], got {cfg.input_shape}")
     h, w, c = cfg.input_shape
     check_size(h, "height")
     check_size(w, "width")
-    bn = bool(opts["batchnorm"])
+    bn = opts["batchnorm"]
     margins = crop_margins(len(filters))
 
     inputs = keras.Input((h, w, c), name="image")

@@ -18,13 +18,19 @@ from __future__ import annotations
 import keras
 
 from tfseg.config import ModelConfig
-from tfseg.errors import ModelError
 from tfseg.models import ARCHS
-from tfseg.models.common import check_from_scratch, check_input_shape, read_options, segmentation_head
+from tfseg.models.common import (
+    check_from_scratch,
+    check_input_shape,
+    flag,
+    int_list,
+    read_options,
+    segmentation_head,
+)
 
 ARCH = "unet_small"
 FILTERS = (64, 128, 256, 512)
-DEFAULT_OPTIONS = {"filters": FILTERS, "batchnorm": False}
+DEFAULT_OPTIONS = {"filters": int_list(FILTERS, min_length=2), "batchnorm": flag(False)}
 
 # For the shared model contract (tests/test_models_contract.py).
 TEST_SIZE = 16
@@ -59,13 +65,10 @@ def build_unet_small(cfg: ModelConfig) -> keras.Model:
     """
     check_from_scratch(ARCH, cfg.encoder_weights)
     opts = read_options(ARCH, cfg.options, DEFAULT_OPTIONS)
-    filters = tuple(int(f) for f in opts["filters"])
-    if len(filters) < 2 or min(filters) < 1:
-        raise ModelError(f"{ARCH}: option filters must be at least 2 positive integers, got "
-                         f"{list(opts['filters'])}")
+    filters = tuple(opts["filters"])
     multiple = 2 ** (len(filters) - 1)
     h, w, c = check_input_shape(cfg.input_shape or (), multiple, ARCH, min_size=multiple)
-    bn = bool(opts["batchnorm"])
+    bn = opts["batchnorm"]
 
     inputs = keras.Input((h, w, c), name="image")
     x = keras.layers.Rescaling(1.0 / 255.0, name="normalize")(inputs)

@@ -48,14 +48,14 @@ from tfseg.config import ModelConfig
 from tfseg.errors import ModelError
 from tfseg.models import ARCHS
 from tfseg.models.blocks import decoder_upsampling_block
-from tfseg.models.common import freeze_encoder, read_options, segmentation_head
+from tfseg.models.common import any_value, freeze_encoder, read_options, segmentation_head
 from tfseg.models.encoders import encoder_on_input
-from tfseg.models.unet import skip_strides
+from tfseg.models.unet import FEATURES_EXPECTED, skip_strides
 
 ARCH = "unetplusplus"
 SIZE_MULTIPLE = 32
 DEPTH = 5  # the level of the encoder's stride-32 output; the path up has DEPTH nodes
-DEFAULT_OPTIONS = {"encoder_features": "default"}
+DEFAULT_OPTIONS = {"encoder_features": any_value("default", FEATURES_EXPECTED)}
 # Shared model contract (tests/test_models_contract.py): tiny test size and encoders to test; resnet18 runs in
 # the fast tier (the smallest decoder: smp's resnet18/34 one, 4.8M parameters), the others are slow.
 TEST_SIZE = 64

@@ -138,7 +138,9 @@ def test_wrong_shape_names_the_key_and_both_shapes(tmp_path):
 def test_wrong_layout_missing_file_and_suffix(tmp_path):
     model = build_model(ModelConfig(arch="ternaus_unet11", input_shape=(32, 32, 3), classes=1,
                                     encoder_weights=None, options={"num_filters": 2}))
-    with pytest.raises(ModelError, match=r"missing key 'features.3.weight' for vgg11"):
+    with pytest.raises(ModelError, match=r"^state dict: holds 13 convolutions under 'features.': it looks like "
+                                         r"torchvision's vgg16; vgg11 has 8 \(ternaus_unet11 takes a vgg11 state "
+                                         r"dict, ternaus_unet16 a vgg16 one\)$"):
         load_torch_vgg_state_dict(model, make_state_dict("vgg16"), arch="vgg11")
     with pytest.raises(ModelError, match="has 8 VGG convolutions named block<b>_conv<k>; vgg16 needs 13"):
         load_torch_vgg_state_dict(model, make_state_dict("vgg16"), arch="vgg16")
@@ -150,6 +152,43 @@ def test_wrong_layout_missing_file_and_suffix(tmp_path):
     (tmp_path / "broken.npz").write_bytes(b"not a zip")
     with pytest.raises(ModelError, match="broken.npz: not a readable .npz file"):
         read_state_dict(tmp_path / "broken.npz")
+
+
+def test_a_file_of_the_other_vgg_is_named_by_its_convolution_count(tmp_path):
+    path = tmp_path / "vgg16-397923af.npz"
+    np.savez(path, **make_state_dict("vgg16"))
+    with pytest.raises(ModelError) as err:
+        _model("ternaus_unet11", path)
+    assert str(err.value) == (f"{path}: holds 13 convolutions under 'features.': it looks like torchvision's vgg16; "
+                              "vgg11 has 8 (ternaus_unet11 takes a vgg11 state dict, ternaus_unet16 a vgg16 one)")
+    np.savez(path, **make_state_dict("vgg11"))
+    with pytest.raises(ModelError, match=r"holds 8 convolutions under 'features.': it looks like torchvision's vgg11; "
+                                         "vgg16 has 13"):
+        _model("ternaus_unet16", path)
+
+
+@pytest.mark.parametrize("arch, vgg, channels", [("ternaus_unet16", "vgg16", 3), ("ternaus_unet16", "vgg16", 1),
+                                                  ("ternaus_unet11", "vgg11", 3)])
+def test_loading_onto_a_built_model_equals_loading_at_build(tmp_path, arch, vgg, channels):
+    """ternaus_unet16 normalizes caffe-style: the loader folds torchvision's normalization into block1_conv1
+    whether the file comes with encoder_weights or onto a model built with encoder_weights=None."""
+    state = make_state_dict(vgg, seed=8)
+    path = tmp_path / f"{vgg}.npz"
+    np.savez(path, **state)
+    at_build = build_model(ModelConfig(arch=arch, input_shape=(32, 32, channels), classes=1,
+                                       encoder_weights=str(path), options={"num_filters": 2}))
+    later = build_model(ModelConfig(arch=arch, input_shape=(32, 32, channels), classes=1, encoder_weights=None,
+                                    options={"num_filters": 2}))
+    load_torch_vgg_state_dict(later, state, arch=vgg)
+    for a, b in zip(vgg_conv_layers(at_build), vgg_conv_layers(later)):
+        np.testing.assert_allclose(a.kernel.numpy(), b.kernel.numpy(), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(a.bias.numpy(), b.bias.numpy(), rtol=1e-6, atol=1e-6)
+    if channels == 3:  # on an image, the first layer is torchvision's (inside the zero-padding border)
+        first = vgg_conv_layers(later)[0]
+        image = np.random.default_rng(9).uniform(0, 255, (32, 32, 3)).astype("float32")
+        got = np.asarray(_first_conv_output(later, first)(image[None]))[0]
+        want = torch_conv_relu(image, state["features.0.weight"], state["features.0.bias"])
+        np.testing.assert_allclose(got[1:-1, 1:-1], want[1:-1, 1:-1], atol=2e-4)
 
 
 def test_pth_checkpoint_with_prefix(tmp_path):

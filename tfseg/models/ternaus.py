@@ -46,8 +46,8 @@ import keras
 from tfseg.config import ModelConfig
 from tfseg.errors import ModelError
 from tfseg.models import ARCHS
-from tfseg.models.common import check_input_shape, freeze_encoder, read_options, segmentation_head
-from tfseg.models.encoders import TORCH, adapt_constants, build_encoder, get_encoder_spec
+from tfseg.models.common import check_input_shape, flag, freeze_encoder, positive_int, read_options, segmentation_head
+from tfseg.models.encoders import TORCH, adapt_constants, build_encoder
 
 # Convolutions per VGG11 block (torchvision ``cfgs["A"]``); VGG16 comes from the encoder table.
 VGG_BLOCKS = {"vgg11": ((64,), (128,), (256, 256), (512, 512), (512, 512))}
@@ -58,8 +58,8 @@ DECODER = {
 }
 DECONV_KERNEL = {"vgg11": 3, "vgg16": 4}
 DEFAULT_OPTIONS = {
-    "ternaus_unet11": {"num_filters": 32, "is_deconv": True},
-    "ternaus_unet16": {"num_filters": 32, "is_deconv": False},
+    "ternaus_unet11": {"num_filters": positive_int(32), "is_deconv": flag(True)},
+    "ternaus_unet16": {"num_filters": positive_int(32), "is_deconv": flag(False)},
 }
 TORCH_SUFFIXES = (".pth", ".pt", ".npz")
 
@@ -146,10 +146,6 @@ def _torch_file(weights: str | None) -> bool:
 def _build(cfg: ModelConfig, arch: str, vgg: str) -> keras.Model:
     opts = read_options(arch, cfg.options, DEFAULT_OPTIONS[arch])
     nf = opts["num_filters"]
-    if isinstance(nf, bool) or not isinstance(nf, int) or nf < 1:
-        raise ModelError(f"{arch}: option num_filters={nf!r}; expected a positive integer")
-    if not isinstance(opts["is_deconv"], bool):
-        raise ModelError(f"{arch}: option is_deconv={opts['is_deconv']!r}; expected true or false")
     h, w, c = check_input_shape(cfg.input_shape or (), SIZE_MULTIPLE, arch, min_size=MIN_SIZE)
     weights = cfg.encoder_weights
     if weights is not None and not _torch_file(weights) and vgg == "vgg11":
@@ -157,7 +153,6 @@ def _build(cfg: ModelConfig, arch: str, vgg: str) -> keras.Model:
                          "Expected null or a torchvision vgg11 state dict file (.pth or .npz)")
 
     inputs = keras.Input((h, w, c), name="image")
-    input_norm = None
     if vgg == "vgg11":  # tfseg's own VGG11 (Keras has none), normalized as torchvision
         x = torch_normalization(c)(inputs)
         features, top = vgg_features(x, vgg)
@@ -166,15 +161,15 @@ def _build(cfg: ModelConfig, arch: str, vgg: str) -> keras.Model:
                                 strides=(32, 16, 8, 4, 2, 1))
         top, *deep_first = encoder(inputs)
         features = deep_first[::-1]
-        mean, std = get_encoder_spec("vgg16").norm
-        input_norm = (adapt_constants(mean, c), adapt_constants(std, c))
     x = ternaus_decoder(features, top, vgg, nf, opts["is_deconv"])
     outputs = segmentation_head(x, cfg.classes, cfg.activation, kernel_size=1)
     model = keras.Model(inputs, outputs, name=arch)
     if _torch_file(weights):
         from tfseg.models.torch_weights import load_torch_vgg_state_dict
 
-        load_torch_vgg_state_dict(model, weights, arch=vgg, input_norm=input_norm)
+        # torchvision's normalization is folded into the first convolution where the model normalizes
+        # otherwise (VGG16's caffe-style ``preprocess``), as it is when the loader is called on a built model
+        load_torch_vgg_state_dict(model, weights, arch=vgg)
     if cfg.encoder_freeze:
         freeze_encoder(model)
     return model

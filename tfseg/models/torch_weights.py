@@ -34,6 +34,8 @@ TORCHVISION_CFGS = {
     "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
     "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
 }
+# torchvision's VGGs by their number of convolutions, to name the one a state dict holds.
+VGG_BY_CONVS = {8: "vgg11", 10: "vgg13", 13: "vgg16", 16: "vgg19"}
 _CONV_NAME = re.compile(r"block(\d+)_conv(\d+)$")
 # A module-index weight key: "<prefix><i>.weight", the prefix empty or ending in "." ("features.0.weight").
 _INDEXED_WEIGHT = re.compile(r"^((?:.*\.)?)(\d+)\.weight$")
@@ -134,6 +136,55 @@ def find_vgg_prefix(state: Mapping[str, np.ndarray], arch: str = "vgg11", where:
                      f"its {len(state)} keys start {sample}")
 
 
+def conv_count(state: Mapping[str, np.ndarray], prefix: str) -> int:
+    """How many convolutions (4-D ``<prefix><i>.weight`` arrays) ``state`` holds under ``prefix``."""
+    count = 0
+    for key, value in state.items():
+        match = _INDEXED_WEIGHT.match(key)
+        count += bool(match and match.group(1) == prefix and np.ndim(value) == 4)
+    return count
+
+
+def _check_vgg(state: Mapping[str, np.ndarray], prefix: str, arch: str, where: str) -> None:
+    """The state dict holds ``arch``'s number of convolutions; another VGG's is named, not a missing key."""
+    found, needed = conv_count(state, prefix), len(conv_indices(arch))
+    if found in (0, needed):  # none: the missing key is named below
+        return
+    other = VGG_BY_CONVS.get(found)
+    looks = f": it looks like torchvision's {other}" if other else ""
+    raise ModelError(f"{where}: holds {found} convolutions under {prefix!r}{looks}; {arch} has {needed} "
+                     "(ternaus_unet11 takes a vgg11 state dict, ternaus_unet16 a vgg16 one)")
+
+
+def input_normalization(layer: keras.layers.Layer):
+    """The (mean, std) per channel, 0..255 units, of the ``Normalization`` layer that feeds ``layer``.
+
+    Walks back from ``layer``'s input through single-input layers (inside a nested encoder too); None when
+    the input reaches the model's input with no ``Normalization`` on the way (the caller normalizes).
+    """
+    tensor = layer.input
+    while True:
+        history = getattr(tensor, "_keras_history", None)
+        operation = history[0] if history is not None else None
+        if isinstance(operation, keras.layers.Normalization):
+            mean = keras.ops.convert_to_numpy(operation.mean).reshape(-1)
+            std = np.sqrt(keras.ops.convert_to_numpy(operation.variance).reshape(-1))
+            return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        if operation is None or isinstance(operation, keras.layers.InputLayer):
+            return None
+        inputs = operation.input
+        if isinstance(inputs, (list, tuple)):
+            return None
+        tensor = inputs
+
+
+def _is_torchvision(input_norm) -> bool:
+    from tfseg.models.encoders import TORCH, adapt_constants
+
+    channels = len(input_norm[0])
+    return all(np.allclose(v, adapt_constants(t, channels), rtol=1e-5) for v, t in zip(input_norm, TORCH))
+
+
 def _to_numpy(value) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch tensor
         value = value.detach().cpu().numpy()
@@ -191,17 +242,21 @@ def load_torch_vgg_state_dict(model: keras.Model, source: str | Path | Mapping, 
         arch: ``vgg11`` or ``vgg16``.
         prefix: key prefix of the convolutions (``features.`` for torchvision, ``encoder.`` for a
             TernausNet checkpoint); None finds it in the state dict (:func:`find_vgg_prefix`).
-        input_norm: None when the model normalizes its input as torchvision does; else the
-            model's ((mean), (std)) per channel in 0..255 units, folded into the first conv by
-            :func:`fold_input_norm`. A first conv with C != 3 input channels gets the RGB kernel
-            adapted by :func:`tfseg.models.weights.adapt_first_kernel` (C = 1 sums it).
+        input_norm: the model's ((mean), (std)) per channel in 0..255 units, folded into the first conv by
+            :func:`fold_input_norm`; None reads them from the ``Normalization`` layer before the first
+            convolution (:func:`input_normalization`: tfseg's VGG11 normalizes as torchvision, so nothing is
+            folded; the encoder table's VGG16 caffe-style, so torchvision's is folded in, as the build does),
+            and a model with none is taken to get torchvision-normalized input. A first conv with C != 3
+            input channels gets the RGB kernel adapted by :func:`tfseg.models.weights.adapt_first_kernel`
+            (C = 1 sums it).
 
     Returns:
         The names of the Keras layers that received weights, in order.
 
     Raises:
-        ModelError: no prefix found, a missing key, or a shape that does not match (naming the key
-            and both shapes), or a model without the expected VGG convolutions.
+        ModelError: no prefix found, a state dict of another VGG (naming the one its convolution count
+            says), a missing key, or a shape that does not match (naming the key and both shapes), or a
+            model without the expected VGG convolutions.
     """
     indices = conv_indices(arch)
     state = read_state_dict(source)
@@ -212,6 +267,11 @@ def load_torch_vgg_state_dict(model: keras.Model, source: str | Path | Mapping, 
     where = str(source) if not isinstance(source, Mapping) else "state dict"
     if prefix is None:
         prefix = find_vgg_prefix(state, arch, where)
+    _check_vgg(state, prefix, arch, where)
+    if input_norm is None:
+        input_norm = input_normalization(layers[0])
+        if input_norm is not None and _is_torchvision(input_norm):
+            input_norm = None  # tfseg's VGG11: the file's kernels as they are
     for n, (index, layer) in enumerate(zip(indices, layers)):
         kernel_key, bias_key = f"{prefix}{index}.weight", f"{prefix}{index}.bias"
         for key in (kernel_key, bias_key):

@@ -190,3 +190,59 @@ def test_cli_train_names_the_loss_key_of_a_typo(tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "train.loss" in err and "Received: loss='dise' (did you mean 'dice'?)" in err and "'bce_dice'" in err
     assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"dice": -1}, "train.loss.dice: weight=-1: expected a number >= 0 (a negative weight would reward"),
+    ({"bce": 1, "focal": {"weight": -0.5}}, "train.loss.focal: weight=-0.5: expected a number >= 0"),
+    ({"bce": float("nan")}, "train.loss.bce: weight=nan: expected a number >= 0"),
+    ({"bce": 0, "dice": 0.0}, "train.loss: every weight is 0 in {'bce': 0, 'dice': 0.0}; expected at least one"),
+    ({"dice": 1, "dice_loss": 1}, "train.loss: the dice term is asked for twice with other parameters ("),
+    ({"bce_jaccard_loss": {"weight": 1, "smooth": 1}},
+     "train.loss.bce_jaccard_loss: segmentation_models' bce_jaccard_loss takes a weight only, got ['smooth']; for "
+     "other parameters name tfseg's terms, e.g. {bce: 1, jaccard: {smooth: 1e-05, per_image: false}}"),
+])
+def test_weights_are_non_negative_and_terms_agree(spec, message):
+    with pytest.raises(ConfigError) as err:
+        build_loss(spec)
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_sm_loss_names_are_taken_not_mistaken_for_other_losses():
+    """train.loss {bce_jaccard_loss: 1} suggested bce_log_jaccard (BCE - log J), binary_crossentropy suggested
+    sparse_categorical_crossentropy: they are segmentation_models' BCE + 1 - J and BCE, per batch, smooth 1e-5."""
+    y, p = _square()
+    bce = -(4 * np.log(0.8) + 12 * np.log(0.9)) / 16
+    inter, union = 4 * 0.8, 4 * 0.8 + 12 * 0.1 + 4 - 4 * 0.8
+    assert _value({"bce_jaccard_loss": 1}, y, p) == pytest.approx(bce + 1 - (inter + 1e-5) / (union + 1e-5), rel=1e-5)
+    assert _value({"binary_crossentropy": 2}, y, p) == pytest.approx(2 * bce, rel=1e-5)
+    assert {"bce_jaccard_loss", "binary_crossentropy", "dice_loss", "cce_dice_loss"} <= set(loss_names())
+    assert build_loss({"bce_dice_loss": 1, "bce_jaccard_loss": 1}).terms["bce"]["weight"] == 2.0  # one bce, twice
+
+
+def test_sm_loss_objects_add_scale_serialize_and_take_mixed_precision(tmp_path):
+    """loss=tfseg.losses.bce_jaccard_loss as a notebook had loss=sm.losses.bce_jaccard_loss: sm's arithmetic,
+    a .keras file that reloads without custom_objects, float16 predictions."""
+    from tfseg import losses
+
+    y, p = _square()
+    total = losses.binary_focal_loss + 2 * losses.dice_loss
+    assert total.sm_losses == {"binary_focal_loss": 1.0, "dice_loss": 2.0}
+    parts = float(losses.binary_focal_loss(y, p)) + 2 * float(losses.dice_loss(y, p))
+    assert float(total(y, p)) == pytest.approx(parts, rel=1e-6)
+    half = float(losses.bce_jaccard_loss(y, p.astype("float16")))
+    assert half == pytest.approx(float(losses.bce_jaccard_loss(y, p)), rel=1e-3)
+    inp = keras.Input((4, 4, 1))
+    model = keras.Model(inp, keras.layers.Conv2D(1, 1, activation="sigmoid")(inp))
+    from tfseg import metrics
+
+    model.compile("adam", loss=losses.bce_jaccard_loss, metrics=[metrics.iou_score, metrics.f1_score])
+    before = model.evaluate(y, y, verbose=0, return_dict=True)
+    model.save(tmp_path / "m.keras")
+    again = keras.models.load_model(tmp_path / "m.keras")
+    after = again.evaluate(y, y, verbose=0, return_dict=True)
+    assert set(after) == {"loss", "iou_score", "f1_score"}
+    for key in before:
+        assert after[key] == pytest.approx(before[key], rel=1e-6)
+    with pytest.raises(ConfigError, match=r"Received: loss='dice' \(did you mean 'dice_loss'\?\)"):
+        losses.SmLoss({"dice": 1})

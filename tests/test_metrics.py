@@ -136,3 +136,26 @@ def test_unknown_metric_lists_valid_names():
         build_metric("dice_co")
     with pytest.raises(ConfigError, match="class_id 3 is outside"):
         build_metric("iou_class3", classes=3)
+
+
+def test_accuracy_and_sm_metric_names_are_taken():
+    """train.metrics [iou_score, f1_score] suggested dice_coe, [accuracy] was refused."""
+    y = np.zeros((2, 4, 4, 1), "float32")
+    y[0, :2, :2] = 1
+    p = np.where(y > 0, 0.8, 0.3).astype("float32")
+    acc = build_metric("accuracy")
+    acc.update_state(y, p)
+    assert acc.name == "accuracy" and float(acc.result()) == pytest.approx(1.0)
+    assert build_metric("iou_score").name == "iou_score"
+    # sm's scores are soft (the probabilities), per batch, smooth 1e-5, and Keras averages the batches
+    inter, psum = 4 * 0.8, 4 * 0.8 + 12 * 0.3  # the first image; the second has no mask, 16 pixels at 0.3
+    first = (inter + 1e-5) / (psum + 4 - inter + 1e-5)
+    second = 1e-5 / (16 * 0.3 + 1e-5)
+    metric = build_metric("iou_score")
+    metric.update_state(y[:1], p[:1])
+    metric.update_state(y[1:], p[1:])
+    assert float(metric.result()) == pytest.approx((first + second) / 2, rel=1e-5)
+    from tfseg.metrics import check_metric_names
+
+    assert check_metric_names(["accuracy", "iou_score", "f1_score", "f2_score", "precision", "recall"]) == [
+        "accuracy", "iou_score", "f1_score", "f2_score", "precision", "recall"]

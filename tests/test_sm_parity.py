@@ -219,3 +219,92 @@ def test_every_sm_backbone_has_a_tfseg_twin_of_the_same_name():
     assert proc.returncode == 0, proc.stderr[-2000:]
     sm_names = set(json.loads(proc.stdout.strip().splitlines()[-1].replace("'", '"')))
     assert len(sm_names) > 25 and sm_names <= set(encoder_names()), sorted(sm_names - set(encoder_names()))
+
+
+# ------------------------------------------------------------------------------------------------
+# segmentation_models' loss and metric names (tfseg.losses.SM_LOSSES, tfseg.metrics.METRICS)
+# ------------------------------------------------------------------------------------------------
+
+SM_LOSS_NAMES = ["jaccard_loss", "dice_loss", "binary_focal_loss", "categorical_focal_loss", "binary_crossentropy",
+                 "categorical_crossentropy", "bce_dice_loss", "bce_jaccard_loss", "cce_dice_loss", "cce_jaccard_loss",
+                 "binary_focal_dice_loss", "binary_focal_jaccard_loss", "categorical_focal_dice_loss",
+                 "categorical_focal_jaccard_loss"]
+SM_METRIC_NAMES = ["iou_score", "f1_score", "f2_score", "precision", "recall"]
+SM_VALUES_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import segmentation_models as sm
+    data = np.load(sys.argv[1])
+    out = {}
+    for case in ("binary", "multiclass"):
+        gt, pr = data[case + "_gt"], data[case + "_pr"]
+        for name in json.loads(sys.argv[2]):
+            out[f"{case}/{name}"] = float(getattr(sm.losses, name)(gt, pr))
+        for name in json.loads(sys.argv[3]):
+            out[f"{case}/{name}"] = float(getattr(sm.metrics, name)(gt, pr))
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def _sm_cases(seed: int = 0) -> dict[str, np.ndarray]:
+    """A one-channel batch (0/1 masks, sigmoid probabilities) and a 4-class one (one-hot masks, softmax)."""
+    rng = np.random.default_rng(seed)
+    binary_gt = (rng.uniform(size=(3, 16, 16, 1)) > 0.6).astype("float32")
+    binary_pr = np.clip(0.6 * binary_gt + 0.4 * rng.uniform(size=binary_gt.shape), 0.01, 0.99).astype("float32")
+    labels = rng.integers(0, 4, (3, 16, 16))
+    logits = rng.normal(size=(3, 16, 16, 4)) + 2.0 * np.eye(4)[labels]
+    softmax = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    return {"binary_gt": binary_gt, "binary_pr": binary_pr, "multiclass_gt": np.eye(4, dtype="float32")[labels],
+            "multiclass_pr": softmax.astype("float32"), "multiclass_labels": labels[..., None].astype("int32")}
+
+
+@pytest.fixture(scope="module")
+def sm_values(tmp_path_factory) -> tuple[dict, dict]:
+    arrays = _sm_cases()
+    path = tmp_path_factory.mktemp("sm_values") / "cases.npz"
+    np.savez(path, **arrays)
+    proc = subprocess.run([sys.executable, "-c", SM_VALUES_SCRIPT, str(path), json.dumps(SM_LOSS_NAMES),
+                           json.dumps(SM_METRIC_NAMES)], env=sm_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
+    return json.loads(line[len("RESULT"):]), arrays
+
+
+@pytest.mark.parametrize("name", SM_LOSS_NAMES)
+def test_sm_loss_names_compute_sms_value(sm_values, name):
+    """train.loss {<sm name>: 1} and tfseg.losses.<sm name> give sm.losses.<sm name>'s value, on sm's one-hot masks
+    and on tfseg's class indices; sm's categorical losses are refused on one channel."""
+    import tfseg.losses
+    from tfseg.errors import ConfigError
+    from tfseg.losses import build_loss
+
+    values, arrays = sm_values
+    for case, classes in (("binary", 1), ("multiclass", 4)):
+        gt, pr = arrays[f"{case}_gt"], arrays[f"{case}_pr"]
+        want = values[f"{case}/{name}"]
+        if classes == 1 and name.startswith(("categorical", "cce")):
+            with pytest.raises(ConfigError, match=f"train.loss: segmentation_models' {name} is a categorical loss and "
+                                                  "needs classes > 1"):
+                build_loss({name: 1}, classes=1)
+            continue
+        assert float(getattr(tfseg.losses, name)(gt, pr)) == pytest.approx(want, rel=2e-5, abs=1e-6), case
+        assert float(build_loss({name: 1}, classes=classes)(gt, pr)) == pytest.approx(want, rel=2e-5, abs=1e-6)
+        if classes > 1:
+            labels = arrays["multiclass_labels"]
+            assert float(build_loss({name: 1}, classes=classes)(labels, pr)) == pytest.approx(want, rel=2e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", SM_METRIC_NAMES)
+def test_sm_metric_names_compute_sms_value(sm_values, name):
+    """train.metrics [<sm name>] over one batch, and tfseg.metrics.<sm name>, give sm.metrics.<sm name>'s value."""
+    import tfseg.metrics
+    from tfseg.metrics import build_metric
+
+    values, arrays = sm_values
+    for case, classes in (("binary", 1), ("multiclass", 4)):
+        gt, pr = arrays[f"{case}_gt"], arrays[f"{case}_pr"]
+        want = values[f"{case}/{name}"]
+        assert float(getattr(tfseg.metrics, name)(gt, pr)) == pytest.approx(want, rel=2e-5), case
+        metric = build_metric(name, classes=classes)
+        metric.update_state(arrays["multiclass_labels"] if classes > 1 else gt, pr)
+        assert float(metric.result()) == pytest.approx(want, rel=2e-5), case

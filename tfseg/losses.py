@@ -18,6 +18,7 @@ image [B]; Keras then averages over the batch (and over replicas).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -36,6 +37,35 @@ PRESETS = {
     "bce_log_jaccard": {"bce": 1.0, "log_jaccard": 1.0},
 }
 ALIASES = {"scce": "sparse_categorical_crossentropy", "categorical_dice": "dice"}
+
+# segmentation_models 1.0.1's losses (``sm.losses.<name>``) as tfseg terms that compute the same formula:
+# sm's Dice and Jaccard are per batch with smooth 1e-5 (``per_image=False``, ``SMOOTH``); its categorical
+# losses take the mean over the one-hot class axis too (``-mean(gt * log(pr))`` over B, H, W, C), which
+# ``class_mean`` does; its binary focal loss on C channels is the mean of their one-vs-rest focal losses.
+SM_SMOOTH = 1e-5
+SM_LOSSES: dict[str, dict[str, dict]] = {
+    "jaccard_loss": {"jaccard": {"smooth": SM_SMOOTH, "per_image": False}},
+    "dice_loss": {"dice": {"smooth": SM_SMOOTH, "per_image": False}},
+    "binary_crossentropy": {"bce": {}},
+    "categorical_crossentropy": {"sparse_categorical_crossentropy": {"class_mean": True}},
+    "binary_focal_loss": {"focal": {"one_vs_rest": True}},
+    "categorical_focal_loss": {"focal": {"class_mean": True}},
+}
+# sm's sums of two losses (``bce_dice_loss = binary_crossentropy + dice_loss``).
+SM_SUMS = {
+    "bce_dice_loss": ("binary_crossentropy", "dice_loss"),
+    "bce_jaccard_loss": ("binary_crossentropy", "jaccard_loss"),
+    "cce_dice_loss": ("categorical_crossentropy", "dice_loss"),
+    "cce_jaccard_loss": ("categorical_crossentropy", "jaccard_loss"),
+    "binary_focal_dice_loss": ("binary_focal_loss", "dice_loss"),
+    "binary_focal_jaccard_loss": ("binary_focal_loss", "jaccard_loss"),
+    "categorical_focal_dice_loss": ("categorical_focal_loss", "dice_loss"),
+    "categorical_focal_jaccard_loss": ("categorical_focal_loss", "jaccard_loss"),
+}
+for _name, _parts in SM_SUMS.items():
+    SM_LOSSES[_name] = {term: params for part in _parts for term, params in SM_LOSSES[part].items()}
+# sm's categorical losses on a one-channel (sigmoid) model are not the binary ones: refused there.
+SM_MULTICLASS_ONLY = tuple(name for name in SM_LOSSES if name.startswith(("categorical", "cce")))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -62,7 +92,8 @@ def prepare(y_true, y_pred, classes: int, from_logits: bool) -> Prepared:
     """Cast to float32, one-hot the targets, turn predictions into probabilities and log-odds.
 
     Args:
-        y_true: [B, H, W, 1] float 0/1 (classes == 1) or integer class indices.
+        y_true: [B, H, W, 1] float 0/1 (classes == 1) or integer class indices; or, when multiclass,
+            one-hot [B, H, W, classes] (segmentation_models' masks).
         y_pred: [B, H, W, classes] probabilities, or logits when ``from_logits``; any float dtype.
         classes: model output channels.
         from_logits: whether ``y_pred`` holds logits.
@@ -78,8 +109,7 @@ def prepare(y_true, y_pred, classes: int, from_logits: bool) -> Prepared:
         probs = ops.clip(ops.sigmoid(logodds), EPS, 1.0 - EPS)
         log_probs = -ops.softplus(-logodds)
     else:
-        labels = ops.cast(ops.squeeze(y_true, axis=-1), "int32")
-        target = ops.one_hot(labels, classes, dtype="float32")
+        target = _one_hot(y_true, classes)
         if from_logits:
             log_probs = y_pred - ops.logsumexp(y_pred, axis=-1, keepdims=True)
         else:
@@ -88,6 +118,15 @@ def prepare(y_true, y_pred, classes: int, from_logits: bool) -> Prepared:
         probs = ops.clip(ops.exp(log_probs), EPS, 1.0 - EPS)
         logodds = ops.log(probs) - ops.log(1.0 - probs)
     return Prepared(target, probs, logodds, log_probs)
+
+
+def _one_hot(y_true, classes: int):
+    """Multiclass targets as float32 one-hot [B, H, W, classes]: from class indices [B, H, W, 1], or as
+    given when they are one-hot already (segmentation_models' masks, ``y_true.shape[-1] == classes``)."""
+    if classes > 1 and y_true.shape[-1] == classes:
+        return ops.cast(y_true, "float32")
+    labels = ops.cast(ops.squeeze(y_true, axis=-1), "int32")
+    return ops.one_hot(labels, classes, dtype="float32")
 
 
 def _pixel_weights(target, class_weights: Sequence[float] | None, classes: int):
@@ -141,17 +180,19 @@ def bce(p, *, classes, class_weights=None):
 
 
 @LOSSES.register("sparse_categorical_crossentropy")
-def sparse_categorical_crossentropy(p, *, classes, class_weights=None):
+def sparse_categorical_crossentropy(p, *, classes, class_weights=None, class_mean=False):
     """Categorical cross-entropy per pixel with optional per-class pixel weights, image mean.
 
     Equals the TF tutorial's recipe ``loss(y, p, sample_weight=gather(class_weights, y))``,
-    which ``Model.fit(class_weight=...)`` cannot do for [B, H, W, 1] targets.
+    which ``Model.fit(class_weight=...)`` cannot do for [B, H, W, 1] targets. ``class_mean``: divided by
+    ``classes``, the mean over the one-hot class axis that segmentation_models' ``categorical_crossentropy``
+    takes (``-mean(gt * log(pr))`` over B, H, W and C).
     """
     ce = -ops.sum(p.target * p.log_probs, axis=-1)
     weights = _pixel_weights(p.target, class_weights, classes)
     if weights is not None:
         ce = ce * weights
-    return _image_mean(ce)
+    return _image_mean(ce) / (classes if class_mean else 1)
 
 
 @LOSSES.register("dice")
@@ -179,23 +220,26 @@ def log_jaccard(p, *, classes, class_weights=None, smooth=1.0, per_image=False):
 
 
 @LOSSES.register("focal")
-def focal(p, *, classes, class_weights=None, gamma=2.0, alpha=0.25):
+def focal(p, *, classes, class_weights=None, gamma=2.0, alpha=0.25, one_vs_rest=False, class_mean=False):
     """Focal loss (Lin et al.): -alpha_t (1 - p_t)^gamma log p_t, image mean.
 
     Binary: alpha weighs the foreground, 1 - alpha the background. Multiclass: categorical
-    focal loss on the softmax with the same alpha for every class.
+    focal loss on the softmax with the same alpha for every class; ``class_mean`` divides it by
+    ``classes`` (segmentation_models' ``categorical_focal_loss``, a mean over the one-hot class axis);
+    ``one_vs_rest`` takes the binary focal loss of every channel instead and their mean
+    (segmentation_models' ``binary_focal_loss`` on a multiclass model).
     """
     t = p.target
-    if classes == 1:
+    if classes == 1 or one_vs_rest:
         p_t = t * p.probs + (1.0 - t) * (1.0 - p.probs)
         alpha_t = t * alpha + (1.0 - t) * (1.0 - alpha)
         x = p.logodds
         ce = ops.relu(x) - x * t + ops.log1p(ops.exp(-ops.abs(x)))
-        loss = (alpha_t * ops.power(1.0 - p_t, gamma) * ce)[..., 0]
+        loss = ops.mean(alpha_t * ops.power(1.0 - p_t, gamma) * ce, axis=-1)
     else:
         p_t = ops.sum(t * p.probs, axis=-1)
         log_p_t = ops.sum(t * p.log_probs, axis=-1)
-        loss = -alpha * ops.power(1.0 - p_t, gamma) * log_p_t
+        loss = -alpha * ops.power(1.0 - p_t, gamma) * log_p_t / (classes if class_mean else 1)
     weights = _pixel_weights(t, class_weights, classes)
     if weights is not None:
         loss = loss * weights
@@ -272,6 +316,17 @@ def normalize_spec(spec: Mapping) -> dict[str, dict]:
         weight = params.pop("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise ConfigError(f"train.loss.{name}: weight must be a number, got {weight!r}")
+        if not math.isfinite(weight) or weight < 0:
+            raise ConfigError(f"train.loss.{name}: weight={weight!r}: expected a number >= 0 (a negative weight "
+                              "would reward the loss term growing)")
+        if name in SM_LOSSES:
+            if params:
+                raise ConfigError(f"train.loss.{name}: segmentation_models' {name} takes a weight only, got "
+                                  f"{sorted(params)}; for other parameters name tfseg's terms, e.g. "
+                                  f"{_terms_text(SM_LOSSES[name])}")
+            for sub, sub_params in SM_LOSSES[name].items():
+                _add_term(out, sub, float(weight), dict(sub_params), source=name)
+            continue
         name = ALIASES.get(name, name)
         if name in PRESETS:
             for sub, sub_weight in PRESETS[name].items():
@@ -280,7 +335,21 @@ def normalize_spec(spec: Mapping) -> dict[str, dict]:
         if name not in LOSSES:
             raise ConfigError("train.loss: " + unknown_name_message("loss", name, loss_names()))
         _add_term(out, name, float(weight), params)
+    if not any(term["weight"] > 0 for term in out.values()):
+        raise ConfigError(f"train.loss: every weight is 0 in {dict(spec)}; expected at least one positive weight")
     return out
+
+
+def _terms_text(terms: Mapping[str, dict]) -> str:
+    """``{dice: {smooth: 1e-05, per_image: false}}``: terms as YAML flow text, for messages and docs."""
+    def value(v):
+        return str(v).lower() if isinstance(v, bool) else repr(v) if isinstance(v, str) else str(v)
+
+    parts = []
+    for name, params in terms.items():
+        inner = ", ".join(f"{k}: {value(v)}" for k, v in params.items())
+        parts.append(f"{name}: {{{inner}}}" if inner else f"{name}: 1")
+    return "{" + ", ".join(parts) + "}"
 
 
 def check_loss(spec: Mapping, classes: int, class_weights: Sequence[float] | None = None) -> dict[str, dict]:
@@ -291,6 +360,11 @@ def check_loss(spec: Mapping, classes: int, class_weights: Sequence[float] | Non
             sparse categorical cross-entropy on a binary model.
     """
     terms = normalize_spec(spec)
+    sm_multiclass = [name for name in spec if name in SM_MULTICLASS_ONLY]
+    if int(classes) == 1 and sm_multiclass:
+        raise ConfigError(f"train.loss: segmentation_models' {sm_multiclass[0]} is a categorical loss and needs "
+                          "classes > 1; on a one-class (sigmoid) model use its binary twin (binary_crossentropy, "
+                          "bce_dice_loss, binary_focal_loss, ...)")
     expected = 2 if int(classes) == 1 else int(classes)
     if class_weights and len(class_weights) != expected:
         raise ConfigError(f"train.class_weights: expected {expected} weights for classes={classes}, "
@@ -301,7 +375,7 @@ def check_loss(spec: Mapping, classes: int, class_weights: Sequence[float] | Non
     return terms
 
 
-def _add_term(out: dict, name: str, weight: float, params: dict) -> None:
+def _add_term(out: dict, name: str, weight: float, params: dict, source: str | None = None) -> None:
     import inspect
 
     allowed = set(inspect.signature(LOSSES.get(name)).parameters) - {"p", "classes", "class_weights"}
@@ -310,6 +384,11 @@ def _add_term(out: dict, name: str, weight: float, params: dict) -> None:
         raise ConfigError(f"train.loss.{name}: unknown parameter {unknown[0]!r}; expected one of "
                           f"{sorted(allowed)}")
     if name in out:
+        before = {k: v for k, v in out[name].items() if k != "weight"}
+        if before != params:  # one term, one set of parameters: the sum of two would be silently one of them
+            raise ConfigError(f"train.loss: the {name} term is asked for twice with other parameters "
+                              f"({before or 'defaults'} and {params or 'defaults'}"
+                              f"{f', from {source}' if source else ''}); expected one of them")
         out[name]["weight"] += weight
     else:
         out[name] = {"weight": weight, **params}
@@ -337,20 +416,78 @@ class SegLoss(keras.losses.Loss):
 
     def call(self, y_true, y_pred):
         prepared = prepare(y_true, y_pred, self.classes, self.from_logits)
-        total = None
-        for name, params in self.terms.items():
-            params = dict(params)
-            weight = params.pop("weight")
-            value = weight * LOSSES.get(name)(prepared, classes=self.classes,
-                                             class_weights=self.class_weights, **params)
-            total = value if total is None else total + value
-        return total
+        return _weighted_sum(self.terms, prepared, self.classes, self.class_weights)
 
     def get_config(self) -> dict:
         config = super().get_config()
         config.update(terms=self.terms, classes=self.classes, from_logits=self.from_logits,
                       class_weights=self.class_weights)
         return config
+
+
+def _weighted_sum(terms: Mapping[str, dict], prepared: Prepared, classes: int, class_weights=None):
+    """The sum of ``weight * term`` over the normalized ``terms``: [B]."""
+    total = None
+    for name, params in terms.items():
+        params = dict(params)
+        weight = params.pop("weight")
+        value = weight * LOSSES.get(name)(prepared, classes=classes, class_weights=class_weights, **params)
+        total = value if total is None else total + value
+    return total
+
+
+@keras.saving.register_keras_serializable(package="tfseg")
+class SmLoss(keras.losses.Loss):
+    """segmentation_models' losses by their names, for ``model.compile(loss=...)`` in a ported notebook.
+
+    ``tfseg.losses.bce_jaccard_loss`` stands for ``sm.losses.bce_jaccard_loss``, and likewise every name
+    of :data:`SM_LOSSES`; they add and scale as sm's do (``binary_focal_loss + 2 * dice_loss``). Each
+    computes sm's formula with tfseg's terms (see :data:`SM_LOSSES`), as sm takes its inputs:
+
+        y_true: [B, H, W, 1] 0/1 for a one-channel model; one-hot [B, H, W, C] (sm's masks) or class
+            indices [B, H, W, 1] for C channels.
+        y_pred: [B, H, W, C] probabilities (sigmoid or softmax), any float dtype (cast to float32, so
+            mixed precision is safe).
+
+    The number of classes is read from ``y_pred``; the value is sm's, a mean over the batch. Serializable:
+    a model compiled with it reloads with ``keras.models.load_model`` after ``import tfseg``.
+
+    Args:
+        losses: segmentation_models' names to weights, e.g. ``{"binary_crossentropy": 1.0, "dice_loss": 1.0}``.
+    """
+
+    def __init__(self, losses: Mapping[str, float], name: str | None = None, **kwargs):
+        losses = {str(k): float(v) for k, v in dict(losses).items()}
+        for key in losses:
+            if key not in SM_LOSSES:
+                raise ConfigError(unknown_name_message("loss", key, SM_LOSSES))
+        normalize_spec(losses)  # weights, parameters
+        super().__init__(name=name or "_plus_".join(losses), **kwargs)
+        self.sm_losses = losses
+
+    def call(self, y_true, y_pred):
+        classes = int(y_pred.shape[-1])
+        terms = check_loss(self.sm_losses, classes)
+        prepared = prepare(y_true, y_pred, classes, from_logits=False)
+        return _weighted_sum(terms, prepared, classes)
+
+    def __add__(self, other: SmLoss) -> SmLoss:
+        if not isinstance(other, SmLoss):
+            return NotImplemented
+        merged = dict(self.sm_losses)
+        for key, weight in other.sm_losses.items():
+            merged[key] = merged.get(key, 0.0) + weight
+        return SmLoss(merged, name=f"{self.name}_plus_{other.name}")
+
+    def __mul__(self, factor: float) -> SmLoss:
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+            return NotImplemented
+        return SmLoss({k: w * factor for k, w in self.sm_losses.items()}, name=f"{factor}_mul_{self.name}")
+
+    __rmul__ = __mul__
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "losses": self.sm_losses}
 
 
 def build_loss(spec: Mapping, classes: int = 1, from_logits: bool = False,
@@ -374,5 +511,23 @@ def build_loss(spec: Mapping, classes: int = 1, from_logits: bool = False,
 
 
 def loss_names() -> list[str]:
-    """Every name ``train.loss`` accepts."""
-    return sorted(set(LOSSES.names()) | set(PRESETS) | set(ALIASES))
+    """Every name ``train.loss`` accepts (segmentation_models' names among them)."""
+    return sorted(set(LOSSES.names()) | set(PRESETS) | set(ALIASES) | set(SM_LOSSES))
+
+
+# segmentation_models' loss objects under their names: ``loss=tfseg.losses.bce_jaccard_loss`` where a notebook
+# had ``loss=sm.losses.bce_jaccard_loss``.
+jaccard_loss = SmLoss({"jaccard_loss": 1.0}, name="jaccard_loss")
+dice_loss = SmLoss({"dice_loss": 1.0}, name="dice_loss")
+binary_crossentropy = SmLoss({"binary_crossentropy": 1.0}, name="binary_crossentropy")
+categorical_crossentropy = SmLoss({"categorical_crossentropy": 1.0}, name="categorical_crossentropy")
+binary_focal_loss = SmLoss({"binary_focal_loss": 1.0}, name="binary_focal_loss")
+categorical_focal_loss = SmLoss({"categorical_focal_loss": 1.0}, name="categorical_focal_loss")
+bce_dice_loss = binary_crossentropy + dice_loss
+bce_jaccard_loss = binary_crossentropy + jaccard_loss
+cce_dice_loss = categorical_crossentropy + dice_loss
+cce_jaccard_loss = categorical_crossentropy + jaccard_loss
+binary_focal_dice_loss = binary_focal_loss + dice_loss
+binary_focal_jaccard_loss = binary_focal_loss + jaccard_loss
+categorical_focal_dice_loss = categorical_focal_loss + dice_loss
+categorical_focal_jaccard_loss = categorical_focal_loss + jaccard_loss

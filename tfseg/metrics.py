@@ -38,8 +38,11 @@ def _binarize(y_true, y_pred, classes: int, threshold: float, from_logits: bool,
         probs = ops.sigmoid(y_pred) if from_logits else y_pred
         pred = probs if soft else ops.cast(ops.greater(probs, threshold), "float32")
     else:
-        labels = ops.cast(ops.squeeze(y_true, axis=-1), "int32")
-        target = ops.one_hot(labels, classes, dtype="float32")
+        if y_true.shape[-1] == classes:  # one-hot already (segmentation_models' masks)
+            target = ops.cast(y_true, "float32")
+        else:
+            labels = ops.cast(ops.squeeze(y_true, axis=-1), "int32")
+            target = ops.one_hot(labels, classes, dtype="float32")
         if soft:
             pred = ops.softmax(y_pred, axis=-1) if from_logits else y_pred
         else:
@@ -47,8 +50,34 @@ def _binarize(y_true, y_pred, classes: int, threshold: float, from_logits: bool,
     return target, pred
 
 
+AGGREGATIONS = ("global", "per_image", "per_batch")
+
+
+def _ratio(numerator, denominator, smooth: float):
+    """(n + s) / (d + s), and 1 where d is 0 (nothing to find, nothing found)."""
+    empty = ops.cast(ops.equal(denominator, 0.0), "float32")
+    return (numerator + smooth) / (denominator + smooth + empty) * (1.0 - empty) + empty
+
+
+def dice_score(inter, psum, tsum, smooth: float, beta: float = 1.0):
+    """Dice (2 I + s) / (P + T + s), or F-beta ((1 + b^2) I + s) / ((1 + b^2) I + b^2 FN + FP + s); 1 when
+    P + T is 0. Sums per class [..., C] in, scores [..., C] out."""
+    if beta == 1.0:
+        return _ratio(2.0 * inter, psum + tsum, smooth)
+    b2 = beta ** 2
+    return _ratio((1.0 + b2) * inter, (1.0 + b2) * inter + b2 * (tsum - inter) + (psum - inter), smooth)
+
+
+def iou(inter, psum, tsum, smooth: float):
+    """Jaccard (I + s) / (P + T - I + s); 1 when the union is empty."""
+    return _ratio(inter, psum + tsum - inter, smooth)
+
+
 class _OverlapMetric(keras.metrics.Metric):
-    """Base of Dice and IoU: global or per-image, binary or multiclass, hard or soft."""
+    """Base of Dice, IoU, precision and recall: binary or multiclass, hard or soft, aggregated over the epoch's
+    pixels (``global``), as the mean of per-image scores (``per_image``) or as the mean of per-batch scores
+    (``per_batch``: what Keras makes of segmentation_models' metric functions, one score per batch of each
+    replica)."""
 
     score_name = ""
 
@@ -56,8 +85,8 @@ class _OverlapMetric(keras.metrics.Metric):
                  smooth: float = 1e-10, aggregation: str = "global", from_logits: bool = False,
                  soft: bool = False, class_id: int | None = None, dtype=None):
         super().__init__(name=name or self.score_name, dtype=dtype)
-        if aggregation not in ("global", "per_image"):
-            raise ConfigError(f"metric {self.name}: aggregation must be 'global' or 'per_image', "
+        if aggregation not in AGGREGATIONS:
+            raise ConfigError(f"metric {self.name}: aggregation must be one of {list(AGGREGATIONS)}, "
                               f"got {aggregation!r}")
         if class_id is not None and not 0 <= class_id < max(classes, 1):
             raise ConfigError(f"metric {self.name}: class_id {class_id} is outside [0, {classes})")
@@ -95,6 +124,10 @@ class _OverlapMetric(keras.metrics.Metric):
             self.intersection.assign_add(ops.sum(inter, axis=0))
             self.pred_sum.assign_add(ops.sum(psum, axis=0))
             self.true_sum.assign_add(ops.sum(tsum, axis=0))
+        elif self.aggregation == "per_batch":
+            score = self._select(self._score(*(ops.sum(v, axis=0) for v in (inter, psum, tsum))))
+            self.score_sum.assign_add(score)
+            self.count.assign_add(1.0)
         else:
             scores = self._select(self._score(inter, psum, tsum))
             self.score_sum.assign_add(ops.sum(scores))
@@ -120,15 +153,22 @@ class Dice(_OverlapMetric):
     """Dice (F1) (2 I + s) / (P + T + s); ``name="dice_coe"`` is the HuBMAP notebook's metric.
 
     Defaults: threshold 0.5, smooth 1e-10, global aggregation, so an empty prediction of an empty
-    mask scores 1 and otherwise the value equals scikit-learn's ``f1_score`` on flat masks.
+    mask scores 1 and otherwise the value equals scikit-learn's ``f1_score`` on flat masks. ``beta``
+    other than 1 gives the F-beta score ((1 + b^2) TP + s) / ((1 + b^2) TP + b^2 FN + FP + s)
+    (segmentation_models' ``f2_score`` has beta 2).
     """
 
     score_name = "dice_coe"
 
+    def __init__(self, *args, beta: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.beta = float(beta)
+
     def _score(self, inter, psum, tsum):
-        empty = ops.cast(ops.equal(psum + tsum, 0.0), "float32")
-        score = (2.0 * inter + self.smooth) / (psum + tsum + self.smooth + empty)
-        return score * (1.0 - empty) + empty
+        return dice_score(inter, psum, tsum, self.smooth, self.beta)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "beta": self.beta}
 
 
 @keras.saving.register_keras_serializable(package="tfseg")
@@ -138,10 +178,27 @@ class IoU(_OverlapMetric):
     score_name = "iou"
 
     def _score(self, inter, psum, tsum):
-        union = psum + tsum - inter
-        empty = ops.cast(ops.equal(union, 0.0), "float32")
-        score = (inter + self.smooth) / (union + self.smooth + empty)
-        return score * (1.0 - empty) + empty
+        return iou(inter, psum, tsum, self.smooth)
+
+
+@keras.saving.register_keras_serializable(package="tfseg")
+class Precision(_OverlapMetric):
+    """Precision (TP + s) / (TP + FP + s), class mean; 1 when nothing is predicted (segmentation_models')."""
+
+    score_name = "precision"
+
+    def _score(self, inter, psum, tsum):
+        return _ratio(inter, psum, self.smooth)
+
+
+@keras.saving.register_keras_serializable(package="tfseg")
+class Recall(_OverlapMetric):
+    """Recall (TP + s) / (TP + FN + s), class mean; 1 when the mask is empty (segmentation_models')."""
+
+    score_name = "recall"
+
+    def _score(self, inter, psum, tsum):
+        return _ratio(inter, tsum, self.smooth)
 
 
 @keras.saving.register_keras_serializable(package="tfseg")
@@ -178,6 +235,10 @@ class PixelAccuracy(keras.metrics.Metric):
                 "from_logits": self.from_logits, "dtype": self.dtype}
 
 
+# segmentation_models 1.0.1's metrics (``sm.metrics.iou_score`` ...): soft (``threshold=None``: the
+# probabilities themselves), smooth 1e-5, over each batch's pixels (``per_image=False``), class mean, and
+# Keras averages the batch scores over the epoch.
+SM = {"soft": True, "smooth": 1e-5, "aggregation": "per_batch"}
 # name -> (class, keyword arguments)
 METRICS: dict[str, tuple[type, dict]] = {
     "dice_coe": (Dice, {}),
@@ -188,6 +249,14 @@ METRICS: dict[str, tuple[type, dict]] = {
     "mean_iou": (IoU, {}),
     "iou_per_image": (IoU, {"aggregation": "per_image"}),
     "pixel_accuracy": (PixelAccuracy, {}),
+    # Keras' "accuracy" on a segmentation model (binary_accuracy at 0.5, or categorical / sparse categorical
+    # accuracy) is the fraction of right pixels over the epoch: pixel_accuracy
+    "accuracy": (PixelAccuracy, {}),
+    "iou_score": (IoU, SM),
+    "f1_score": (Dice, SM),
+    "f2_score": (Dice, {**SM, "beta": 2.0}),
+    "precision": (Precision, SM),
+    "recall": (Recall, SM),
 }
 
 
@@ -242,3 +311,52 @@ def build_metrics(names: Sequence[str], classes: int = 1, from_logits: bool = Fa
                   threshold: float = 0.5) -> list[keras.metrics.Metric]:
     """The metrics of ``train.metrics``, in order (build them under ``strategy.scope()``)."""
     return [build_metric(n, classes, from_logits, threshold) for n in names]
+
+
+# segmentation_models' metric functions under their names: ``metrics=[tfseg.metrics.iou_score]`` where a
+# notebook had ``metrics=[sm.metrics.iou_score]``. Each returns sm's score of the batch (soft, smooth 1e-5,
+# class mean) for y_true [B, H, W, 1] 0/1 (one channel) or one-hot [B, H, W, C] / class indices
+# [B, H, W, 1], and y_pred [B, H, W, C] probabilities of any float dtype; Keras averages them over the
+# epoch, as it does sm's. Registered, so a compiled model reloads without ``custom_objects``.
+
+
+SM_SMOOTH = SM["smooth"]
+
+
+def _sm_batch_sums(y_true, y_pred):
+    """Soft intersection, prediction and target sums of the batch per class [C]."""
+    classes = int(y_pred.shape[-1])
+    target, pred = _binarize(y_true, y_pred, classes, 0.5, False, soft=True)
+    return tuple(ops.sum(v, axis=(0, 1, 2)) for v in (target * pred, pred, target))
+
+
+@keras.saving.register_keras_serializable(package="tfseg")
+def iou_score(y_true, y_pred):
+    """segmentation_models' ``iou_score``: soft IoU (I + s) / (P + T - I + s) of the batch, class mean."""
+    return ops.mean(iou(*_sm_batch_sums(y_true, y_pred), SM_SMOOTH))
+
+
+@keras.saving.register_keras_serializable(package="tfseg")
+def f1_score(y_true, y_pred):
+    """segmentation_models' ``f1_score``: soft Dice (2 I + s) / (P + T + s) of the batch, class mean."""
+    return ops.mean(dice_score(*_sm_batch_sums(y_true, y_pred), SM_SMOOTH))
+
+
+@keras.saving.register_keras_serializable(package="tfseg")
+def f2_score(y_true, y_pred):
+    """segmentation_models' ``f2_score``: soft F-beta with beta 2 of the batch, class mean."""
+    return ops.mean(dice_score(*_sm_batch_sums(y_true, y_pred), SM_SMOOTH, beta=2.0))
+
+
+@keras.saving.register_keras_serializable(package="tfseg")
+def precision(y_true, y_pred):
+    """segmentation_models' ``precision``: soft (TP + s) / (TP + FP + s) of the batch, class mean."""
+    inter, psum, _ = _sm_batch_sums(y_true, y_pred)
+    return ops.mean(_ratio(inter, psum, SM_SMOOTH))
+
+
+@keras.saving.register_keras_serializable(package="tfseg")
+def recall(y_true, y_pred):
+    """segmentation_models' ``recall``: soft (TP + s) / (TP + FN + s) of the batch, class mean."""
+    inter, _, tsum = _sm_batch_sums(y_true, y_pred)
+    return ops.mean(_ratio(inter, tsum, SM_SMOOTH))

@@ -147,7 +147,8 @@ def test_sm_twins_on_densenet(sm_arch):
 def test_sm_bridge_rejects_unknown_sm_arch_without_importing_sm():
     from tfseg.errors import ModelError
 
-    with pytest.raises(ModelError, match=r"arch='sm.Unett'. Expected one of \['sm.FPN', 'sm.Linknet', "):
+    with pytest.raises(ModelError, match=r"arch='sm.Unett' \(did you mean 'sm.Unet'\?\). Expected one of "
+                                         r"\['sm.FPN', 'sm.Linknet', "):
         build_model(ModelConfig(arch="sm.Unett", input_shape=(64, 64, 3), classes=1, encoder_weights=None))
 
 

@@ -263,3 +263,21 @@ def test_savedmodel_export_that_cannot_be_traced_is_one_line(tmp_path):
         export_model(model, "savedmodel", tmp_path / "sm")
     assert "\n" not in str(info.value) and "tflite" in str(info.value)
     assert not list(tmp_path.iterdir())
+
+
+def test_any_size_copy_of_a_fixed_size_model_shares_its_weights():
+    """The copy of a 188x188 unet_original takes any size and computes what the model computes at 188 on a
+    real ISBI crop."""
+    from tfseg.config import ModelConfig
+    from tfseg.export import any_size_copy
+    from tfseg.models import build_model
+    from tfseg.models import unet_original as uo
+
+    model = build_model(ModelConfig(arch="unet_original", input_shape=[188, 188, 1], classes=1,
+                                    encoder_weights=None, options=uo.TEST_OPTIONS))
+    copy = any_size_copy(model)
+    assert model.input_shape == (None, 188, 188, 1) and copy.input_shape == (None, None, None, 1)
+    img = np.asarray(Image.open(shared_path("isbi2012_em_membrane", "images", "0.png")), np.float32)
+    x = img[None, :188, :188, None]
+    np.testing.assert_allclose(copy(x, training=False), model(x, training=False), atol=1e-6)
+    assert tuple(copy(img[None, :204, :204, None], training=False).shape) == (1, 20, 20, 1)

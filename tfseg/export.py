@@ -104,6 +104,43 @@ def free_size_traceable(model):
     return keras.models.clone_model(model, clone_function=clone, recursive=True)
 
 
+def any_size_copy(model):
+    """A copy of a functional ``model`` built for one input size, built again for any H and W and given its
+    weights (the same values, in variables of its own), or None when Keras cannot rebuild it (a model that
+    is not functional, say).
+
+    The ``batch_shape`` of every ``InputLayer`` in its config (nested models' too) gets ``None`` height and
+    width; every layer is rebuilt from its own config and build config, so a layer that fixed a size (a
+    pooling window, a resize target, a ``Dense`` over the flattened pixels) keeps it and may fail or
+    differ at another size: whether the copy computes what ``model`` computes is for the caller to check
+    (:func:`tfseg.large_windows.large_windows` does).
+    """
+    import keras
+
+    def free(node):
+        if isinstance(node, dict):
+            if node.get("class_name") == "InputLayer" and isinstance(node.get("config"), dict):
+                shape = node["config"].get("batch_shape")
+                if shape is not None and len(shape) == 4:
+                    node["config"]["batch_shape"] = [shape[0], None, None, shape[3]]
+            for value in node.values():
+                free(value)
+        elif isinstance(node, list):
+            for value in node:
+                free(value)
+
+    if not isinstance(model, keras.Model) or not hasattr(model, "get_config"):
+        return None
+    try:
+        config = model.get_config()
+        free(config)
+        copy = type(model).from_config(config)
+        copy.set_weights(model.get_weights())
+    except Exception:  # noqa: BLE001 - a layer that cannot be built for any size raises many kinds
+        return None
+    return copy
+
+
 def _trace_failure(err: BaseException) -> str:
     """What a failed trace says, in one line: Keras' "calling Layer.call()" line and the reason after it."""
     import re

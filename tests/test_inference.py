@@ -485,3 +485,131 @@ def test_a_small_tile_of_a_valid_convolution_model_is_said_once_to_be_slow(capsy
     # it still predicts: a 24x40 ISBI crop, 4x4 pixels at a time
     probs = small.predict(isbi((24, 40)).astype(np.float32))
     assert probs.shape == (24, 40, 1) and np.isfinite(probs).all()
+
+
+def unet_original(h: int, w: int | None = None):
+    """A fixed-size unet_original with tiny filters (TEST_OPTIONS), as `tfseg train` builds it for
+    data.image_size [h, w] without data.val_size."""
+    from tfseg.config import ModelConfig
+    from tfseg.models import build_model
+    from tfseg.models import unet_original as uo
+
+    return build_model(ModelConfig(arch="unet_original", input_shape=[h, w or h, 1], classes=1,
+                                   encoder_weights=None, options=uo.TEST_OPTIONS))
+
+
+def test_a_fixed_size_valid_convolution_model_predicts_large_windows_with_the_fixed_models_result(capsys):
+    """A unet_original trained at 188 (188 -> 4) read 188x188 windows for 4x4 pixels each; it now predicts
+    252x252 windows (68x68 pixels) through a copy for any size, with the result of its own windows placed
+    side by side: each large window is predicted at 4x4 shifts of 4 pixels, each pixel taken where it sits
+    at an offset the 188 model trained (4 of every 16; unet_original's four poolings make it equivariant
+    to shifts of 16 only)."""
+    from tfseg.inference import keras_predict_fn
+    from tfseg.large_windows import large_windows
+
+    model = unet_original(188)
+    img = isbi((136, 136))  # 2 x 2 tiles of 68: every tile starts at a multiple of 4, as the 188 windows do
+    capsys.readouterr()
+    wide = Predictor([model], InferConfig(tile_size=256, overlap=0.0, blend="constant", accumulator="float32"))
+    assert wide.spec.in_hw == (252, 252) and wide.spec.out_hw == (68, 68)
+    assert wide.how == "tiles of 252x252 (the 188x188 model's copy for any size)"
+    assert "infer.tile_size 256: the model predicts the central 68x68 of each 252x252 window" in capsys.readouterr().err
+    own = Predictor([model], InferConfig(tile_size=188, overlap=0.0, blend="constant", accumulator="float32",
+                                         batch_size=64))
+    assert own.spec.in_hw == (188, 188) and own.spec.out_hw == (4, 4)
+    np.testing.assert_allclose(wide.predict(img), own.predict(img), atol=1e-5)
+    # the copy alone (one call per window) predicts 12 of every 16 rows and columns at offsets never trained
+    copy = large_windows(model)
+    assert (copy.size, copy.out, copy.period) == ((188, 188), (4, 4), 16)
+    x = np.zeros((1, 252, 252, 1), np.float32)
+    x[0, :136, :136] = img
+    plain, shifted = keras_predict_fn(copy.model)(x)[0], copy.predict_fn(keras_predict_fn(copy.model))(x)[0]
+    np.testing.assert_allclose(plain[:4, :4], shifted[:4, :4], atol=1e-5)
+    assert np.abs(plain[4:16, 4:16] - shifted[4:16, 4:16]).max() > 1e-3
+
+
+def test_which_fixed_size_models_get_large_windows():
+    """Valid convolutions whose copy is exact only: a 'same' padding model keeps the size it trained at
+    (its zero padding at the window's border is part of what it learnt), and so does a model with a layer
+    fixed to its size; a unet_original whose output covers a whole period (204 -> 20) needs no shifts."""
+    import keras
+
+    from tfseg.large_windows import large_windows
+
+    inp = keras.Input((64, 64, 1))
+    same = keras.Model(inp, keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid")(inp))
+    assert large_windows(same) is None
+    assert Predictor([same], InferConfig(tile_size=256)).spec.in_hw == (64, 64)
+    inp = keras.Input((40, 40, 1))
+    x = keras.layers.Reshape((100,))(keras.layers.Conv2D(1, 31, activation="sigmoid")(inp))  # 40 -> 10, flattened
+    sized = keras.Model(inp, keras.layers.Reshape((10, 10, 1))(x))
+    assert large_windows(sized) is None
+    model = unet_original(204)
+    wide = large_windows(model)
+    assert (wide.out, wide.period, wide.tile(512), wide.tile(219)) == ((20, 20), 16, 508, None)
+    img = isbi((100, 100))
+    big = Predictor([model], InferConfig(tile_size=252, overlap=0.2, blend="constant", accumulator="float32"))
+    own = Predictor([model], InferConfig(tile_size=204, overlap=0.2, blend="constant", accumulator="float32"))
+    assert big.spec.out_hw == (68, 68) and own.spec.out_hw == (20, 20)
+    # tiles at multiples of 16 in both (0 and 32 of 68; 0, 16, ... 80 of 20): the same pixels
+    np.testing.assert_allclose(big.predict(img), own.predict(img), atol=1e-5)
+
+
+def test_quarter_turns_of_a_rectangular_valid_convolution_model_read_square_windows(tmp_path):
+    """infer.tta: 8 turns a 188x204 model's windows into 204x188 ones, which it cannot take: refused, unless
+    the tiles are read through square windows of its copy for any size (infer.tile_size 220 and up);
+    tfseg predict's checkpoint check and the Predictor agree."""
+    from tfseg.checkpoint_checks import check_checkpoint
+    from tfseg.config import load_config
+
+    model = unet_original(188, 204)
+    cfg = load_config(None, ["data.channels=1", "data.classes=1", "infer.tta=8", "infer.tile_size=256"])
+    check_checkpoint(model, "m.keras", cfg)
+    pred = Predictor([model], cfg.infer)
+    assert pred.spec.in_hw == (252, 252) and pred.spec.out_hw == (68, 68)
+    probs = pred.predict(isbi((80, 90)).astype(np.float32))
+    assert probs.shape == (80, 90, 1) and np.isfinite(probs).all()
+    small = load_config(None, ["data.channels=1", "data.classes=1", "infer.tta=8", "infer.tile_size=210"])
+    with pytest.raises(ConfigError, match="infer.tta: 8 includes quarter turns, which make the model's 188x204"):
+        check_checkpoint(model, "m.keras", small)
+    with pytest.raises(ConfigError, match="infer.tta: 8 includes quarter turns"):
+        Predictor([model], small.infer)
+
+
+def test_a_fixed_size_model_that_keeps_a_small_output_is_said_to_be_slow(capsys):
+    """The warning of a small output covers fixed-size models, naming the key that would help."""
+    import keras
+
+    model = unet_original(188)
+    capsys.readouterr()
+    Predictor([model], InferConfig(tile_size=200))
+    assert capsys.readouterr().err == (
+        "tfseg: warning: infer.tile_size 200: the model predicts the central 4x4 of each 188x188 window it reads "
+        "(0.045% of it; its valid convolutions use 92 pixels on each side), so prediction is slow; an "
+        "infer.tile_size of 204 or more predicts through a copy of the model for any size, each pixel as one of its "
+        "188x188 windows would\n")
+    inp = keras.Input((40, 40, 1))
+    x = keras.layers.Reshape((100,))(keras.layers.Conv2D(1, 31, activation="sigmoid")(inp))
+    sized = keras.Model(inp, keras.layers.Reshape((10, 10, 1))(x))
+    Predictor([sized], InferConfig(tile_size=512))
+    assert capsys.readouterr().err == (
+        "tfseg: warning: data.image_size 40: the model predicts the central 10x10 of each 40x40 window it reads "
+        "(6.2% of it; its valid convolutions use 15 pixels on each side), so prediction is slow; the model was "
+        "built for that size and cannot take a larger one: training at a larger data.image_size (or with "
+        "data.val_size: any size) wastes less\n")
+
+
+def test_cli_predicts_a_run_of_a_fixed_size_unet_original_by_large_windows(tmp_path, capsys):
+    """The tester's case, small: a run whose unet_original was trained at a fixed 188 predicts a real ISBI
+    slice through `tfseg predict` by 252x252 windows, as the summary line says."""
+    from tfseg.cli import main
+
+    run, models = make_run(tmp_path, folds=(0,), image_size=(188, 188), make_model=lambda: unet_original(188))
+    src = shared_path("isbi2012_em_membrane", "images", "0.png")
+    out = tmp_path / "masks"
+    assert main(["predict", "--run", str(run), "--input", str(src), "--output", str(out), "--set",
+                 "infer.tile_size=256", "--set", "infer.tta=2", "--set", "infer.batch_size=4"]) == 0
+    captured = capsys.readouterr()
+    assert "tiles of 252x252 (the 188x188 model's copy for any size)" in captured.out + captured.err
+    mask = np.asarray(Image.open(out / "0.png"))
+    assert mask.shape == (512, 512) and set(np.unique(mask)) <= {0, 255}

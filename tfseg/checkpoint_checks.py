@@ -12,7 +12,8 @@ checkpoint, the key, where the key was set and the value that would work:
    and the argmax) against the model's output channels;
 3. size: a model built for one input size against the size it will be fed (``data.image_size`` for
    whole images, ``data.val_size`` or ``data.image_size`` for pipeline records); quarter turns
-   (``infer.tta: 8``) of a non-square fixed-size model.
+   (``infer.tta: 8``) of a non-square fixed-size model, unless its tiles are read through square
+   windows of a copy for any size (:mod:`tfseg.large_windows`: valid convolutions).
 """
 
 from __future__ import annotations
@@ -83,8 +84,13 @@ def check_checkpoint(model, path: str | os.PathLike, cfg: Config, feed: Sequence
         raise ConfigError(f"{key} is {want}{_origin(cfg, key)}, but the run's model {path} outputs "
                           f"{plural(classes, 'channel')} ({what}). Expected {key}: {classes}, or a "
                           f"checkpoint trained for {wanted}")
-    check_fixed_size(fixed_input_size(model), feed, cfg.infer.tta, str(path), feed_key, _origin(cfg, feed_key),
-                     alternative)
+    fixed = fixed_input_size(model)
+    if feed is None and fixed is not None and fixed[0] != fixed[1] and cfg.infer.tta == 8:
+        from tfseg.large_windows import large_windows
+
+        wide = large_windows(model)  # tiles through a copy for any size: square windows, quarter turns fit
+        fixed = None if wide is not None and wide.tile(cfg.infer.tile_size) else fixed
+    check_fixed_size(fixed, feed, cfg.infer.tta, str(path), feed_key, _origin(cfg, feed_key), alternative)
 
 
 def check_fixed_size(model_hw: tuple[int, int] | None, feed: Sequence[int] | None, tta: int,

@@ -316,12 +316,21 @@ class Predictor:
         self.resize_to = None if resize_to is None else (int(resize_to[0]), int(resize_to[1]))
         key = "data.image_size" if self.resize_to else "infer.tile_size"
         self.spec = spec or tile_spec(models[0], self.resize_to or self.infer.tile_size, key)
-        _check_sizes(self.spec, self.resize_to, self.infer.tta, fixed_input_size(models[0]))
-        if spec is None and self.resize_to is None and fixed_input_size(models[0]) is None:
-            warn_small_output(self.spec)
+        fixed = fixed_input_size(models[0])
+        # a fixed-size valid-convolution model: large windows through its checked copy for any size
+        wide, tile = (_large_windows(models, self.infer.tile_size) if spec is None and self.resize_to is None
+                      and fixed is not None else (None, None))
+        if wide:
+            self.spec, fixed = wide[0].spec(tile, self.spec.classes, self.spec.channels), None
+        _check_sizes(self.spec, self.resize_to, self.infer.tta, fixed)
+        if spec is None and self.resize_to is None:
+            _warn_small(self.spec, models[0], self.infer.tile_size, fixed is not None, bool(wide))
         fns = [keras_predict_fn(m) if hasattr(m, "predict_on_batch") else m for m in models]
+        if wide:
+            fns = [w.predict_fn(keras_predict_fn(w.model)) for w in wide]
         self._fns = [with_tta(f, self.infer.tta) for f in fns]
         self.models = list(models)
+        self.trained_hw = wide[0].size if wide else None  # the fixed size of a model predicted by its copy
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, folds: str | Sequence[int] = "all",
@@ -354,7 +363,8 @@ class Predictor:
         h, w = self.resize_to or self.spec.in_hw
         if self.resize_to:
             return f"whole images resized to {h}x{w}"
-        return f"tiles of {h}x{w}" + (f" at 1/{self.infer.downscale} scale" if self.infer.downscale != 1 else "")
+        copy = f" (the {self.trained_hw[0]}x{self.trained_hw[1]} model's copy for any size)" if self.trained_hw else ""
+        return f"tiles of {h}x{w}{copy}" + (f" at 1/{self.infer.downscale} scale" if self.infer.downscale != 1 else "")
 
     def predict_batch(self, x: np.ndarray) -> np.ndarray:
         """Mean over folds (each a TTA mean) of float32 [B, in_h, in_w, C] -> [B, out_h, out_w, K]."""
@@ -409,20 +419,59 @@ class Predictor:
             yield y0, band_to_mask(band, self.infer.threshold)
 
 
+def _large_windows(models: Sequence, tile_size: int) -> tuple[list | None, int | None]:
+    """Every model's checked copy for any size (:func:`tfseg.large_windows.large_windows`) and the side of
+    the windows for ``tile_size``, or (None, None) when one model has none or the windows would not grow."""
+    from tfseg.large_windows import large_windows
+
+    wide = [large_windows(m) if hasattr(m, "predict_on_batch") else None for m in models]
+    if not all(wide) or len({(w.size, w.out, w.period) for w in wide}) != 1:
+        return None, None
+    tile = wide[0].tile(tile_size)
+    return (wide, tile) if tile else (None, None)
+
+
+def _warn_small(spec: TileSpec, model, tile_size: int, fixed: bool, wide: bool) -> None:
+    """:func:`warn_small_output` with the key that would help: ``infer.tile_size`` for a model that takes
+    any size or is predicted through its copy for any size (``wide``), or whose copy would take windows
+    from ``s + period``; else the size the model was trained at."""
+    if not fixed:
+        warn_small_output(spec, value=tile_size if wide else None)
+        return
+    from tfseg.large_windows import large_windows
+
+    wide = large_windows(model) if hasattr(model, "predict_on_batch") else None
+    if wide is not None and (wide.size[0] - wide.size[1]) % wide.period == 0:
+        least = max(wide.size) + wide.period
+        warn_small_output(spec, value=tile_size, fix=f"an infer.tile_size of {least} or more predicts through a "
+                          f"copy of the model for any size, each pixel as one of its {wide.size[0]}x{wide.size[1]} "
+                          "windows would")
+        return
+    warn_small_output(spec, "data.image_size", fix="the model was built for that size and cannot take a larger "
+                      "one: training at a larger data.image_size (or with data.val_size: any size) wastes less")
+
+
 _WARNED: set[str] = set()
 
 
-def warn_small_output(spec: TileSpec, key: str = "infer.tile_size") -> str | None:
-    """One line on stderr (once per process) when a model that takes any size predicts less than a
-    quarter of each window it reads (valid convolutions, as the original U-Net's, at a small
-    ``infer.tile_size``): every pixel then costs more than four pixels' work. Returns the line."""
+def warn_small_output(spec: TileSpec, key: str = "infer.tile_size", value=None, fix: str = "") -> str | None:
+    """One line on stderr (once per process) when a model predicts less than a quarter of each window it
+    reads (valid convolutions, as the original U-Net's, at a small ``infer.tile_size``, or built for a
+    small ``data.image_size``): every pixel then costs more than four pixels' work. Returns the line.
+
+    Args:
+        spec: the windows read and the tiles predicted.
+        key: the setting to name; ``value``: its value (default: the window's size).
+        fix: what to do (default: ``a larger <key> wastes less``).
+    """
     (ih, iw), (oh, ow) = spec.in_hw, spec.out_hw
     share = oh * ow / (ih * iw)
     if share >= 0.25:
         return None
-    line = (f"tfseg: warning: {key} {ih if ih == iw else [ih, iw]}: the model predicts the central {oh}x{ow} "
+    value = value if value is not None else ih if ih == iw else [ih, iw]
+    line = (f"tfseg: warning: {key} {value}: the model predicts the central {oh}x{ow} "
             f"of each {ih}x{iw} window it reads ({share * 100:.2g}% of it; its valid convolutions use {(ih - oh) // 2} "
-            f"pixels on each side), so prediction is slow; a larger {key} wastes less")
+            f"pixels on each side), so prediction is slow; {fix or f'a larger {key} wastes less'}")
     if line not in _WARNED:
         _WARNED.add(line)
         print(line, file=sys.stderr, flush=True)

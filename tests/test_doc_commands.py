@@ -16,7 +16,8 @@ import pytest
 from tfseg.config import load_config
 
 FENCE = re.compile(r"^```.*?\n(.*?)^```", re.S | re.M)
-COMMAND = re.compile(r"^(?:\$ )?(?:tfseg|python3? -m tfseg\S*) ")
+# a command line, not the output lines that start with the command's name (``tfseg models: error: ...``)
+COMMAND = re.compile(r"^(?:\$ )?(?:tfseg|python3? -m tfseg\S*) (?![\w-]+: )")
 
 
 def doc_commands(root):

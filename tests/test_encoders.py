@@ -404,9 +404,9 @@ def _sm_resnet(tmp_path, name: str, image: np.ndarray) -> tuple[str, list]:
     return h5, [features[f"arr_{i}"] for i in range(5)]
 
 
-@pytest.mark.parametrize("name", ["resnet18", "seresnet18", "resnext50",  # basic, SE and grouped blocks
+@pytest.mark.parametrize("name", ["resnet18", "seresnet18",  # basic and SE blocks; grouped ones are slow (30 s)
                                   *(pytest.param(n, marks=pytest.mark.slow)
-                                    for n in ("resnet50", "seresnet50", "seresnext50"))])
+                                    for n in ("resnext50", "resnet50", "seresnet50", "seresnext50"))])
 def test_sm_resnet_loads_sms_weights_file_and_gives_its_features(tmp_path, name, monkeypatch):
     """tfseg's resnet18/50, seresnet18, resnext50 and seresnet50/seresnext50 are classification_models' networks:
     sm's own weights file loads into them (by layer name; generated-name layers, ResNeXt's 32 slices of

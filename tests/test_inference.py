@@ -599,6 +599,7 @@ def test_a_fixed_size_model_that_keeps_a_small_output_is_said_to_be_slow(capsys)
         "data.val_size: any size) wastes less\n")
 
 
+@pytest.mark.slow  # 30 s; the large windows' equality with the fixed model's is checked in make test
 def test_cli_predicts_a_run_of_a_fixed_size_unet_original_by_large_windows(tmp_path, capsys):
     """The tester's case, small: a run whose unet_original was trained at a fixed 188 predicts a real ISBI
     slice through `tfseg predict` by 252x252 windows, as the summary line says."""

@@ -45,6 +45,7 @@ def history(run: Path) -> list[dict]:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
+@pytest.mark.slow  # 90 s of nine CLI processes; JAX training itself is checked in make test
 def test_train_predict_evaluate_on_jax_and_the_checkpoint_predicts_the_same_on_tensorflow(tmp_path):
     params = tiny_config(tmp_path, n=12, size=32, epochs=3, lr=0.003)
     proc = tfseg("jax", "train", "--config", str(params), "--fold", "0")

@@ -97,19 +97,23 @@ import sys
 import tfseg
 assert "keras" not in sys.modules and "tensorflow" not in sys.modules, "import tfseg must stay light"
 import keras
-model = keras.models.load_model(sys.argv[1])
-assert type(model.loss).__name__ == "SegLoss", model.loss
-assert type(model.optimizer._learning_rate).__name__ == "WarmupDecay"
-print("LOADED", model.output_shape)
+for path in sys.argv[1:]:
+    model = keras.models.load_model(path)
+    assert type(model.loss).__name__ == "SegLoss", model.loss
+    assert type(model.optimizer._learning_rate).__name__ == "WarmupDecay"
+    print("LOADED", model.output_shape)
 """
 LOAD_WITH_KERAS_ONLY = """
 import sys
 import keras
-model = keras.models.load_model(sys.argv[1], compile=False)  # the model alone: keras suffices
+for path in sys.argv[1:]:
+    model = keras.models.load_model(path, compile=False)  # the model alone: keras suffices
+    print("LOADED", model.output_shape)
 assert not [m for m in sys.modules if m.startswith("tfseg")]
 import tfseg  # after keras: registers at once
-model = keras.models.load_model(sys.argv[1])
-print("LOADED", model.output_shape, type(model.loss).__name__)
+for path in sys.argv[1:]:
+    model = keras.models.load_model(path)
+    print("LOADED", model.output_shape, type(model.loss).__name__)
 """
 
 
@@ -120,12 +124,11 @@ def test_checkpoints_load_with_keras_after_import_tfseg_in_a_fresh_process(tmp_p
 
     cfg = load_config(tiny_config(tmp_path, n=9, epochs=1), ["train.schedule=cosine", "train.folds=3"])
     run(cfg, "0")
-    for name in ("best.keras", "last.keras"):
-        path = tmp_path / "runs" / "tiny" / "fold0" / name
-        for script in (LOAD_AFTER_IMPORT_TFSEG, LOAD_WITH_KERAS_ONLY):
-            proc = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
-                                  cwd=tmp_path, timeout=300)
-            assert proc.returncode == 0 and "LOADED (None, 32, 32, 1)" in proc.stdout, proc.stderr[-2000:]
+    paths = [str(tmp_path / "runs" / "tiny" / "fold0" / name) for name in ("best.keras", "last.keras")]
+    for script, loads in ((LOAD_AFTER_IMPORT_TFSEG, 2), (LOAD_WITH_KERAS_ONLY, 4)):
+        proc = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=300)
+        assert proc.returncode == 0 and proc.stdout.count("LOADED (None, 32, 32, 1)") == loads, proc.stderr[-2000:]
 
 
 def test_import_tfseg_registers_every_class_it_saves():

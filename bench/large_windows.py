@@ -75,13 +75,13 @@ def main(argv: list[str] | None = None) -> int:
             maps[name] = predictors[name].predict(image)
             times[name].append(time.perf_counter() - start)
     base = statistics.median(times["own-188"])
-    print(f"{'variant':<12} {'reads':<40} {'setup s':>8} {'median s':>9} {'min':>7} {'max':>7} {'vs own-188':>11} "
+    print(f"{'variant':<12} {'reads':<58} {'setup s':>8} {'median s':>9} {'min':>7} {'max':>7} {'vs own-188':>11} "
           f"{'max |dp|':>9} {'masks agree':>12}")
     for name in names:
         t = times[name]
         diff = float(np.abs(maps[name] - maps["own-188"]).max())
         agree = float(((maps[name] > 0.5) == (maps["own-188"] > 0.5)).mean()) * 100
-        print(f"{name:<12} {predictors[name].how:<40} {setup[name]:8.1f} {statistics.median(t):9.2f} "
+        print(f"{name:<12} {predictors[name].how:<58} {setup[name]:8.1f} {statistics.median(t):9.2f} "
               f"{min(t):7.2f} {max(t):7.2f} {base / statistics.median(t):10.1f}x {diff:9.4f} {agree:11.2f}%")
     return 0
 

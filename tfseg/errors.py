@@ -8,6 +8,8 @@ traceback. Programming errors stay ordinary exceptions and keep their traceback.
 
 from __future__ import annotations
 
+import sys
+
 
 class TfsegError(Exception):
     """Base class of the errors a user can cause and fix."""
@@ -34,3 +36,15 @@ def first_line(err: BaseException) -> str:
     class name when the message is empty: what a one-line error quotes of the cause."""
     text = getattr(err, "message", None) or str(err)
     return text.strip().splitlines()[0] if text.strip() else type(err).__name__
+
+
+_SAID: set[str] = set()
+
+
+def warn_once(line: str) -> str:
+    """Print the warning ``line`` on stderr unless this process printed it already (a check that runs
+    before every fold of ``--fold all``, or for every Predictor); returns it."""
+    if line not in _SAID:
+        _SAID.add(line)
+        print(line, file=sys.stderr, flush=True)
+    return line

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -33,7 +32,7 @@ import numpy as np
 
 from tfseg.checkpoint_checks import check_checkpoint, check_fixed_size, fixed_input_size
 from tfseg.config import Config, DataConfig, InferConfig
-from tfseg.errors import ConfigError, DataError, ModelError, RunError, first_line
+from tfseg.errors import ConfigError, DataError, ModelError, RunError, first_line, warn_once
 from tfseg.resize_predict import iter_resized, resize_as_training, whole_image_size
 from tfseg.tiling_predict import TileSpec, band_to_mask, collect_bands, iter_bands
 from tfseg.tta import with_tta
@@ -133,7 +132,8 @@ def load_model(path: str | os.PathLike):
     except (OSError, ValueError, TypeError) as err:
         first = first_line(err)
         if len(first) > 200:  # Keras' deserialization errors run on: keep the first sentence
-            first = first[:first.find(". ") + 1 if 0 < first.find(". ") < 200 else 200].rstrip(".") + " ..."
+            end = first.find(". ")
+            first = first[:end + 1 if 0 < end < 200 else 200].rstrip(".") + " ..."
         raise RunError(f"{path}: cannot load the model ({first}).") from None
 
 
@@ -451,9 +451,6 @@ def _warn_small(spec: TileSpec, model, tile_size: int, fixed: bool, wide: bool) 
                       "one: training at a larger data.image_size (or with data.val_size: any size) wastes less")
 
 
-_WARNED: set[str] = set()
-
-
 def warn_small_output(spec: TileSpec, key: str = "infer.tile_size", value=None, fix: str = "") -> str | None:
     """One line on stderr (once per process) when a model predicts less than a quarter of each window it
     reads (valid convolutions, as the original U-Net's, at a small ``infer.tile_size``, or built for a
@@ -472,10 +469,7 @@ def warn_small_output(spec: TileSpec, key: str = "infer.tile_size", value=None, 
     line = (f"tfseg: warning: {key} {value}: the model predicts the central {oh}x{ow} "
             f"of each {ih}x{iw} window it reads ({share * 100:.2g}% of it; its valid convolutions use {(ih - oh) // 2} "
             f"pixels on each side), so prediction is slow; {fix or f'a larger {key} wastes less'}")
-    if line not in _WARNED:
-        _WARNED.add(line)
-        print(line, file=sys.stderr, flush=True)
-    return line
+    return warn_once(line)
 
 
 def _check_sizes(spec: TileSpec, resize_to: tuple[int, int] | None, tta: int,

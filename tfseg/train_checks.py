@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from tfseg.config import Config, blame, key_origin, model_error  # noqa: F401 - model_error: used by train
-from tfseg.errors import ConfigError, DataError, ModelError
+from tfseg.errors import ConfigError, DataError, ModelError, warn_once
 from tfseg.files import read_csv_rows
 
 LOSS_MONITORS = ("loss", "val_loss")
@@ -253,13 +253,7 @@ def warn_other_root(cfg: Config) -> str | None:
     line = (f"tfseg train: warning: data.root is {cfg.data.root}, but the shards in {folder} were written from "
             f"{root} ({folder / 'config.yaml'}); training reads the shards as they are (`tfseg tfrecords "
             "--overwrite` writes them again from data.root)")
-    if line not in _WARNED:  # `--fold all` checks before every fold: say it once
-        _WARNED.add(line)
-        print(line, file=sys.stderr, flush=True)
-    return line
-
-
-_WARNED: set[str] = set()
+    return warn_once(line)  # `--fold all` checks before every fold: said once
 
 
 def check_folds(cfg: Config, have_shards: bool) -> None:

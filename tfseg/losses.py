@@ -109,7 +109,7 @@ def prepare(y_true, y_pred, classes: int, from_logits: bool) -> Prepared:
         probs = ops.clip(ops.sigmoid(logodds), EPS, 1.0 - EPS)
         log_probs = -ops.softplus(-logodds)
     else:
-        target = _one_hot(y_true, classes)
+        target = one_hot_targets(y_true, classes)
         if from_logits:
             log_probs = y_pred - ops.logsumexp(y_pred, axis=-1, keepdims=True)
         else:
@@ -120,7 +120,7 @@ def prepare(y_true, y_pred, classes: int, from_logits: bool) -> Prepared:
     return Prepared(target, probs, logodds, log_probs)
 
 
-def _one_hot(y_true, classes: int):
+def one_hot_targets(y_true, classes: int):
     """Multiclass targets as float32 one-hot [B, H, W, classes]: from class indices [B, H, W, 1], or as
     given when they are one-hot already (segmentation_models' masks, ``y_true.shape[-1] == classes``)."""
     if classes > 1 and y_true.shape[-1] == classes:

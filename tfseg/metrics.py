@@ -28,6 +28,7 @@ import keras
 from keras import ops
 
 from tfseg.errors import ConfigError
+from tfseg.losses import one_hot_targets
 
 
 def _binarize(y_true, y_pred, classes: int, threshold: float, from_logits: bool, soft: bool = False):
@@ -38,11 +39,7 @@ def _binarize(y_true, y_pred, classes: int, threshold: float, from_logits: bool,
         probs = ops.sigmoid(y_pred) if from_logits else y_pred
         pred = probs if soft else ops.cast(ops.greater(probs, threshold), "float32")
     else:
-        if y_true.shape[-1] == classes:  # one-hot already (segmentation_models' masks)
-            target = ops.cast(y_true, "float32")
-        else:
-            labels = ops.cast(ops.squeeze(y_true, axis=-1), "int32")
-            target = ops.one_hot(labels, classes, dtype="float32")
+        target = one_hot_targets(y_true, classes)  # class indices, or one-hot already (sm's masks)
         if soft:
             pred = ops.softmax(y_pred, axis=-1) if from_logits else y_pred
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -149,6 +150,23 @@ def test_import_tfseg_registers_every_class_it_saves():
         assert names, module
         for name in names:
             assert keras.saving.get_registered_object(f"tfseg>{name}") is not None, name
+
+
+def test_each_serializable_module_imports_first_in_a_fresh_process(tmp_path):
+    """``import tfseg.losses`` as a process's first import: its ``import keras`` runs tfseg's import hook,
+    which imports the other serializable modules while tfseg.losses is half-run (tfseg.metrics once
+    took a name from it there and failed with a circular ImportError). The numpy backend keeps each
+    process free of TensorFlow."""
+    import tfseg
+
+    env = {**os.environ, "KERAS_BACKEND": "numpy", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
+    procs = {name: subprocess.Popen([sys.executable, "-c", f"import {name}, keras; "
+                                     "print(keras.saving.get_registered_object('tfseg>Dice') is not None)"],
+                                    cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name in tfseg.SERIALIZABLE_MODULES}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and out.strip() == "True", f"import {name}: {err[-1500:]}"
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -27,8 +27,10 @@ from collections.abc import Sequence
 import keras
 from keras import ops
 
+# the module, not its function: ``import tfseg.losses`` first imports Keras, whose import hook (tfseg/__init__.py)
+# imports this module while tfseg.losses is still half-run; its names are looked up at call time
+from tfseg import losses as _losses
 from tfseg.errors import ConfigError
-from tfseg.losses import one_hot_targets
 
 
 def _binarize(y_true, y_pred, classes: int, threshold: float, from_logits: bool, soft: bool = False):
@@ -39,7 +41,7 @@ def _binarize(y_true, y_pred, classes: int, threshold: float, from_logits: bool,
         probs = ops.sigmoid(y_pred) if from_logits else y_pred
         pred = probs if soft else ops.cast(ops.greater(probs, threshold), "float32")
     else:
-        target = one_hot_targets(y_true, classes)  # class indices, or one-hot already (sm's masks)
+        target = _losses.one_hot_targets(y_true, classes)  # class indices, or one-hot already (sm's masks)
         if soft:
             pred = ops.softmax(y_pred, axis=-1) if from_logits else y_pred
         else:

@@ -220,6 +220,35 @@ def test_sm_loss_names_are_taken_not_mistaken_for_other_losses():
     assert build_loss({"bce_dice_loss": 1, "bce_jaccard_loss": 1}).terms["bce"]["weight"] == 2.0  # one bce, twice
 
 
+def test_keras_focal_loss_names_compute_keras_values():
+    """train.loss {binary_focal_crossentropy: 1} suggested binary_crossentropy (a loss without the focal term):
+    Keras' two focal losses are taken by name and give keras.losses' values with Keras' defaults, on masks and
+    probabilities made here (binary; 4 classes, as indices and one-hot)."""
+    rng = np.random.default_rng(3)
+    gt = (rng.uniform(size=(2, 8, 8, 1)) > 0.6).astype("float32")
+    pr = np.clip(0.5 * gt + 0.5 * rng.uniform(size=gt.shape), 0.01, 0.99).astype("float32")
+    want = float(keras.losses.BinaryFocalCrossentropy()(gt, pr))
+    assert _value({"binary_focal_crossentropy": 1}, gt, pr) == pytest.approx(want, rel=1e-5)
+    assert _value({"binary_focal_crossentropy": 1}, gt, pr) != pytest.approx(_value({"focal": 1}, gt, pr), rel=1e-2)
+    labels = rng.integers(0, 4, (2, 8, 8))
+    logits = rng.normal(size=(2, 8, 8, 4)) + 2.0 * np.eye(4)[labels]
+    softmax = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)).astype("float32")
+    one_hot = np.eye(4, dtype="float32")[labels]
+    want_ovr = float(keras.losses.BinaryFocalCrossentropy()(one_hot, softmax))  # one-vs-rest over the channels
+    loss = build_loss({"binary_focal_crossentropy": 1}, classes=4)
+    assert float(loss(labels[..., None], softmax)) == pytest.approx(want_ovr, rel=1e-5)
+    want4 = float(keras.losses.CategoricalFocalCrossentropy()(one_hot, softmax))
+    loss = build_loss({"categorical_focal_crossentropy": 2}, classes=4)
+    assert float(loss(labels[..., None], softmax)) == pytest.approx(2 * want4, rel=1e-5)
+    assert float(loss(one_hot, softmax)) == pytest.approx(2 * want4, rel=1e-5)
+    with pytest.raises(ConfigError, match="^train.loss: Keras' categorical_focal_crossentropy is a categorical loss "
+                                          "and needs classes > 1; on a one-class"):
+        build_loss({"categorical_focal_crossentropy": 1}, classes=1)
+    with pytest.raises(ConfigError, match=r"^train.loss.binary_focal_crossentropy: Keras' binary_focal_crossentropy "
+                                          r"takes a weight only, got \['gamma'\]; .* \{focal: \{alpha: null"):
+        build_loss({"binary_focal_crossentropy": {"gamma": 3}})
+
+
 def test_sm_loss_objects_add_scale_serialize_and_take_mixed_precision(tmp_path):
     """loss=tfseg.losses.bce_jaccard_loss as a notebook had loss=sm.losses.bce_jaccard_loss: sm's arithmetic,
     a .keras file that reloads without custom_objects, float16 predictions."""

@@ -67,6 +67,17 @@ for _name, _parts in SM_SUMS.items():
 # sm's categorical losses on a one-channel (sigmoid) model are not the binary ones: refused there.
 SM_MULTICLASS_ONLY = tuple(name for name in SM_LOSSES if name.startswith(("categorical", "cce")))
 
+# Keras' focal losses (``keras.losses.<name>`` with its defaults) as tfseg terms with the same formula. Keras'
+# binary focal loss weighs no class unless ``apply_class_balancing=True`` (``alpha: null``), and takes the mean
+# over the channels (one-vs-rest); its categorical focal loss is tfseg's multiclass focal term as it is.
+# (``binary_crossentropy`` and ``sparse_categorical_crossentropy`` are Keras' formulas too; ``categorical_crossentropy``
+# is segmentation_models', which divides Keras' value by the number of classes.)
+KERAS_LOSSES: dict[str, dict[str, dict]] = {
+    "binary_focal_crossentropy": {"focal": {"alpha": None, "one_vs_rest": True}},
+    "categorical_focal_crossentropy": {"focal": {}},
+}
+KERAS_MULTICLASS_ONLY = ("categorical_focal_crossentropy",)
+
 
 # ------------------------------------------------------------------------------------------------
 # Preparation shared by the terms
@@ -223,7 +234,8 @@ def log_jaccard(p, *, classes, class_weights=None, smooth=1.0, per_image=False):
 def focal(p, *, classes, class_weights=None, gamma=2.0, alpha=0.25, one_vs_rest=False, class_mean=False):
     """Focal loss (Lin et al.): -alpha_t (1 - p_t)^gamma log p_t, image mean.
 
-    Binary: alpha weighs the foreground, 1 - alpha the background. Multiclass: categorical
+    Binary: alpha weighs the foreground, 1 - alpha the background; ``alpha=None`` weighs neither (Keras'
+    ``binary_focal_crossentropy`` without ``apply_class_balancing``). Multiclass: categorical
     focal loss on the softmax with the same alpha for every class; ``class_mean`` divides it by
     ``classes`` (segmentation_models' ``categorical_focal_loss``, a mean over the one-hot class axis);
     ``one_vs_rest`` takes the binary focal loss of every channel instead and their mean
@@ -232,14 +244,15 @@ def focal(p, *, classes, class_weights=None, gamma=2.0, alpha=0.25, one_vs_rest=
     t = p.target
     if classes == 1 or one_vs_rest:
         p_t = t * p.probs + (1.0 - t) * (1.0 - p.probs)
-        alpha_t = t * alpha + (1.0 - t) * (1.0 - alpha)
+        alpha_t = 1.0 if alpha is None else t * alpha + (1.0 - t) * (1.0 - alpha)
         x = p.logodds
         ce = ops.relu(x) - x * t + ops.log1p(ops.exp(-ops.abs(x)))
         loss = ops.mean(alpha_t * ops.power(1.0 - p_t, gamma) * ce, axis=-1)
     else:
         p_t = ops.sum(t * p.probs, axis=-1)
         log_p_t = ops.sum(t * p.log_probs, axis=-1)
-        loss = -alpha * ops.power(1.0 - p_t, gamma) * log_p_t / (classes if class_mean else 1)
+        loss = -(1.0 if alpha is None else alpha) * ops.power(1.0 - p_t, gamma) * log_p_t / (
+            classes if class_mean else 1)
     weights = _pixel_weights(t, class_weights, classes)
     if weights is not None:
         loss = loss * weights
@@ -319,12 +332,14 @@ def normalize_spec(spec: Mapping) -> dict[str, dict]:
         if not math.isfinite(weight) or weight < 0:
             raise ConfigError(f"train.loss.{name}: weight={weight!r}: expected a number >= 0 (a negative weight "
                               "would reward the loss term growing)")
-        if name in SM_LOSSES:
+        if name in SM_LOSSES or name in KERAS_LOSSES:
+            library, named = (("segmentation_models'", SM_LOSSES) if name in SM_LOSSES
+                              else ("Keras'", KERAS_LOSSES))
             if params:
-                raise ConfigError(f"train.loss.{name}: segmentation_models' {name} takes a weight only, got "
+                raise ConfigError(f"train.loss.{name}: {library} {name} takes a weight only, got "
                                   f"{sorted(params)}; for other parameters name tfseg's terms, e.g. "
-                                  f"{_terms_text(SM_LOSSES[name])}")
-            for sub, sub_params in SM_LOSSES[name].items():
+                                  f"{_terms_text(named[name])}")
+            for sub, sub_params in named[name].items():
                 _add_term(out, sub, float(weight), dict(sub_params), source=name)
             continue
         name = ALIASES.get(name, name)
@@ -343,6 +358,8 @@ def normalize_spec(spec: Mapping) -> dict[str, dict]:
 def _terms_text(terms: Mapping[str, dict]) -> str:
     """``{dice: {smooth: 1e-05, per_image: false}}``: terms as YAML flow text, for messages and docs."""
     def value(v):
+        if v is None:
+            return "null"
         return str(v).lower() if isinstance(v, bool) else repr(v) if isinstance(v, str) else str(v)
 
     parts = []
@@ -365,6 +382,10 @@ def check_loss(spec: Mapping, classes: int, class_weights: Sequence[float] | Non
         raise ConfigError(f"train.loss: segmentation_models' {sm_multiclass[0]} is a categorical loss and needs "
                           "classes > 1; on a one-class (sigmoid) model use its binary twin (binary_crossentropy, "
                           "bce_dice_loss, binary_focal_loss, ...)")
+    keras_multiclass = [name for name in spec if name in KERAS_MULTICLASS_ONLY]
+    if int(classes) == 1 and keras_multiclass:
+        raise ConfigError(f"train.loss: Keras' {keras_multiclass[0]} is a categorical loss and needs classes > 1; "
+                          "on a one-class (sigmoid) model use binary_focal_crossentropy")
     expected = 2 if int(classes) == 1 else int(classes)
     if class_weights and len(class_weights) != expected:
         raise ConfigError(f"train.class_weights: expected {expected} weights for classes={classes}, "
@@ -512,7 +533,7 @@ def build_loss(spec: Mapping, classes: int = 1, from_logits: bool = False,
 
 def loss_names() -> list[str]:
     """Every name ``train.loss`` accepts (segmentation_models' names among them)."""
-    return sorted(set(LOSSES.names()) | set(PRESETS) | set(ALIASES) | set(SM_LOSSES))
+    return sorted(set(LOSSES.names()) | set(PRESETS) | set(ALIASES) | set(SM_LOSSES) | set(KERAS_LOSSES))
 
 
 # segmentation_models' loss objects under their names: ``loss=tfseg.losses.bce_jaccard_loss`` where a notebook

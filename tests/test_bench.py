@@ -142,6 +142,7 @@ step(x, w, dw)
 """
 
 
+@pytest.mark.slow  # 12 s; make test keeps the parser's test on a descriptor it cannot read
 def test_kernel_table_counts_real_onednn_verbose_lines():
     """bench/train_step.py --kernels parses the verbose lines TensorFlow's oneDNN prints for a real step."""
     proc = subprocess.run([sys.executable, "-c", ONEDNN_RUN], capture_output=True, text=True, timeout=300,

@@ -200,6 +200,7 @@ def nasnet_mobile(tmp_path_factory):
     return path, _nasnet_source("NASNetMobile", 64, path)
 
 
+@pytest.mark.slow  # 21 s with the fixture; make test keeps the other encoders' weights-file and skip tests
 def test_nasnetmobile_unet_loads_a_weights_file_and_skips_from_each_strides_last_cell(nasnet_mobile):
     """tfseg's nasnetmobile, loaded from a file of keras' NASNetMobile(weights=None), gives keras' own features
     on a real Kvasir image (tf-style preprocessing inside the model, keras' preprocess_input outside): the
@@ -224,6 +225,7 @@ def test_nasnetmobile_unet_loads_a_weights_file_and_skips_from_each_strides_last
     assert not np.allclose(_np(head.kernel), kernel)
 
 
+@pytest.mark.slow  # 13 s
 def test_nasnetmobile_gray_fpn_at_another_size_loads_the_file_and_trains(nasnet_mobile):
     """With 1 input channel (and at 96x96, the file made at 64x64) FPN loads the same file: the stem kernel is
     the sum of the RGB kernels, every other weight is the file's; its features are input/stride and it trains
@@ -404,9 +406,9 @@ def _sm_resnet(tmp_path, name: str, image: np.ndarray) -> tuple[str, list]:
     return h5, [features[f"arr_{i}"] for i in range(5)]
 
 
-@pytest.mark.parametrize("name", ["resnet18", "seresnet18",  # basic and SE blocks; grouped ones are slow (30 s)
+@pytest.mark.parametrize("name", ["resnet18",  # basic blocks; SE (12 s) and grouped ones (30 s) are slow
                                   *(pytest.param(n, marks=pytest.mark.slow)
-                                    for n in ("resnext50", "resnet50", "seresnet50", "seresnext50"))])
+                                    for n in ("seresnet18", "resnext50", "resnet50", "seresnet50", "seresnext50"))])
 def test_sm_resnet_loads_sms_weights_file_and_gives_its_features(tmp_path, name, monkeypatch):
     """tfseg's resnet18/50, seresnet18, resnext50 and seresnet50/seresnext50 are classification_models' networks:
     sm's own weights file loads into them (by layer name; generated-name layers, ResNeXt's 32 slices of

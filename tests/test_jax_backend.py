@@ -95,6 +95,7 @@ def test_train_predict_evaluate_on_jax_and_the_checkpoint_predicts_the_same_on_t
     assert scores["jax"]["mean"] == pytest.approx(scores["tensorflow"]["mean"], abs=1e-4)
 
 
+@pytest.mark.slow  # 30 s of a two-device CLI run; make test keeps the jit-compiled JAX training step
 def test_data_parallel_over_two_host_devices_with_an_uneven_validation_fold(tmp_path):
     # 32 px images: on 2 cores, XLA's CPU runtime can deadlock a two-device all-reduce when both of its
     # intra-op threads are busy with large tensors (seen from 256 px up); GPUs and TPUs have no such pool.

@@ -73,6 +73,7 @@ def test_plan_and_resume_stage(tmp_path):
     assert resume_stage([one, two], fold) == 1
 
 
+@pytest.mark.slow  # 32 s; make test keeps the freeze/unfreeze contract of every model and the two-stage time limit
 def test_encoder_frozen_for_the_first_epochs_then_trained(tmp_path, capsys):
     from tfseg.train import train_fold
 
@@ -102,8 +103,8 @@ def test_encoder_frozen_for_the_first_epochs_then_trained(tmp_path, capsys):
     assert last.get_layer("encoder").trainable
 
 
-@pytest.mark.parametrize("stop_at", [1, pytest.param(2, marks=pytest.mark.slow)],
-                         ids=["between-the-stages", "inside-stage-2"])
+@pytest.mark.slow  # 35 s and 50 s; make test keeps test_plan_and_resume_stage and the two-stage time limit
+@pytest.mark.parametrize("stop_at", [1, 2], ids=["between-the-stages", "inside-stage-2"])
 def test_a_fold_stopped_in_stage_two_resumes_there(tmp_path, capsys, stop_at):
     """Epoch 0 is stage 1; preempted as epoch 1 begins (stage 2 has no backup yet: resume from stage 1's)
     or as epoch 2 begins (stage 2's own backup): the same call finishes the fold, each epoch once."""

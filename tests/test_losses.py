@@ -249,6 +249,33 @@ def test_keras_focal_loss_names_compute_keras_values():
         build_loss({"binary_focal_crossentropy": {"gamma": 3}})
 
 
+def test_sm_loss_and_metric_classes_say_what_is_wrong_and_take_mixed_precision():
+    """sm's classes with arguments (values against sm itself: tests/test_sm_parity.py): a wrong class_weights or
+    class_indexes is one line naming the class and what was expected; float16 / bfloat16 predictions give the
+    float32 value."""
+    import tfseg.metrics
+
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 4, (2, 8, 8, 1))
+    probs = rng.uniform(0.05, 1.0, (2, 8, 8, 4)).astype("float32")
+    probs /= probs.sum(-1, keepdims=True)
+    with pytest.raises(ConfigError, match=r"^DiceLoss: class_weights has 2 values for 4 channels \(after "):
+        tfseg.losses.DiceLoss(class_weights=[1, 2])(labels, probs)
+    with pytest.raises(ConfigError, match=r"^JaccardLoss: class_indexes \[1, 5\] name a channel outside the "
+                                          r"prediction's 4$"):
+        tfseg.losses.JaccardLoss(class_indexes=[1, 5])(labels, probs)
+    with pytest.raises(ConfigError, match="^CategoricalCELoss: class_weights must be a list of numbers, got 'abc'"):
+        tfseg.losses.CategoricalCELoss(class_weights="abc")
+    with pytest.raises(ConfigError, match=r"^IOUScore: class_indexes must be channel indexes >= 0 .*got \[-1\]"):
+        tfseg.metrics.IOUScore(class_indexes=[-1])
+    for make in (lambda: tfseg.losses.DiceLoss(class_weights=[1, 2, 0.5, 1]) + tfseg.losses.CategoricalFocalLoss(),
+                 lambda: tfseg.metrics.FScore(beta=2, threshold=0.5), lambda: tfseg.metrics.IOUScore(per_image=True)):
+        want = float(make()(labels, probs))
+        for dtype in ("float16", "bfloat16"):
+            got = float(make()(labels, keras.ops.cast(probs, dtype)))
+            assert got == pytest.approx(want, rel=2e-2, abs=1e-3), dtype
+
+
 def test_sm_loss_objects_add_scale_serialize_and_take_mixed_precision(tmp_path):
     """loss=tfseg.losses.bce_jaccard_loss as a notebook had loss=sm.losses.bce_jaccard_loss: sm's arithmetic,
     a .keras file that reloads without custom_objects, float16 predictions."""

@@ -17,7 +17,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from tests.conftest import sm_env
+from tests.conftest import shared_path, sm_env
 from tfseg.config import ModelConfig
 from tfseg.models import build_model
 
@@ -231,6 +231,25 @@ SM_LOSS_NAMES = ["jaccard_loss", "dice_loss", "binary_focal_loss", "categorical_
                  "binary_focal_dice_loss", "binary_focal_jaccard_loss", "categorical_focal_dice_loss",
                  "categorical_focal_jaccard_loss"]
 SM_METRIC_NAMES = ["iou_score", "f1_score", "f2_score", "precision", "recall"]
+# sm's loss and metric classes with their arguments (L: sm.losses / tfseg.losses, M: sm.metrics / tfseg.metrics);
+# the second multiclass one is sm's CamVid example's loss
+SM_OBJECTS = [
+    ("binary", "L.DiceLoss()"), ("binary", "L.DiceLoss(beta=2, per_image=True, smooth=1.0)"),
+    ("binary", "L.JaccardLoss(per_image=True)"), ("binary", "L.BinaryCELoss()"),
+    ("binary", "L.BinaryFocalLoss(alpha=0.4, gamma=3.0)"), ("binary", "L.BinaryFocalLoss() + 2 * L.DiceLoss()"),
+    ("binary", "L.binary_focal_loss + L.JaccardLoss(smooth=1.0)"),
+    ("binary", "M.IOUScore(threshold=0.5)"), ("binary", "M.FScore(beta=2, threshold=0.3, per_image=True)"),
+    ("multiclass", "L.DiceLoss(class_weights=np.array([1, 2, 0.5, 1]))"),
+    ("multiclass", "L.DiceLoss(class_weights=np.array([1, 2, 0.5, 1])) + (1 * L.CategoricalFocalLoss())"),
+    ("multiclass", "L.JaccardLoss(class_indexes=[1, 2], class_weights=[0.5, 2.0], per_image=True)"),
+    ("multiclass", "L.CategoricalCELoss(class_weights=np.array([1, 2, 0.5, 1]))"),
+    ("multiclass", "L.CategoricalCELoss(class_indexes=[0, 3])"),
+    ("multiclass", "L.CategoricalFocalLoss(alpha=0.5, gamma=1.5, class_indexes=[1, 2, 3])"),
+    ("multiclass", "L.BinaryFocalLoss()"), ("multiclass", "L.BinaryCELoss()"),
+    ("multiclass", "M.IOUScore(threshold=0.5)"), ("multiclass", "M.FScore(threshold=0.5)"),
+    ("multiclass", "M.IOUScore(class_indexes=1, per_image=True)"),
+    ("multiclass", "M.FScore(beta=2, class_weights=np.array([0.5, 1, 1, 2]))"),
+]
 SM_VALUES_SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
@@ -243,6 +262,9 @@ SM_VALUES_SCRIPT = textwrap.dedent("""
             out[f"{case}/{name}"] = float(getattr(sm.losses, name)(gt, pr))
         for name in json.loads(sys.argv[3]):
             out[f"{case}/{name}"] = float(getattr(sm.metrics, name)(gt, pr))
+    for case, expr in json.loads(sys.argv[4]):
+        out[f"{case}/{expr}"] = float(eval(expr, {"L": sm.losses, "M": sm.metrics, "np": np})(
+            data[case + "_gt"], data[case + "_pr"]))
     print("RESULT" + json.dumps(out))
 """)
 
@@ -265,7 +287,8 @@ def sm_values(tmp_path_factory) -> tuple[dict, dict]:
     path = tmp_path_factory.mktemp("sm_values") / "cases.npz"
     np.savez(path, **arrays)
     proc = subprocess.run([sys.executable, "-c", SM_VALUES_SCRIPT, str(path), json.dumps(SM_LOSS_NAMES),
-                           json.dumps(SM_METRIC_NAMES)], env=sm_env(), capture_output=True, text=True, timeout=600)
+                           json.dumps(SM_METRIC_NAMES), json.dumps(SM_OBJECTS)],
+                          env=sm_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
     return json.loads(line[len("RESULT"):]), arrays
@@ -309,3 +332,61 @@ def test_sm_metric_names_compute_sms_value(sm_values, name):
         metric = build_metric(name, classes=classes)
         metric.update_state(arrays["multiclass_labels"] if classes > 1 else gt, pr)
         assert float(metric.result()) == pytest.approx(want, rel=2e-5), case
+
+
+@pytest.mark.parametrize("case,expr", SM_OBJECTS, ids=[f"{c}-{e}" for c, e in SM_OBJECTS])
+def test_sm_loss_and_metric_classes_compute_sms_value(sm_values, case, expr):
+    """sm.losses.DiceLoss(class_weights=...), sm.metrics.IOUScore(threshold=0.5) ... with tfseg.losses / tfseg.metrics
+    in their place give sm's value, on sm's one-hot masks and on class indices."""
+    import tfseg.losses
+    import tfseg.metrics
+
+    values, arrays = sm_values
+    want = values[f"{case}/{expr}"]
+    targets = [arrays[f"{case}_gt"]] + ([arrays["multiclass_labels"]] if case == "multiclass" else [])
+    for gt in targets:
+        obj = eval(expr, {"L": tfseg.losses, "M": tfseg.metrics, "np": np})
+        assert float(obj(gt, arrays[f"{case}_pr"])) == pytest.approx(want, rel=2e-5, abs=1e-6), gt.shape
+
+
+def test_sms_camvid_example_ports_by_its_import_and_trains_on_camvid(tmp_path):
+    """segmentation_models' multiclass example (CamVid: a Unet, DiceLoss(class_weights) + 1 * CategoricalFocalLoss,
+    IOUScore(threshold=0.5) and FScore(threshold=0.5)) with tfseg in sm's place, on 4 CamVid sample images cut to
+    64x64 with one-hot masks of 4 classes and the rest: the loss falls, Keras logs sm's metric names, and the
+    compiled model reloads from .keras (after import tfseg, no custom_objects) to the same loss."""
+    import keras
+    from PIL import Image
+
+    import tfseg.losses
+    import tfseg.metrics
+    from tfseg.models.unet import Unet
+
+    root = shared_path("camvid_sample", "train")
+    names = sorted(p.name for p in (root / "images").iterdir())[:4]
+    images = np.stack([np.asarray(Image.open(root / "images" / n).convert("RGB").resize((64, 64), Image.BILINEAR))
+                       for n in names]).astype("float32")
+    labels = np.stack([np.asarray(Image.open(root / "masks" / n).resize((64, 64), Image.NEAREST)) for n in names])
+    classes = [0, 1, 3, 8]  # sky, building, road, car; the background channel last, as sm's example does
+    masks = np.stack([labels == c for c in classes], axis=-1).astype("float32")
+    masks = np.concatenate([masks, 1.0 - masks.sum(-1, keepdims=True)], axis=-1)
+    assert masks.sum(axis=(0, 1, 2)).min() > 0  # every class is present
+
+    keras.utils.set_random_seed(0)
+    model = Unet("mobilenetv2", input_shape=(64, 64, 3), classes=5, activation="softmax", encoder_weights=None)
+    dice_loss = tfseg.losses.DiceLoss(class_weights=np.array([1, 2, 0.5, 2, 0.5]))
+    total_loss = dice_loss + (1 * tfseg.losses.CategoricalFocalLoss())
+    metrics = [tfseg.metrics.IOUScore(threshold=0.5), tfseg.metrics.FScore(threshold=0.5)]
+    # Keras 3 takes loss_weights third: metrics by keyword. Eager steps: tracing costs more than a few of them.
+    model.compile(keras.optimizers.Adam(1e-3), total_loss, metrics=metrics, run_eagerly=True)
+    logs = [model.train_on_batch(images, masks, return_dict=True) for _ in range(4)]
+    assert set(logs[0]) == {"loss", "iou_score", "f1-score"}
+    losses = [log["loss"] for log in logs]  # before each update
+    assert losses[-1] < losses[0], losses
+    path = tmp_path / "camvid_unet.keras"
+    model.save(path)
+    again = keras.models.load_model(path)
+    assert type(again.loss).__name__ == "SmLossSum"
+    assert [type(loss).__name__ for _, loss in again.loss.parts] == ["DiceLoss", "CategoricalFocalLoss"]
+    assert again.loss.parts[0][1].class_weights == [1.0, 2.0, 0.5, 2.0, 0.5]
+    probs = model(images, training=False)
+    assert float(again.loss(masks, probs)) == pytest.approx(float(total_loss(masks, probs)), rel=1e-6)

@@ -493,6 +493,8 @@ class SmLoss(keras.losses.Loss):
         return _weighted_sum(terms, prepared, classes)
 
     def __add__(self, other: SmLoss) -> SmLoss:
+        if isinstance(other, (_SmClassLoss, SmLossSum)):
+            return SmLossSum.of(self, other)
         if not isinstance(other, SmLoss):
             return NotImplemented
         merged = dict(self.sm_losses)
@@ -509,6 +511,277 @@ class SmLoss(keras.losses.Loss):
 
     def get_config(self) -> dict:
         return {**super().get_config(), "losses": self.sm_losses}
+
+
+# ------------------------------------------------------------------------------------------------
+# segmentation_models' loss classes, with their arguments
+# ------------------------------------------------------------------------------------------------
+
+
+def _sm_floats(values, what: str, owner: str) -> list[float] | None:
+    """class_weights as floats (sm takes a numpy array or a list; None: every class 1)."""
+    if values is None:
+        return None
+    try:
+        out = [float(v) for v in (values.tolist() if hasattr(values, "tolist") else values)]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{owner}: {what} must be a list of numbers, got {values!r}") from None
+    if not all(math.isfinite(v) and v >= 0 for v in out):
+        raise ConfigError(f"{owner}: {what} must be finite numbers >= 0, got {out}")
+    return out
+
+
+def _sm_indexes(values, owner: str) -> list[int] | None:
+    """class_indexes as a list of ints (sm also takes one int)."""
+    if values is None:
+        return None
+    values = values.tolist() if hasattr(values, "tolist") else values
+    values = [values] if isinstance(values, int) else list(values)
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise ConfigError(f"{owner}: class_indexes must be channel indexes >= 0 (an int or a list), got {values!r}")
+    return values
+
+
+def sm_inputs(y_true, y_pred, class_indexes: Sequence[int] | None = None, owner: str = "loss"):
+    """sm's (gt, pr): float32 [B, H, W, C] target (0/1, or one-hot from class indices or one-hot masks) and
+    prediction, both cut to ``class_indexes`` (sm's ``gather_channels``)."""
+    y_pred = ops.cast(y_pred, "float32")
+    classes = int(y_pred.shape[-1])
+    gt = ops.cast(y_true, "float32") if classes == 1 else one_hot_targets(y_true, classes)
+    if class_indexes is not None:
+        if max(class_indexes) >= classes:
+            raise ConfigError(f"{owner}: class_indexes {list(class_indexes)} name a channel outside the "
+                              f"prediction's {classes}")
+        gt, y_pred = ops.take(gt, class_indexes, axis=-1), ops.take(y_pred, class_indexes, axis=-1)
+    return gt, y_pred
+
+
+def _sm_average(score, per_image: bool, class_weights: Sequence[float] | None, owner: str):
+    """sm's ``average``: the mean over the images (``per_image``), times the class weights, the mean."""
+    if per_image:
+        score = ops.mean(score, axis=0)
+    if class_weights is not None:
+        if len(class_weights) != int(score.shape[-1]):
+            raise ConfigError(f"{owner}: class_weights has {len(class_weights)} values for "
+                              f"{int(score.shape[-1])} channels (after class_indexes)")
+        score = score * ops.convert_to_tensor(class_weights, "float32")
+    return ops.mean(score)
+
+
+def sm_score(kind: str, y_true, y_pred, *, beta: float = 1.0, class_weights: Sequence[float] | None = None,
+             class_indexes: Sequence[int] | None = None, smooth: float = SM_SMOOTH, per_image: bool = False,
+             threshold: float | None = None, owner: str = "metric"):
+    """segmentation_models 1.0.1's scores (``iou_score``, ``f_score``, ``precision``, ``recall`` of its
+    ``base.functional``), as sm's loss and metric classes call them: a float32 scalar.
+
+    ``kind``: ``"iou"`` (I + s) / (U + s), ``"f"`` ((1 + b^2) TP + s) / ((1 + b^2) TP + b^2 FN + FP + s),
+    ``"precision"`` (TP + s) / (TP + FP + s), ``"recall"`` (TP + s) / (TP + FN + s); sums over the batch's
+    pixels (over each image's with ``per_image``), per channel; ``threshold``: the prediction rounded first.
+    """
+    gt, pr = sm_inputs(y_true, y_pred, class_indexes, owner)
+    if threshold is not None:
+        pr = ops.cast(ops.greater(pr, threshold), "float32")
+    axes = (1, 2) if per_image else (0, 1, 2)
+    tp = ops.sum(gt * pr, axis=axes)
+    fp = ops.sum(pr, axis=axes) - tp
+    fn = ops.sum(gt, axis=axes) - tp
+    if kind == "iou":
+        score = (tp + smooth) / (tp + fp + fn + smooth)
+    elif kind == "f":
+        b2 = float(beta) ** 2
+        score = ((1.0 + b2) * tp + smooth) / ((1.0 + b2) * tp + b2 * fn + fp + smooth)
+    elif kind == "precision":
+        score = (tp + smooth) / (tp + fp + smooth)
+    elif kind == "recall":
+        score = (tp + smooth) / (tp + fn + smooth)
+    else:
+        raise ValueError(f"sm_score: kind must be iou, f, precision or recall, got {kind!r}")
+    return _sm_average(score, per_image, class_weights, owner)
+
+
+def _sm_parts(loss) -> list[tuple[float, keras.losses.Loss]]:
+    return list(loss.parts) if isinstance(loss, SmLossSum) else [(1.0, loss)]
+
+
+class _SmClassLoss(keras.losses.Loss):
+    """Base of sm's loss classes: a float32 scalar of the batch, as sm's; ``+`` and ``*`` as sm's."""
+
+    sm_name = ""
+
+    def __init__(self, name: str | None = None, **kwargs):
+        super().__init__(name=name or self.sm_name, **kwargs)
+
+    def __add__(self, other):
+        if not isinstance(other, (_SmClassLoss, SmLoss, SmLossSum)):
+            return NotImplemented
+        return SmLossSum.of(self, other)
+
+    def __mul__(self, factor):
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+            return NotImplemented
+        return SmLossSum([(float(factor), self)], name=f"{factor}_mul_{self.name}")
+
+    __rmul__ = __mul__
+
+
+@keras.saving.register_keras_serializable(package="tfseg")
+class SmLossSum(keras.losses.Loss):
+    """``a + b`` and ``k * a`` of segmentation_models-style losses (sm's ``SumOfLosses``, ``MultipliedLoss``):
+    the weighted sum of the parts' batch values. ``parts``: ``[(weight, loss), ...]``."""
+
+    def __init__(self, parts, name: str | None = None, **kwargs):
+        parts = [(float(w), keras.saving.deserialize_keras_object(loss) if isinstance(loss, dict) else loss)
+                 for w, loss in parts]
+        super().__init__(name=name or "_plus_".join(loss.name for _, loss in parts), **kwargs)
+        self.parts = parts
+
+    @classmethod
+    def of(cls, a, b) -> SmLossSum:
+        return cls([*_sm_parts(a), *_sm_parts(b)], name=f"{a.name}_plus_{b.name}")
+
+    def call(self, y_true, y_pred):
+        return sum(weight * ops.mean(loss.call(y_true, y_pred)) for weight, loss in self.parts)
+
+    __add__ = _SmClassLoss.__add__
+
+    def __mul__(self, factor):
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+            return NotImplemented
+        return SmLossSum([(w * float(factor), loss) for w, loss in self.parts], name=f"{factor}_mul_{self.name}")
+
+    __rmul__ = __mul__
+
+    def get_config(self) -> dict:
+        return {**super().get_config(),
+                "parts": [[w, keras.saving.serialize_keras_object(loss)] for w, loss in self.parts]}
+
+
+@keras.saving.register_keras_serializable(package="tfseg")
+class JaccardLoss(_SmClassLoss):
+    """``sm.losses.JaccardLoss``: 1 - sm's IoU score of the probabilities (see :func:`sm_score`)."""
+
+    sm_name = "jaccard_loss"
+
+    def __init__(self, class_weights=None, class_indexes=None, per_image: bool = False, smooth: float = SM_SMOOTH,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.class_weights = _sm_floats(class_weights, "class_weights", type(self).__name__)
+        self.class_indexes = _sm_indexes(class_indexes, type(self).__name__)
+        self.per_image, self.smooth = bool(per_image), float(smooth)
+
+    def call(self, y_true, y_pred):
+        return 1.0 - sm_score("iou", y_true, y_pred, class_weights=self.class_weights, class_indexes=self.class_indexes,
+                              smooth=self.smooth, per_image=self.per_image, owner=type(self).__name__)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "class_weights": self.class_weights, "class_indexes": self.class_indexes,
+                "per_image": self.per_image, "smooth": self.smooth}
+
+
+@keras.saving.register_keras_serializable(package="tfseg")
+class DiceLoss(_SmClassLoss):
+    """``sm.losses.DiceLoss``: 1 - sm's F-beta score of the probabilities (``beta`` 1: Dice)."""
+
+    sm_name = "dice_loss"
+
+    def __init__(self, beta: float = 1.0, class_weights=None, class_indexes=None, per_image: bool = False,
+                 smooth: float = SM_SMOOTH, **kwargs):
+        super().__init__(**kwargs)
+        self.beta = float(beta)
+        self.class_weights = _sm_floats(class_weights, "class_weights", type(self).__name__)
+        self.class_indexes = _sm_indexes(class_indexes, type(self).__name__)
+        self.per_image, self.smooth = bool(per_image), float(smooth)
+
+    def call(self, y_true, y_pred):
+        return 1.0 - sm_score("f", y_true, y_pred, beta=self.beta, class_weights=self.class_weights,
+                              class_indexes=self.class_indexes, smooth=self.smooth, per_image=self.per_image,
+                              owner=type(self).__name__)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "beta": self.beta, "class_weights": self.class_weights,
+                "class_indexes": self.class_indexes, "per_image": self.per_image, "smooth": self.smooth}
+
+
+@keras.saving.register_keras_serializable(package="tfseg")
+class BinaryCELoss(_SmClassLoss):
+    """``sm.losses.BinaryCELoss``: Keras' binary cross-entropy of the probabilities, mean over B, H, W, C."""
+
+    sm_name = "binary_crossentropy"
+
+    def call(self, y_true, y_pred):
+        gt, pr = sm_inputs(y_true, y_pred, None, type(self).__name__)
+        return ops.mean(ops.binary_crossentropy(gt, pr))
+
+
+@keras.saving.register_keras_serializable(package="tfseg")
+class CategoricalCELoss(_SmClassLoss):
+    """``sm.losses.CategoricalCELoss``: -mean(gt * log(pr) * class_weights) over B, H, W and the channels,
+    ``pr`` normalized over the channels and clipped to [1e-7, 1 - 1e-7]."""
+
+    sm_name = "categorical_crossentropy"
+
+    def __init__(self, class_weights=None, class_indexes=None, **kwargs):
+        super().__init__(**kwargs)
+        self.class_weights = _sm_floats(class_weights, "class_weights", type(self).__name__)
+        self.class_indexes = _sm_indexes(class_indexes, type(self).__name__)
+
+    def call(self, y_true, y_pred):
+        owner = type(self).__name__
+        gt, pr = sm_inputs(y_true, y_pred, self.class_indexes, owner)
+        pr = ops.clip(pr / ops.sum(pr, axis=-1, keepdims=True), EPS, 1.0 - EPS)
+        loss = gt * ops.log(pr)
+        if self.class_weights is not None:
+            if len(self.class_weights) != int(pr.shape[-1]):
+                raise ConfigError(f"{owner}: class_weights has {len(self.class_weights)} values for "
+                                  f"{int(pr.shape[-1])} channels (after class_indexes)")
+            loss = loss * ops.convert_to_tensor(self.class_weights, "float32")
+        return -ops.mean(loss)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "class_weights": self.class_weights, "class_indexes": self.class_indexes}
+
+
+@keras.saving.register_keras_serializable(package="tfseg")
+class CategoricalFocalLoss(_SmClassLoss):
+    """``sm.losses.CategoricalFocalLoss``: mean over B, H, W and the channels of
+    -gt alpha (1 - pr)^gamma log(pr), ``pr`` clipped to [1e-7, 1 - 1e-7]."""
+
+    sm_name = "focal_loss"
+
+    def __init__(self, alpha: float = 0.25, gamma: float = 2.0, class_indexes=None, **kwargs):
+        super().__init__(**kwargs)
+        self.alpha, self.gamma = float(alpha), float(gamma)
+        self.class_indexes = _sm_indexes(class_indexes, type(self).__name__)
+
+    def call(self, y_true, y_pred):
+        gt, pr = sm_inputs(y_true, y_pred, self.class_indexes, type(self).__name__)
+        pr = ops.clip(pr, EPS, 1.0 - EPS)
+        return ops.mean(-gt * (self.alpha * ops.power(1.0 - pr, self.gamma) * ops.log(pr)))
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "alpha": self.alpha, "gamma": self.gamma, "class_indexes": self.class_indexes}
+
+
+@keras.saving.register_keras_serializable(package="tfseg")
+class BinaryFocalLoss(_SmClassLoss):
+    """``sm.losses.BinaryFocalLoss``: mean over B, H, W, C of -gt alpha (1 - pr)^gamma log(pr)
+    - (1 - gt) (1 - alpha) pr^gamma log(1 - pr), ``pr`` clipped to [1e-7, 1 - 1e-7]."""
+
+    sm_name = "binary_focal_loss"
+
+    def __init__(self, alpha: float = 0.25, gamma: float = 2.0, **kwargs):
+        super().__init__(**kwargs)
+        self.alpha, self.gamma = float(alpha), float(gamma)
+
+    def call(self, y_true, y_pred):
+        gt, pr = sm_inputs(y_true, y_pred, None, type(self).__name__)
+        pr = ops.clip(pr, EPS, 1.0 - EPS)
+        one = -gt * (self.alpha * ops.power(1.0 - pr, self.gamma) * ops.log(pr))
+        zero = -(1.0 - gt) * ((1.0 - self.alpha) * ops.power(pr, self.gamma) * ops.log(1.0 - pr))
+        return ops.mean(one + zero)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "alpha": self.alpha, "gamma": self.gamma}
 
 
 def build_loss(spec: Mapping, classes: int = 1, from_logits: bool = False,

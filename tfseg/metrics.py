@@ -359,3 +359,58 @@ def recall(y_true, y_pred):
     """segmentation_models' ``recall``: soft (TP + s) / (TP + FN + s) of the batch, class mean."""
     inter, _, tsum = _sm_batch_sums(y_true, y_pred)
     return ops.mean(_ratio(inter, tsum, SM_SMOOTH))
+
+
+class _SmScore(keras.metrics.MeanMetricWrapper):
+    """Base of segmentation_models' metric classes: sm's score of each batch (:func:`tfseg.losses.sm_score`),
+    averaged over the epoch's batches as Keras averages sm's metric objects."""
+
+    kind = ""
+    sm_name = ""
+
+    def __init__(self, class_weights=None, class_indexes=None, threshold: float | None = None,
+                 per_image: bool = False, smooth: float = _losses.SM_SMOOTH, name: str | None = None,
+                 beta: float = 1.0, dtype=None):
+        owner = type(self).__name__
+        self.sm_args = {"class_weights": _losses._sm_floats(class_weights, "class_weights", owner),
+                        "class_indexes": _losses._sm_indexes(class_indexes, owner),
+                        "threshold": None if threshold is None else float(threshold),
+                        "per_image": bool(per_image), "smooth": float(smooth), "beta": float(beta)}
+        super().__init__(fn=_sm_score_of, name=name or self.sm_name.format(beta=beta), dtype=dtype,
+                         kind=self.kind, owner=owner, **self.sm_args)
+
+    def get_config(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, **self.sm_args}
+
+
+def _sm_score_of(y_true, y_pred, kind: str, **kwargs):
+    return _losses.sm_score(kind, y_true, y_pred, **kwargs)
+
+
+@keras.saving.register_keras_serializable(package="tfseg")
+class IOUScore(_SmScore):
+    """``sm.metrics.IOUScore(class_weights, class_indexes, threshold, per_image, smooth, name)``: sm's IoU of each
+    batch (soft unless ``threshold``), the mean over the batches. Named ``iou_score`` as sm's."""
+
+    kind, sm_name = "iou", "iou_score"
+
+    def __init__(self, class_weights=None, class_indexes=None, threshold: float | None = None,
+                 per_image: bool = False, smooth: float = _losses.SM_SMOOTH, name: str | None = None, dtype=None):
+        super().__init__(class_weights, class_indexes, threshold, per_image, smooth, name, dtype=dtype)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.pop("beta")
+        return config
+
+
+@keras.saving.register_keras_serializable(package="tfseg")
+class FScore(_SmScore):
+    """``sm.metrics.FScore(beta, class_weights, class_indexes, threshold, per_image, smooth, name)``: sm's F-beta
+    of each batch (beta 1: Dice), the mean over the batches. Named ``f1-score`` (``f{beta}-score``) as sm's."""
+
+    kind, sm_name = "f", "f{beta}-score"
+
+    def __init__(self, beta: float = 1, class_weights=None, class_indexes=None, threshold: float | None = None,
+                 per_image: bool = False, smooth: float = _losses.SM_SMOOTH, name: str | None = None, dtype=None):
+        super().__init__(class_weights, class_indexes, threshold, per_image, smooth, name, beta=beta, dtype=dtype)

@@ -239,6 +239,7 @@ SM_OBJECTS = [
     ("binary", "L.BinaryFocalLoss(alpha=0.4, gamma=3.0)"), ("binary", "L.BinaryFocalLoss() + 2 * L.DiceLoss()"),
     ("binary", "L.binary_focal_loss + L.JaccardLoss(smooth=1.0)"),
     ("binary", "M.IOUScore(threshold=0.5)"), ("binary", "M.FScore(beta=2, threshold=0.3, per_image=True)"),
+    ("saturated", "L.binary_crossentropy"), ("saturated", "L.bce_jaccard_loss"), ("saturated", "L.binary_focal_loss"),
     ("multiclass", "L.DiceLoss(class_weights=np.array([1, 2, 0.5, 1]))"),
     ("multiclass", "L.DiceLoss(class_weights=np.array([1, 2, 0.5, 1])) + (1 * L.CategoricalFocalLoss())"),
     ("multiclass", "L.JaccardLoss(class_indexes=[1, 2], class_weights=[0.5, 2.0], per_image=True)"),
@@ -277,7 +278,12 @@ def _sm_cases(seed: int = 0) -> dict[str, np.ndarray]:
     labels = rng.integers(0, 4, (3, 16, 16))
     logits = rng.normal(size=(3, 16, 16, 4)) + 2.0 * np.eye(4)[labels]
     softmax = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-    return {"binary_gt": binary_gt, "binary_pr": binary_pr, "multiclass_gt": np.eye(4, dtype="float32")[labels],
+    # sigmoid outputs at exactly 0 and 1 (float32 saturates there), right and wrong: Keras 2's cross-entropy
+    saturated_pr = binary_pr.copy()
+    saturated_pr[:, :4] = binary_gt[:, :4]
+    saturated_pr[:, 4:8] = 1.0 - binary_gt[:, 4:8]
+    return {"binary_gt": binary_gt, "binary_pr": binary_pr, "saturated_gt": binary_gt, "saturated_pr": saturated_pr,
+            "multiclass_gt": np.eye(4, dtype="float32")[labels],
             "multiclass_pr": softmax.astype("float32"), "multiclass_labels": labels[..., None].astype("int32")}
 
 

@@ -369,7 +369,7 @@ class _SmScore(keras.metrics.MeanMetricWrapper):
     sm_name = ""
 
     def __init__(self, class_weights=None, class_indexes=None, threshold: float | None = None,
-                 per_image: bool = False, smooth: float = _losses.SM_SMOOTH, name: str | None = None,
+                 per_image: bool = False, smooth: float = SM_SMOOTH, name: str | None = None,
                  beta: float = 1.0, dtype=None):
         owner = type(self).__name__
         self.sm_args = {"class_weights": _losses._sm_floats(class_weights, "class_weights", owner),
@@ -395,7 +395,7 @@ class IOUScore(_SmScore):
     kind, sm_name = "iou", "iou_score"
 
     def __init__(self, class_weights=None, class_indexes=None, threshold: float | None = None,
-                 per_image: bool = False, smooth: float = _losses.SM_SMOOTH, name: str | None = None, dtype=None):
+                 per_image: bool = False, smooth: float = SM_SMOOTH, name: str | None = None, dtype=None):
         super().__init__(class_weights, class_indexes, threshold, per_image, smooth, name, dtype=dtype)
 
     def get_config(self) -> dict:
@@ -412,5 +412,5 @@ class FScore(_SmScore):
     kind, sm_name = "f", "f{beta}-score"
 
     def __init__(self, beta: float = 1, class_weights=None, class_indexes=None, threshold: float | None = None,
-                 per_image: bool = False, smooth: float = _losses.SM_SMOOTH, name: str | None = None, dtype=None):
+                 per_image: bool = False, smooth: float = SM_SMOOTH, name: str | None = None, dtype=None):
         super().__init__(class_weights, class_indexes, threshold, per_image, smooth, name, beta=beta, dtype=dtype)

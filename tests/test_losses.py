@@ -276,6 +276,24 @@ def test_sm_loss_and_metric_classes_say_what_is_wrong_and_take_mixed_precision()
             assert got == pytest.approx(want, rel=2e-2, abs=1e-3), dtype
 
 
+def test_masks_without_a_channel_axis_give_the_same_values():
+    """Masks [B, H, W], as Keras' own losses take them: fit with loss=tfseg.losses.bce_dice_loss failed inside
+    bce with TensorFlow's "Dimensions must be equal"; class indices [B, 4, 4] of 4 classes looked one-hot."""
+    import tfseg.metrics
+
+    rng = np.random.default_rng(6)
+    binary = (rng.uniform(size=(2, 8, 8, 1)) > 0.5).astype("float32")
+    probs = rng.uniform(0.05, 0.95, (2, 8, 8, 1)).astype("float32")
+    labels = rng.integers(0, 4, (2, 4, 4, 1))
+    softmax = rng.uniform(0.05, 1.0, (2, 4, 4, 4)).astype("float32")
+    softmax /= softmax.sum(-1, keepdims=True)
+    for y, p, classes in ((binary, probs, 1), (labels, softmax, 4)):
+        for make in (lambda: build_loss({"bce": 1, "dice": 1}, classes=classes), lambda: tfseg.losses.bce_dice_loss,
+                     lambda: tfseg.losses.DiceLoss(), lambda: tfseg.metrics.IOUScore(),
+                     lambda: tfseg.metrics.build_metric("dice", classes=classes)):
+            assert float(make()(y[..., 0], p)) == pytest.approx(float(make()(y, p)), rel=1e-6), classes
+
+
 def test_sm_loss_objects_add_scale_serialize_and_take_mixed_precision(tmp_path):
     """loss=tfseg.losses.bce_jaccard_loss as a notebook had loss=sm.losses.bce_jaccard_loss: sm's arithmetic,
     a .keras file that reloads without custom_objects, float16 predictions."""

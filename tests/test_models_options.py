@@ -128,6 +128,49 @@ def test_constructors_check_weights_and_classes_before_building(tmp_path):
         PSPNet("mobilenetv2", input_shape=(48, 48, 3), encoder_weights=None, classes=2.0)
 
 
+@pytest.mark.parametrize(("build", "message"), [
+    # each of these built: "no" froze the encoder and "False" kept BatchNorm (a string is true), a float filter
+    # count was cut, and the rest were Keras' or Python's own errors that did not name the argument
+    ("Unet(encoder_freeze='no')", "unet: encoder_freeze='no': expected true or false"),
+    ("Unet(decoder_use_batchnorm='False')", "unet: decoder_use_batchnorm='False': expected true or false"),
+    ("Linknet(decoder_use_batchnorm='no')", "linknet: decoder_use_batchnorm='no': expected true or false"),
+    ("FPN(encoder_freeze=1)", "fpn: encoder_freeze=1: expected true or false"),
+    ("Unet(decoder_filters=(64, 32, -1, 8, 4))", "unet: decoder_filters=[64, 32, -1, 8, 4]: expected a list of one or "
+                                                 "more decoder blocks' filters, each a positive integer, e.g. "),
+    ("Unet(decoder_filters=16)", "unet: decoder_filters=16: expected a list of one or more"),
+    ("Unet(decoder_filters=(None, 128, 64, 32, 16))", "unet: decoder_filters=[None, 128, 64, 32, 16]: expected"),
+    ("Unet(decoder_filters=(256.5, 128, 64, 32, 16))", "unet: decoder_filters=[256.5, 128, 64, 32, 16]: expected"),
+    ("Linknet(decoder_filters=(None, 0))", "linknet: decoder_filters=[None, 0]: expected a list of one or more "
+                                           "decoder blocks' filters, each a positive integer or None, e.g. (None, "),
+    ("Unet(input_shape=(64.0, 64, 3))", "unet: input_shape=[64.0, 64, 3]: expected (height, width, channels) of "
+                                        "positive integers, height and width None for any size"),
+    ("PSPNet(input_shape=(96, 96))", "pspnet: input_shape=[96, 96]: expected (height, width, channels)"),
+])
+def test_constructor_flags_filters_and_shapes_are_checked(build, message):
+    from tfseg.models.fpn import FPN  # noqa: F401 - named in build
+    from tfseg.models.linknet import Linknet  # noqa: F401
+    from tfseg.models.pspnet import PSPNet  # noqa: F401
+    from tfseg.models.unet import Unet  # noqa: F401
+
+    call = build.replace("(", "('mobilenetv2', encoder_weights=None, input_shape=(64, 64, 3), ", 1)
+    if "input_shape=" in build:
+        call = build.replace("(", "('mobilenetv2', encoder_weights=None, ", 1)
+    with pytest.raises(ModelError) as err:
+        eval(call)
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_constructors_take_numpy_numbers_as_sm_does():
+    """classes=mask.max() + 1 is a numpy integer in a notebook; it said `classes=np.int64(2): expected an integer`."""
+    from tfseg.models.unet import Unet
+
+    model = Unet("mobilenetv2", input_shape=np.array([64, 64, 3]), classes=np.int64(2), activation="softmax",
+                 encoder_weights=None, decoder_filters=np.array([16, 8, 8, 8, 8]), encoder_freeze=np.bool_(True))
+    assert model.output_shape == (None, 64, 64, 2)
+    assert not model.get_layer("encoder").trainable
+    assert [layer.filters for layer in model.layers if layer.name == "decoder_stage0a_conv"] == [16]
+
+
 def test_a_weights_file_of_another_model_is_one_line(tmp_path):
     from tfseg.models.linknet import Linknet
 

@@ -109,6 +109,7 @@ def prepare(y_true, y_pred, classes: int, from_logits: bool) -> Prepared:
         classes: model output channels.
         from_logits: whether ``y_pred`` holds logits.
     """
+    y_true = with_channel_axis(y_true, y_pred)
     y_pred = ops.cast(y_pred, "float32")
     if classes == 1:
         target = ops.cast(ops.greater(ops.cast(y_true, "float32"), 0.5), "float32")
@@ -129,6 +130,13 @@ def prepare(y_true, y_pred, classes: int, from_logits: bool) -> Prepared:
         probs = ops.clip(ops.exp(log_probs), EPS, 1.0 - EPS)
         logodds = ops.log(probs) - ops.log(1.0 - probs)
     return Prepared(target, probs, logodds, log_probs)
+
+
+def with_channel_axis(y_true, y_pred):
+    """Masks [B, H, W] as [B, H, W, 1], as Keras' own losses take them; anything else as it is."""
+    if len(y_true.shape) == len(y_pred.shape) - 1:
+        return ops.expand_dims(y_true, -1)
+    return y_true
 
 
 def one_hot_targets(y_true, classes: int):
@@ -489,6 +497,7 @@ def _sm_indexes(values, owner: str) -> list[int] | None:
 def sm_inputs(y_true, y_pred, class_indexes: Sequence[int] | None = None, owner: str = "loss"):
     """sm's (gt, pr): float32 [B, H, W, C] target (0/1, or one-hot from class indices or one-hot masks) and
     prediction, both cut to ``class_indexes`` (sm's ``gather_channels``)."""
+    y_true = with_channel_axis(y_true, y_pred)
     y_pred = ops.cast(y_pred, "float32")
     classes = int(y_pred.shape[-1])
     gt = ops.cast(y_true, "float32") if classes == 1 else one_hot_targets(y_true, classes)

@@ -35,6 +35,7 @@ from tfseg.errors import ConfigError
 
 def _binarize(y_true, y_pred, classes: int, threshold: float, from_logits: bool, soft: bool = False):
     """Return (target, pred) float32 [B, H, W, C] in {0, 1} (pred in [0, 1] when ``soft``)."""
+    y_true = _losses.with_channel_axis(y_true, y_pred)
     y_pred = ops.cast(y_pred, "float32")
     if classes == 1:
         target = ops.cast(ops.greater(ops.cast(y_true, "float32"), 0.5), "float32")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ def check_classes(classes, arch: str | None = None) -> int:
     Raises:
         ModelError: "unet: classes=0: expected an integer >= 1 ..." (``arch`` names the model when given).
     """
-    if not _is_int(classes) or classes < 1:
+    if not _is_integral(classes) or classes < 1:
         where = f"{arch}: " if arch else ""
         raise ModelError(f"{where}classes={show(classes)}: expected an integer >= 1 (the output channels: 1 for a "
                          "binary mask with sigmoid, N >= 2 for N classes with softmax)")
@@ -260,6 +261,55 @@ class Option:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_integral(value) -> bool:
+    """An int or a numpy integer (``mask.max() + 1``), not a bool: what a Python argument may count with."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_flag(value) -> bool:
+    """True or False, also numpy's."""
+    return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"))
+
+
+def _as_sequence(value):
+    """A numpy array as a list; anything else as it is."""
+    return value.tolist() if type(value).__module__ == "numpy" and getattr(value, "ndim", 0) == 1 else value
+
+
+def check_sm_arguments(arch: str, *, input_shape=None, encoder_freeze=False, decoder_filters=None,
+                       decoder_use_batchnorm=True, filters_nullable: bool = False) -> dict:
+    """The segmentation_models-style constructors' shared arguments, checked as ``read_options`` checks a params
+    file's (``"no"`` is not false, ``256.5`` is not a filter count), and normalized: ``input_shape`` and
+    ``decoder_filters`` as tuples of ints (numpy integers taken), the flags as bools.
+
+    Raises:
+        ModelError: one line naming the argument, e.g. "unet: encoder_freeze='no': expected true or false".
+    """
+    out: dict = {}
+    for name, value in (("encoder_freeze", encoder_freeze), ("decoder_use_batchnorm", decoder_use_batchnorm)):
+        if not _is_flag(value):
+            raise ModelError(f"{arch}: {name}={show(value)}: expected true or false")
+        out[name] = bool(value)
+    input_shape, decoder_filters = _as_sequence(input_shape), _as_sequence(decoder_filters)
+    if input_shape is not None:
+        shape = tuple(input_shape) if isinstance(input_shape, (list, tuple)) else None
+        if (shape is None or len(shape) != 3 or not all(v is None or (_is_integral(v) and v >= 1) for v in shape)
+                or shape[2] is None):
+            raise ModelError(f"{arch}: input_shape={show(input_shape)}: expected (height, width, channels) of "
+                             "positive integers, height and width None for any size, e.g. (None, None, 3)")
+        out["input_shape"] = tuple(None if v is None else int(v) for v in shape)
+    if decoder_filters is not None:
+        entry = "a positive integer or None" if filters_nullable else "a positive integer"
+        if (not isinstance(decoder_filters, (list, tuple)) or not decoder_filters
+                or not all((v is None and filters_nullable) or (_is_integral(v) and v >= 1)
+                           for v in decoder_filters)):
+            raise ModelError(f"{arch}: decoder_filters={show(decoder_filters)}: expected a list of one or more "
+                             f"decoder blocks' filters, each {entry}, e.g. "
+                             f"{'(None, None, None, None, 16)' if filters_nullable else '(256, 128, 64, 32, 16)'}")
+        out["decoder_filters"] = tuple(None if v is None else int(v) for v in decoder_filters)
+    return out
 
 
 def _is_number(value) -> bool:

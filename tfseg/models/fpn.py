@@ -32,6 +32,7 @@ from tfseg.models.blocks import conv3x3_bn_relu
 from tfseg.models.common import (
     check_arguments,
     check_classes,
+    check_sm_arguments,
     check_weights_path,
     choice,
     dropout_rate,
@@ -136,7 +137,8 @@ def build_fpn(cfg: ModelConfig) -> keras.Model:
     skip_strides = (16, 8, 4, 2) if opts["upsampling"] == 2 else (16, 8, 4)
     if available_strides(cfg.backbone, skip_strides) != skip_strides:
         raise ModelError(f"fpn: encoder {cfg.backbone} has no stride-2 features for sm's upsampling: 2; "
-                         "set model.options.upsampling: 4 (pyramid levels at strides 16, 8 and 4)")
+                         "set model.options.upsampling: 4 (FPN(..., upsampling=4) in Python; pyramid levels at "
+                         "strides 16, 8 and 4)")
 
     image, (top, *skips), _ = encoder_on_input(cfg.backbone, cfg.input_shape, cfg.encoder_weights,
                                                (32, *skip_strides), arch=ARCH, multiple=SIZE_MULTIPLE)
@@ -183,7 +185,9 @@ def FPN(  # noqa: N802 - the segmentation_models name, so notebooks port by chan
     Returns:
         The same model as ``build_model`` with ``arch: fpn``.
     """
-    check_classes(classes, ARCH)
+    classes = check_classes(classes, ARCH)
+    checked = check_sm_arguments(ARCH, input_shape=input_shape, encoder_freeze=encoder_freeze)
+    input_shape, encoder_freeze = checked["input_shape"], checked["encoder_freeze"]
     check_weights_path(weights, ARCH)
     if encoder_features != "default":
         raise ModelError(f"fpn: encoder_features={encoder_features!r} is not supported; tfseg takes sm's "

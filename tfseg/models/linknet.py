@@ -29,6 +29,7 @@ from tfseg.models.blocks import conv_bn_act
 from tfseg.models.common import (
     check_arguments,
     check_classes,
+    check_sm_arguments,
     check_weights_path,
     freeze_encoder,
     load_model_weights,
@@ -170,7 +171,12 @@ def Linknet(  # noqa: N802 - the segmentation_models name, so notebooks port by 
     Returns:
         The same model as ``build_model`` with ``arch: linknet``.
     """
-    check_classes(classes, ARCH)
+    classes = check_classes(classes, ARCH)
+    checked = check_sm_arguments(ARCH, input_shape=input_shape, encoder_freeze=encoder_freeze,
+                                 decoder_filters=decoder_filters, decoder_use_batchnorm=decoder_use_batchnorm,
+                                 filters_nullable=True)
+    input_shape, decoder_filters = checked["input_shape"], checked["decoder_filters"]
+    encoder_freeze, decoder_use_batchnorm = checked["encoder_freeze"], checked["decoder_use_batchnorm"]
     check_weights_path(weights, ARCH)
     if encoder_features != "default":
         raise ModelError(f"linknet: encoder_features={encoder_features!r} is not supported; tfseg takes sm's "

@@ -32,6 +32,7 @@ from tfseg.models.blocks import conv_bn_act
 from tfseg.models.common import (
     check_arguments,
     check_classes,
+    check_sm_arguments,
     check_weights_path,
     choice,
     dropout_rate,
@@ -155,7 +156,9 @@ def PSPNet(  # noqa: N802 - the segmentation_models name, so notebooks port by c
     Returns:
         The same model as ``build_model`` with ``arch: pspnet``.
     """
-    check_classes(classes, ARCH)
+    classes = check_classes(classes, ARCH)
+    checked = check_sm_arguments(ARCH, input_shape=input_shape, encoder_freeze=encoder_freeze)
+    input_shape, encoder_freeze = checked["input_shape"], checked["encoder_freeze"]
     check_weights_path(weights, ARCH)
     cfg = ModelConfig(arch=ARCH, backbone=backbone_name, input_shape=tuple(input_shape), classes=classes,
                       activation=activation or "linear", encoder_weights=encoder_weights,

@@ -34,6 +34,7 @@ from tfseg.models.common import (
     any_value,
     check_arguments,
     check_classes,
+    check_sm_arguments,
     check_weights_path,
     freeze_encoder,
     load_model_weights,
@@ -93,7 +94,11 @@ def Unet(  # noqa: N802 - the segmentation_models name, so notebooks port by cha
         ModelError: unknown backbone or block type, a stride the encoder lacks in ``encoder_features``,
             input size not divisible by 32, bad weights.
     """
-    check_classes(classes, ARCH)
+    classes = check_classes(classes, ARCH)
+    checked = check_sm_arguments(ARCH, input_shape=input_shape, encoder_freeze=encoder_freeze,
+                                 decoder_filters=decoder_filters, decoder_use_batchnorm=decoder_use_batchnorm)
+    input_shape, decoder_filters = checked["input_shape"], checked["decoder_filters"]
+    encoder_freeze, decoder_use_batchnorm = checked["encoder_freeze"], checked["decoder_use_batchnorm"]
     check_weights_path(weights, ARCH)
     resolve_activation(activation, classes)
     if decoder_block_type not in DECODER_BLOCKS:

@@ -288,9 +288,9 @@ def test_masks_without_a_channel_axis_give_the_same_values():
     softmax = rng.uniform(0.05, 1.0, (2, 4, 4, 4)).astype("float32")
     softmax /= softmax.sum(-1, keepdims=True)
     for y, p, classes in ((binary, probs, 1), (labels, softmax, 4)):
-        for make in (lambda: build_loss({"bce": 1, "dice": 1}, classes=classes), lambda: tfseg.losses.bce_dice_loss,
-                     lambda: tfseg.losses.DiceLoss(), lambda: tfseg.metrics.IOUScore(),
-                     lambda: tfseg.metrics.build_metric("dice", classes=classes)):
+        for make in (lambda c=classes: build_loss({"bce": 1, "dice": 1}, classes=c),
+                     lambda: tfseg.losses.bce_dice_loss, lambda: tfseg.losses.DiceLoss(),
+                     lambda: tfseg.metrics.IOUScore(), lambda c=classes: tfseg.metrics.build_metric("dice", classes=c)):
             assert float(make()(y[..., 0], p)) == pytest.approx(float(make()(y, p)), rel=1e-6), classes
 
 

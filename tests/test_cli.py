@@ -113,6 +113,16 @@ def test_models_describes_the_configured_model(capsys):
     assert "not loaded here" in out[5]  # params.yaml's encoder_weights: imagenet is not downloaded
 
 
+def test_models_names_the_backbone_only_where_the_architecture_takes_one(capsys):
+    """ternaus_unet16 said `backbone resnet34` (the setting, unused: its encoder is always VGG16)."""
+    assert main(["models", "--set", "model.arch=ternaus_unet16", "--set", "model.backbone=resnet34", "--set",
+                 "data.image_size=[32,32]", "--set", "model.encoder_weights=null"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "model.arch ternaus_unet16"
+    assert main(["models", "--set", "model.arch=fpn", "--set", "model.backbone=mobilenetv2", "--set",
+                 "data.image_size=[32,32]", "--set", "model.encoder_weights=null"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "model.arch fpn, backbone mobilenetv2"
+
+
 def test_models_with_an_impossible_size_or_name_exits_2_one_line_naming_the_key(project_root, tmp_path, capsys):
     res = subprocess.run([sys.executable, "-m", "tfseg", "models", "--set", "model.arch=pix2pix_unet", "--set",
                           "data.image_size=[100,100]"], capture_output=True, text=True, cwd=project_root,

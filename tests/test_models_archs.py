@@ -298,3 +298,7 @@ def test_from_scratch_archs_refuse_an_encoder_weights_file(arch, tmp_path):
     with pytest.raises(ModelError, match=rf"{arch}: encoder_weights='.*encoder.weights.h5', but {arch} is trained "
                                          r"from scratch and has no pretrained encoder"):
         build_model(_cfg(arch, shape, encoder_weights=str(path)))
+    # it trained with every weight trainable, silently
+    with pytest.raises(ModelError, match=rf"^{arch}: encoder_freeze=true, but {arch} is trained from scratch and has "
+                                         r"no pretrained encoder to freeze; expected false$"):
+        build_model(_cfg(arch, shape, encoder_freeze=True))

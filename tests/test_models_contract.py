@@ -23,8 +23,9 @@ included) while the decoder trains; the frozen state survives ``.keras`` save/lo
 keras model's ``.weights.h5``, or a torchvision state dict for TernausNet-11) loads into 1- and
 3-channel models, the first kernel adapted as ``tfseg.models.weights`` documents; offline,
 ``imagenet`` is a ModelError saying to pass a file. The architectures trained from scratch
-(``FROM_SCRATCH``) have no encoder: there both options are no-ops. ``slow``: every architecture
-takes training steps on the PyTorch and on the JAX backend (subprocesses, ``KERAS_BACKEND``).
+(``FROM_SCRATCH``) have no encoder: there ``encoder_freeze`` is an error and the helpers are no-ops.
+``slow``: every architecture takes training steps on the PyTorch and on the JAX backend (subprocesses,
+``KERAS_BACKEND``).
 """
 
 from __future__ import annotations
@@ -206,10 +207,11 @@ def test_encoder_freeze_keeps_encoder_still_survives_save_load_and_unfreezes(arc
     meta = _meta(arch)
     size, out = meta["size"], meta["out"](meta["size"])
     keras.utils.set_random_seed(0)
-    model = _build(arch, backbone, channels=1, classes=1, encoder_freeze=True)
-    encoder = _encoder(model)
-    if arch in FROM_SCRATCH:  # nothing to freeze: encoder_freeze and both helpers leave every layer trainable
-        assert not encoder
+    if arch in FROM_SCRATCH:  # nothing to freeze: encoder_freeze is refused, both helpers leave every layer trainable
+        with pytest.raises(ModelError, match=f"^{arch}: encoder_freeze=true, but {arch} is trained from scratch"):
+            _build(arch, backbone, channels=1, classes=1, encoder_freeze=True)
+        model = _build(arch, backbone, channels=1, classes=1)
+        assert not _encoder(model)
         trainable = len(_build(arch, backbone, channels=1, classes=1).trainable_weights)
         assert trainable and all(layer.trainable for layer in _walk(model.layers))
         assert len(model.trainable_weights) == trainable
@@ -217,6 +219,8 @@ def test_encoder_freeze_keeps_encoder_still_survives_save_load_and_unfreezes(arc
         assert len(unfreeze_encoder(model).trainable_weights) == trainable
         return
 
+    model = _build(arch, backbone, channels=1, classes=1, encoder_freeze=True)
+    encoder = _encoder(model)
     assert encoder, f"{arch} has no layer named 'encoder' or 'encoder_*' (add it to FROM_SCRATCH if it has none)"
     assert not any(layer.trainable for layer in _walk(encoder))
     encoder_vars = [v for layer in encoder for v in layer.weights]

@@ -388,6 +388,9 @@ def test_a_valid_convolution_model_of_any_size_trains_and_evaluates(tmp_path):
     # evaluate scores the held-out records at 204 against their truth cropped to the 20x20 output
     result = evaluate_run(tmp_path / "runs" / "tiny", "0")
     assert result["images"] == 2 and result["input_size"] == [204, 204]
+    # it said "scored at that size", of the 204x204 records
+    assert result["how"].endswith("scored on the centre 20x20 that the model's output covers (the truth "
+                                  "centre-cropped to it)"), result["how"]
     per_image = (tmp_path / "runs" / "tiny" / "evaluate" / "oof" / "per_image.csv").read_text().splitlines()
     assert len(per_image) == 3 and per_image[0].startswith("fold,id,dice,iou")
 

@@ -234,6 +234,11 @@ def evaluate_run(run: str | Path, folds: str = "all", data: str | Path | None = 
         for k, model in models.items():
             tile_spec(model, feed, feed_key)
             crops[k] = mask_crop_for(model, feed)
+        cropped = {crop for crop in crops.values() if crop is not None}
+        if cropped:  # a valid-convolution model (unet_original) scores the centre of the records only
+            how = how.replace(", scored at that size", ", scored on the centre "
+                              + " / ".join(f"{h}x{w}" for h, w in sorted(cropped))
+                              + " that the model's output covers (the truth centre-cropped to it)")
     # held-out data is scored at the out-of-fold threshold when asked (infer.threshold_from: oof)
     threshold = (cfg.infer if data is None else resolve_threshold(run, cfg.infer)).threshold
     # records are scored as `tfseg predict` would predict them: with the run's test-time augmentation

@@ -17,6 +17,8 @@ from tfseg.models import ARCHS, arch_names, build_model
 from tfseg.models.common import resolve_activation
 from tfseg.models.encoders import CAFFE, TF, TF128, TORCH, encoder_names, get_encoder_spec
 
+# The architectures whose encoder is model.backbone (any name of the encoder table).
+ENCODER_ARCHS = ("unet", "fpn", "linknet", "pspnet", "deeplabv3plus", "unetplusplus")
 _NORMS = {TORCH: "torch", CAFFE: "caffe (BGR kernel flipped to RGB)", TF: "tf: x/127.5-1", TF128: "x/128-1"}
 
 
@@ -36,7 +38,7 @@ def catalog() -> str:
         summary = doc[0].split(":", 1)[-1].strip().rstrip(".").replace("``", "") if doc else ""
         lines.append(f"  {name:<16} {summary}")
     lines += ["  sm.<Name>        segmentation_models' own model (sm.Unet, sm.FPN, ...), where it is installed",
-              "", "encoders (model.backbone, for unet, fpn, linknet, pspnet, deeplabv3plus, unetplusplus):",
+              "", f"encoders (model.backbone, for {', '.join(ENCODER_ARCHS)}):",
               f"  {'name':<20} {'keras model':<22} {'feature strides':<18} normalization"]
     for name in encoder_names():
         spec = get_encoder_spec(name)
@@ -53,7 +55,8 @@ def describe(cfg) -> tuple[str, object]:
     trainable = sum(math.prod(w.shape) for w in model.trainable_weights)
     total = model.count_params()
     has_encoder = any(layer.name == "encoder" for layer in model.layers)
-    takes_backbone = has_encoder or model_cfg.arch.startswith("sm.")
+    # ternaus_unet16's nested encoder is always VGG16, pix2pix_unet's always MobileNetV2 (named, as it is checked)
+    takes_backbone = model_cfg.arch in (*ENCODER_ARCHS, "pix2pix_unet") or model_cfg.arch.startswith("sm.")
     lines = [f"model.arch {model_cfg.arch}" + (f", backbone {model_cfg.backbone}" if takes_backbone else ""),
              f"input  {_shape(model.input_shape)}  float32, 0..255 (the model normalizes)",
              f"output {_shape(model.output_shape)}  {model.output.dtype}, {_activation(model_cfg, model)}",

@@ -230,10 +230,13 @@ def unfreeze_encoder(model: keras.Model) -> keras.Model:
     return model
 
 
-def check_from_scratch(arch: str, encoder_weights: str | None) -> None:
+def check_from_scratch(arch: str, encoder_weights: str | None, encoder_freeze: bool = False) -> None:
     """An architecture without a pretrained encoder takes ``encoder_weights`` null or ``imagenet`` (the
-    config's default, which does not apply to it); a weights file would be silently unused, so it is an
-    error."""
+    config's default, which does not apply to it); a weights file would be silently unused, and
+    ``encoder_freeze`` would freeze nothing, so either is an error."""
+    if encoder_freeze:
+        raise ModelError(f"{arch}: encoder_freeze=true, but {arch} is trained from scratch and has no pretrained "
+                         "encoder to freeze; expected false")
     if encoder_weights not in (None, "imagenet"):
         raise ModelError(f"{arch}: encoder_weights={encoder_weights!r}, but {arch} is trained from scratch and has "
                          "no pretrained encoder to load it into; expected null (or imagenet, which does not apply)")

@@ -62,7 +62,7 @@ def build_unet1024(cfg: ModelConfig) -> keras.Model:
     Raises:
         ModelError: unknown option, bad filters, or a size that is not a multiple.
     """
-    check_from_scratch(ARCH, cfg.encoder_weights)
+    check_from_scratch(ARCH, cfg.encoder_weights, cfg.encoder_freeze)
     opts = read_options(ARCH, cfg.options, DEFAULT_OPTIONS)
     filters, center = tuple(opts["filters"]), opts["center"]
     multiple = 2 ** len(filters)

@@ -121,7 +121,7 @@ def build_unet_original(cfg: ModelConfig) -> keras.Model:
     Raises:
         ModelError: unknown option, wrong filters, or an input size that does not fit.
     """
-    check_from_scratch(ARCH, cfg.encoder_weights)
+    check_from_scratch(ARCH, cfg.encoder_weights, cfg.encoder_freeze)
     opts = read_options(ARCH, cfg.options, DEFAULT_OPTIONS)
     filters = tuple(opts["filters"])
     if cfg.input_shape is None or len(cfg.input_shape) != 3:

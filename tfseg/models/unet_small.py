@@ -63,7 +63,7 @@ def build_unet_small(cfg: ModelConfig) -> keras.Model:
     Raises:
         ModelError: unknown option, bad filters, or a size that is not a multiple.
     """
-    check_from_scratch(ARCH, cfg.encoder_weights)
+    check_from_scratch(ARCH, cfg.encoder_weights, cfg.encoder_freeze)
     opts = read_options(ARCH, cfg.options, DEFAULT_OPTIONS)
     filters = tuple(opts["filters"])
     multiple = 2 ** (len(filters) - 1)

@@ -197,6 +197,13 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
                                     "is [32, 32] ({params})"),
     ("train.folds=13", "data.root {data}: 12 groups cannot make 13 folds (train.folds)"),
     ("train.lr=abc", "--set train.lr=abc: expected a number, got 'abc'"),
+    # these three named the key without the --set that set it (the last trained all weights, silently)
+    ("train.metrics=[iou_scor]", "--set train.metrics=[iou_scor]: Received: metric='iou_scor' (did you mean "
+                                 "'iou_score'?). Expected one of ["),
+    ("train.monitor=val_iou_score", "--set train.monitor=val_iou_score: Received: monitor='val_iou_score' (did you "
+                                    "mean 'val_dice_coe'?)"),
+    ("model.encoder_freeze=true", "--set model.encoder_freeze=true: unet_small: model.encoder_freeze=true, but "
+                                  "unet_small is trained from scratch and has no pretrained encoder to freeze"),
     ("model.encoder_weights=missing.h5", "--set model.encoder_weights=missing.h5: model.encoder_weights="
                                          "'missing.h5': no such file"),
     # sm.Unet takes fewer decoder stages than the encoder has downsamplings; its map is then downscaled

@@ -476,6 +476,7 @@ _MODEL_ERROR_KEYS = (
     (r"Received: (backbone|encoder)=|backbone=|^encoder \S+ has no features", "model.backbone"),
     (r"Received: activation=", "model.activation"),
     (r"encoder_weights", "model.encoder_weights"),
+    (r"encoder_freeze", "model.encoder_freeze"),
     (r"decoder_filters", "model.decoder_filters"),
     (r"decoder_block_type", "model.decoder_block_type"),
     (r"unknown option|option \w+=|encoder_features=", "model.options"),
@@ -491,7 +492,7 @@ def model_error(cfg: Config, err: Exception, size_key: str) -> ConfigError:
     become config keys (``model.encoder_weights=``). ``size_key`` is the key of the size being
     built (``data.image_size``, ``data.val_size`` or ``model.input_shape``).
     """
-    text = re.sub(r"(?<![\w.])encoder_weights=", "model.encoder_weights=", str(err))
+    text = re.sub(r"(?<![\w.])(encoder_weights|encoder_freeze)=", r"model.\1=", str(err))
     key = "model"
     for pattern, name in _MODEL_ERROR_KEYS:
         if re.search(pattern, text):

@@ -54,12 +54,16 @@ def check_invariants(cfg: Config) -> None:
     except ConfigError as err:
         key = "train.class_weights" if str(err).startswith("train.class_weights") else "train.loss"
         raise ConfigError(blame(key_origin(cfg, key), key, str(err))) from None
-    metrics = check_metric_names(cfg.train.metrics, classes)
+    try:
+        metrics = check_metric_names(cfg.train.metrics, classes)
+    except ConfigError as err:
+        raise ConfigError(blame(key_origin(cfg, "train.metrics"), "train.metrics", str(err))) from None
     valid = [*LOSS_MONITORS, *metrics, *(f"val_{m}" for m in metrics)]
     if cfg.train.monitor not in valid:
         from tfseg.registry import unknown_name_message
 
-        raise ConfigError("train.monitor: " + unknown_name_message("monitor", cfg.train.monitor, valid))
+        raise ConfigError(blame(key_origin(cfg, "train.monitor"), "train.monitor",
+                                "train.monitor: " + unknown_name_message("monitor", cfg.train.monitor, valid)))
     if cfg.train.monitor in LOSS_MONITORS and cfg.train.monitor_mode != "min":
         raise ConfigError(f"train.monitor_mode: {cfg.train.monitor} should be minimised; "
                           "set train.monitor_mode=min")

@@ -17,6 +17,7 @@ of the encoder must be in it with the right shapes.
 from __future__ import annotations
 
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -63,7 +64,10 @@ def _pretrained_source(name: str, spec, weights: str) -> keras.Model:
     source = None
     try:
         if weights == "imagenet" or own:
-            return spec.make(include_top=False, weights=weights, input_shape=shape)
+            with warnings.catch_warnings():  # the weights of a model without its top do not depend on the size
+                warnings.filterwarnings("ignore", message=r"`?input_shape`? is undefined or non-square",
+                                        category=UserWarning)
+                return spec.make(include_top=False, weights=weights, input_shape=shape)
         source = spec.make(include_top=False, weights=None, input_shape=shape)
         source.load_weights(weights)  # what keras.applications does with a file
         return source

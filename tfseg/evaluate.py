@@ -174,11 +174,11 @@ def _folder_pairs(cfg: Config, root: Path) -> Iterator[tuple[str, np.ndarray, np
 
 def _pipeline_feed(cfg: Config) -> tuple[tuple[int, int], str, str]:
     """[h, w] of the records the validation pipeline feeds the model, the key that sets it, and how
-    (:func:`tfseg.data.pipeline.dataset_from_config` with ``training=False``)."""
+    (:func:`tfseg.data.pipeline.dataset_from_config` with ``training=False``), without how they are scored."""
     (h, w), key = cfg.data.validation_size()
     how = {"resize": f"records resized to {h}x{w} ({key})",
            "random_crop": f"central {h}x{w} windows of the records ({key})"}.get(cfg.data.fit, f"records of {h}x{w}")
-    return (h, w), key, f"{how}, scored at that size"
+    return (h, w), key, how
 
 
 def evaluate_run(run: str | Path, folds: str = "all", data: str | Path | None = None,
@@ -234,11 +234,11 @@ def evaluate_run(run: str | Path, folds: str = "all", data: str | Path | None = 
         for k, model in models.items():
             tile_spec(model, feed, feed_key)
             crops[k] = mask_crop_for(model, feed)
-        cropped = {crop for crop in crops.values() if crop is not None}
-        if cropped:  # a valid-convolution model (unet_original) scores the centre of the records only
-            how = how.replace(", scored at that size", ", scored on the centre "
-                              + " / ".join(f"{h}x{w}" for h, w in sorted(cropped))
-                              + " that the model's output covers (the truth centre-cropped to it)")
+        cropped = sorted({crop for crop in crops.values() if crop is not None})
+        # a valid-convolution model (unet_original) scores the centre of the records only
+        how += (", scored on the centre " + " / ".join(f"{h}x{w}" for h, w in cropped)
+                + " that the model's output covers (the truth centre-cropped to it)" if cropped
+                else ", scored at that size")
     # held-out data is scored at the out-of-fold threshold when asked (infer.threshold_from: oof)
     threshold = (cfg.infer if data is None else resolve_threshold(run, cfg.infer)).threshold
     # records are scored as `tfseg predict` would predict them: with the run's test-time augmentation

@@ -509,16 +509,21 @@ def sm_inputs(y_true, y_pred, class_indexes: Sequence[int] | None = None, owner:
     return gt, y_pred
 
 
+def _sm_class_weighted(x, class_weights: Sequence[float] | None, owner: str):
+    """``x`` [..., C] times sm's class weights (one per channel left after class_indexes); None: as it is."""
+    if class_weights is None:
+        return x
+    if len(class_weights) != int(x.shape[-1]):
+        raise ConfigError(f"{owner}: class_weights has {len(class_weights)} values for "
+                          f"{int(x.shape[-1])} channels (after class_indexes)")
+    return x * ops.convert_to_tensor(class_weights, "float32")
+
+
 def _sm_average(score, per_image: bool, class_weights: Sequence[float] | None, owner: str):
     """sm's ``average``: the mean over the images (``per_image``), times the class weights, the mean."""
     if per_image:
         score = ops.mean(score, axis=0)
-    if class_weights is not None:
-        if len(class_weights) != int(score.shape[-1]):
-            raise ConfigError(f"{owner}: class_weights has {len(class_weights)} values for "
-                              f"{int(score.shape[-1])} channels (after class_indexes)")
-        score = score * ops.convert_to_tensor(class_weights, "float32")
-    return ops.mean(score)
+    return ops.mean(_sm_class_weighted(score, class_weights, owner))
 
 
 def sm_score(kind: str, y_true, y_pred, *, beta: float = 1.0, class_weights: Sequence[float] | None = None,
@@ -692,13 +697,7 @@ class CategoricalCELoss(_SmClassLoss):
         owner = type(self).__name__
         gt, pr = sm_inputs(y_true, y_pred, self.class_indexes, owner)
         pr = ops.clip(pr / ops.sum(pr, axis=-1, keepdims=True), EPS, 1.0 - EPS)
-        loss = gt * ops.log(pr)
-        if self.class_weights is not None:
-            if len(self.class_weights) != int(pr.shape[-1]):
-                raise ConfigError(f"{owner}: class_weights has {len(self.class_weights)} values for "
-                                  f"{int(pr.shape[-1])} channels (after class_indexes)")
-            loss = loss * ops.convert_to_tensor(self.class_weights, "float32")
-        return -ops.mean(loss)
+        return -ops.mean(_sm_class_weighted(gt * ops.log(pr), self.class_weights, owner))
 
     def get_config(self) -> dict:
         return {**super().get_config(), "class_weights": self.class_weights, "class_indexes": self.class_indexes}

@@ -323,62 +323,52 @@ def build_metrics(names: Sequence[str], classes: int = 1, from_logits: bool = Fa
 SM_SMOOTH = SM["smooth"]
 
 
-def _sm_batch_sums(y_true, y_pred):
-    """Soft intersection, prediction and target sums of the batch per class [C]."""
-    classes = int(y_pred.shape[-1])
-    target, pred = _binarize(y_true, y_pred, classes, 0.5, False, soft=True)
-    return tuple(ops.sum(v, axis=(0, 1, 2)) for v in (target * pred, pred, target))
-
-
 @keras.saving.register_keras_serializable(package="tfseg")
 def iou_score(y_true, y_pred):
     """segmentation_models' ``iou_score``: soft IoU (I + s) / (P + T - I + s) of the batch, class mean."""
-    return ops.mean(iou(*_sm_batch_sums(y_true, y_pred), SM_SMOOTH))
+    return _losses.sm_score("iou", y_true, y_pred, smooth=SM_SMOOTH)
 
 
 @keras.saving.register_keras_serializable(package="tfseg")
 def f1_score(y_true, y_pred):
     """segmentation_models' ``f1_score``: soft Dice (2 I + s) / (P + T + s) of the batch, class mean."""
-    return ops.mean(dice_score(*_sm_batch_sums(y_true, y_pred), SM_SMOOTH))
+    return _losses.sm_score("f", y_true, y_pred, smooth=SM_SMOOTH)
 
 
 @keras.saving.register_keras_serializable(package="tfseg")
 def f2_score(y_true, y_pred):
     """segmentation_models' ``f2_score``: soft F-beta with beta 2 of the batch, class mean."""
-    return ops.mean(dice_score(*_sm_batch_sums(y_true, y_pred), SM_SMOOTH, beta=2.0))
+    return _losses.sm_score("f", y_true, y_pred, beta=2.0, smooth=SM_SMOOTH)
 
 
 @keras.saving.register_keras_serializable(package="tfseg")
 def precision(y_true, y_pred):
     """segmentation_models' ``precision``: soft (TP + s) / (TP + FP + s) of the batch, class mean."""
-    inter, psum, _ = _sm_batch_sums(y_true, y_pred)
-    return ops.mean(_ratio(inter, psum, SM_SMOOTH))
+    return _losses.sm_score("precision", y_true, y_pred, smooth=SM_SMOOTH)
 
 
 @keras.saving.register_keras_serializable(package="tfseg")
 def recall(y_true, y_pred):
     """segmentation_models' ``recall``: soft (TP + s) / (TP + FN + s) of the batch, class mean."""
-    inter, _, tsum = _sm_batch_sums(y_true, y_pred)
-    return ops.mean(_ratio(inter, tsum, SM_SMOOTH))
+    return _losses.sm_score("recall", y_true, y_pred, smooth=SM_SMOOTH)
 
 
 class _SmScore(keras.metrics.MeanMetricWrapper):
     """Base of segmentation_models' metric classes: sm's score of each batch (:func:`tfseg.losses.sm_score`),
-    averaged over the epoch's batches as Keras averages sm's metric objects."""
+    averaged over the epoch's batches as Keras averages sm's metric objects. ``score_args``: the score's own
+    (FScore's ``beta``)."""
 
     kind = ""
-    sm_name = ""
 
     def __init__(self, class_weights=None, class_indexes=None, threshold: float | None = None,
-                 per_image: bool = False, smooth: float = SM_SMOOTH, name: str | None = None,
-                 beta: float = 1.0, dtype=None):
+                 per_image: bool = False, smooth: float = SM_SMOOTH, name: str | None = None, dtype=None,
+                 **score_args):
         owner = type(self).__name__
         self.sm_args = {"class_weights": _losses._sm_floats(class_weights, "class_weights", owner),
                         "class_indexes": _losses._sm_indexes(class_indexes, owner),
                         "threshold": None if threshold is None else float(threshold),
-                        "per_image": bool(per_image), "smooth": float(smooth), "beta": float(beta)}
-        super().__init__(fn=_sm_score_of, name=name or self.sm_name.format(beta=beta), dtype=dtype,
-                         kind=self.kind, owner=owner, **self.sm_args)
+                        "per_image": bool(per_image), "smooth": float(smooth), **score_args}
+        super().__init__(fn=_sm_score_of, name=name, dtype=dtype, kind=self.kind, owner=owner, **self.sm_args)
 
     def get_config(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, **self.sm_args}
@@ -393,16 +383,11 @@ class IOUScore(_SmScore):
     """``sm.metrics.IOUScore(class_weights, class_indexes, threshold, per_image, smooth, name)``: sm's IoU of each
     batch (soft unless ``threshold``), the mean over the batches. Named ``iou_score`` as sm's."""
 
-    kind, sm_name = "iou", "iou_score"
+    kind = "iou"
 
     def __init__(self, class_weights=None, class_indexes=None, threshold: float | None = None,
                  per_image: bool = False, smooth: float = SM_SMOOTH, name: str | None = None, dtype=None):
-        super().__init__(class_weights, class_indexes, threshold, per_image, smooth, name, dtype=dtype)
-
-    def get_config(self) -> dict:
-        config = super().get_config()
-        config.pop("beta")
-        return config
+        super().__init__(class_weights, class_indexes, threshold, per_image, smooth, name or "iou_score", dtype)
 
 
 @keras.saving.register_keras_serializable(package="tfseg")
@@ -410,8 +395,9 @@ class FScore(_SmScore):
     """``sm.metrics.FScore(beta, class_weights, class_indexes, threshold, per_image, smooth, name)``: sm's F-beta
     of each batch (beta 1: Dice), the mean over the batches. Named ``f1-score`` (``f{beta}-score``) as sm's."""
 
-    kind, sm_name = "f", "f{beta}-score"
+    kind = "f"
 
     def __init__(self, beta: float = 1, class_weights=None, class_indexes=None, threshold: float | None = None,
                  per_image: bool = False, smooth: float = SM_SMOOTH, name: str | None = None, dtype=None):
-        super().__init__(class_weights, class_indexes, threshold, per_image, smooth, name, beta=beta, dtype=dtype)
+        super().__init__(class_weights, class_indexes, threshold, per_image, smooth, name or f"f{beta}-score", dtype,
+                         beta=float(beta))
